@@ -1,0 +1,1 @@
+"""`get_config()` files for `train/main.py` (big_vision style)."""

@@ -1,0 +1,1 @@
+"""Flax NNX models built on `sparse_attention.ops`."""

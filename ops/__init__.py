@@ -1,0 +1,13 @@
+"""Public API: block masks, reference attention and block-sparse attention.
+
+Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
+(None picks the best available for the platform, as
+`jax.nn.dot_product_attention` does).
+"""
+
+from sparse_attention.ops import masks
+from sparse_attention.ops.block_mask import BlockMask
+from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.reference import reference_attention
+
+__all__ = ["BlockMask", "block_sparse_attention", "masks", "reference_attention"]

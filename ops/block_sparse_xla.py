@@ -1,0 +1,295 @@
+"""Block-sparse attention in plain JAX: visits only the kept tiles, runs anywhere.
+
+The `implementation="xla"` path of `block_sparse_attention`. Its work scales
+with the number of kept (q block, kv block) tiles, not with Qb * Kmax, and its
+memory with S (no S x S score matrix):
+
+1. Every kept tile of every (batch, head) becomes one *pair* (q-block row,
+   slot in that row's kv list). Pairs are numbered row-major, so pairs of one
+   row are consecutive; pair p's row is found by a binary search over the
+   running sum of `kv_count` (no O(pairs) index arrays are built).
+2. A `while_loop` with a data-dependent trip count walks the pairs in chunks
+   of `chunk` pairs: gather the q / k / v tiles, compute the scores, apply the
+   element mask on partial tiles and the bounds on ragged tails, and merge the
+   chunk into per-row running (max, sum, output) accumulators, the online
+   softmax of flash attention done with scatters. A row's pairs in one chunk
+   are consecutive, so its accumulator is rescaled once per chunk.
+3. `jax.custom_vjp` supplies the backward pass: a second walk over the same
+   pairs recomputes p = exp(s - lse) and scatters dQ, dK, dV (GQA heads of a
+   group add into their shared kv head). A `while_loop` with a dynamic trip
+   count has no autodiff rule of its own, so the custom rule is what makes the
+   path differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attention.ops.block_mask import BlockMask
+
+# Score elements per chunk: 2**20 f32 scores (4 MiB) keeps each chunk's
+# temporaries cache-sized on CPU and the loop overhead negligible.
+_CHUNK_SCORES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of one call (hashable: the custom_vjp's non-diff argument)."""
+
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  mask_fn: Any
+  scale: float
+  chunk: int
+
+  @property
+  def ragged_q(self) -> bool:
+    return self.q_len % self.block_q != 0
+
+  @property
+  def ragged_kv(self) -> bool:
+    return self.kv_len % self.block_kv != 0
+
+
+def _to_rows(x: jax.Array, block: int) -> jax.Array:
+  """[B, S, H, D] -> [B*H*nb, block, D], zero-padding S to a block multiple."""
+  b, s, h, d = x.shape
+  nb = -(-s // block)
+  x = jnp.pad(x, ((0, 0), (0, nb * block - s), (0, 0), (0, 0)))
+  return x.reshape(b, nb, block, h, d).transpose(0, 3, 1, 2, 4).reshape(b * h * nb, block, d)
+
+
+def _from_rows(x: jax.Array, b: int, h: int, s: int) -> jax.Array:
+  """Inverse of `_to_rows`: [B*H*nb, block, D] -> [B, S, H, D]."""
+  n, block, d = x.shape
+  nb = n // (b * h)
+  x = x.reshape(b, h, nb, block, d).transpose(0, 2, 3, 1, 4)
+  return x.reshape(b, nb * block, h, d)[:, :s]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+  """The kept tiles as a row-major list of (q-block row, kv-block row) pairs."""
+
+  ends: jax.Array  # int32[N]: running sum of kv_count over the N q-block rows
+  kv_index: jax.Array  # int32[N, Kmax]
+  kv_partial: jax.Array  # bool[N, Kmax]
+  heads: int  # q heads
+  kv_heads: int
+  num_q_blocks: int
+  num_kv_blocks: int
+
+  @property
+  def total(self) -> jax.Array:
+    return self.ends[-1]
+
+  def chunk(self, start: jax.Array, size: int):
+    """Rows, kv rows, tile ids and flags of pairs [start, start + size)."""
+    p = start + jnp.arange(size, dtype=jnp.int32)
+    valid = p < self.total
+    row = jnp.searchsorted(self.ends, p, side="right").astype(jnp.int32)
+    row = jnp.minimum(row, self.ends.shape[0] - 1)
+    row_start = jnp.where(row > 0, self.ends[jnp.maximum(row - 1, 0)], 0)
+    slot = jnp.clip(p - row_start, 0, self.kv_index.shape[1] - 1)
+    j = self.kv_index[row, slot]
+    partial = self.kv_partial[row, slot]
+    qb = self.num_q_blocks
+    i = row % qb
+    bh = row // qb
+    b, h = bh // self.heads, bh % self.heads
+    group = self.heads // self.kv_heads
+    kv_row = (b * self.kv_heads + h // group) * self.num_kv_blocks + j
+    return valid, row, i, j, kv_row, partial
+
+
+def _pairs(mask: BlockMask, batch: int, heads: int, kv_heads: int) -> _Pairs:
+  qb, kmax = mask.num_q_blocks, mask.max_kv_blocks
+  bcast = lambda x, *tail: jnp.broadcast_to(x, (batch, heads) + tail).reshape((-1,) + tail[1:])
+  count = bcast(mask.kv_count, qb)
+  return _Pairs(
+      ends=jnp.cumsum(count, dtype=jnp.int32),
+      kv_index=bcast(mask.kv_index, qb, kmax),
+      kv_partial=bcast(mask.kv_partial, qb, kmax),
+      heads=heads,
+      kv_heads=kv_heads,
+      num_q_blocks=qb,
+      num_kv_blocks=mask.num_kv_blocks,
+  )
+
+
+def _visible(plan: _Plan, valid, i, j, partial) -> jax.Array:
+  """bool[C, block_q, block_kv]: which pairs of each tile are attended."""
+  q_pos = (i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
+  kv_pos = (j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
+  vis = valid[:, None, None]
+  if plan.mask_fn is not None:
+    vis = vis & (~partial[:, None, None] | plan.mask_fn(q_pos, kv_pos))
+  if plan.ragged_q:
+    vis = vis & (q_pos < plan.q_len)
+  if plan.ragged_kv:
+    vis = vis & (kv_pos < plan.kv_len)
+  return vis
+
+
+def _scores(plan: _Plan, q_t, k_t) -> jax.Array:
+  s = jnp.einsum("cqd,ckd->cqk", q_t, k_t, preferred_element_type=jnp.float32)
+  return s * plan.scale
+
+
+def _num_chunks(pairs: _Pairs, chunk: int) -> jax.Array:
+  return (pairs.total + chunk - 1) // chunk
+
+
+def _forward(plan: _Plan, q, k, v, mask: BlockMask):
+  b, _, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  pairs = _pairs(mask, b, hq, hkv)
+  q_rows = _to_rows(q, plan.block_q)  # [N, bq, D]
+  k_rows = _to_rows(k, plan.block_kv)  # [B*Hkv*Kb, bk, D]
+  v_rows = _to_rows(v, plan.block_kv)  # [B*Hkv*Kb, bk, Dv]
+  n = q_rows.shape[0]
+  c = plan.chunk
+
+  def body(carry):
+    step, m_acc, l_acc, o_acc = carry
+    valid, row, i, j, kv_row, partial = pairs.chunk(step * c, c)
+    s = _scores(plan, q_rows[row], k_rows[kv_row])
+    s = jnp.where(_visible(plan, valid, i, j, partial), s, -jnp.inf)
+    m_t = jnp.max(s, axis=-1)  # [C, bq]
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m_t), m_t, 0.0)[..., None])
+    l_t = jnp.sum(p, axis=-1)
+    o_t = jnp.einsum(
+        "cqk,ckd->cqd", p.astype(v_rows.dtype), v_rows[kv_row],
+        preferred_element_type=jnp.float32,
+    )
+    # Online-softmax merge of the chunk into its rows.
+    m_old = m_acc[row]
+    m_acc = m_acc.at[row].max(m_t)
+    m_new = m_acc[row]
+    m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    w_t = jnp.exp(m_t - m_ref)  # this tile's weight under the new max
+    # The first pair of a row in this chunk also rescales what the row had.
+    first = jnp.concatenate([jnp.ones((1,), bool), row[1:] != row[:-1]]) & valid
+    rescale = jnp.where(first[:, None], jnp.exp(m_old - m_ref) - 1.0, 0.0)
+    l_acc = l_acc.at[row].add(l_t * w_t + l_acc[row] * rescale)
+    o_acc = o_acc.at[row].add(o_t * w_t[..., None] + o_acc[row] * rescale[..., None])
+    return step + 1, m_acc, l_acc, o_acc
+
+  init = (
+      jnp.int32(0),
+      jnp.full((n, plan.block_q), -jnp.inf, jnp.float32),
+      jnp.zeros((n, plan.block_q), jnp.float32),
+      jnp.zeros((n, plan.block_q, dv), jnp.float32),
+  )
+  steps = _num_chunks(pairs, c)
+  _, m_acc, l_acc, o_acc = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
+  nonempty = l_acc > 0
+  l_safe = jnp.where(nonempty, l_acc, 1.0)
+  out = _from_rows(o_acc / l_safe[..., None], b, hq, plan.q_len).astype(q.dtype)
+  lse = jnp.where(nonempty, m_acc + jnp.log(l_safe), -jnp.inf)  # [N, bq]
+  lse = lse.reshape(b, hq, -1)[:, :, : plan.q_len]
+  return out, lse
+
+
+def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out, d_lse):
+  b, _, hq, _ = q.shape
+  hkv = k.shape[2]
+  pairs = _pairs(mask, b, hq, hkv)
+  q_rows = _to_rows(q, plan.block_q)
+  k_rows = _to_rows(k, plan.block_kv)
+  v_rows = _to_rows(v, plan.block_kv)
+  do_rows = _to_rows(d_out, plan.block_q)
+  # delta_i = sum_d dO_id O_id, the softmax-Jacobian term; minus dlse_i, which
+  # enters ds exactly as -delta does (d lse_i / d s_ij = p_ij).
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = delta.transpose(0, 2, 1) - d_lse  # [B, Hq, Sq]
+  as_rows = lambda x: _to_rows(x.transpose(0, 2, 1)[..., None], plan.block_q)[..., 0]
+  delta_rows, lse_rows = as_rows(delta), as_rows(lse)  # [N, bq]
+  c = plan.chunk
+
+  def body(carry):
+    step, dq, dk, dv = carry
+    valid, row, i, j, kv_row, partial = pairs.chunk(step * c, c)
+    q_t, k_t, v_t, do_t = q_rows[row], k_rows[kv_row], v_rows[kv_row], do_rows[row]
+    s = _scores(plan, q_t, k_t)
+    vis = _visible(plan, valid, i, j, partial)
+    p = jnp.where(vis, jnp.exp(s - lse_rows[row][..., None]), 0.0)
+    dp = jnp.einsum("cqd,ckd->cqk", do_t, v_t, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_rows[row][..., None]) * plan.scale
+    f32 = jnp.float32
+    dv = dv.at[kv_row].add(jnp.einsum("cqk,cqd->ckd", p.astype(do_t.dtype), do_t,
+                                      preferred_element_type=f32))
+    ds_in = ds.astype(q_t.dtype)
+    dq = dq.at[row].add(jnp.einsum("cqk,ckd->cqd", ds_in, k_t, preferred_element_type=f32))
+    dk = dk.at[kv_row].add(jnp.einsum("cqk,cqd->ckd", ds_in, q_t, preferred_element_type=f32))
+    return step + 1, dq, dk, dv
+
+  init = (
+      jnp.int32(0),
+      jnp.zeros(q_rows.shape, jnp.float32),
+      jnp.zeros(k_rows.shape, jnp.float32),
+      jnp.zeros(v_rows.shape, jnp.float32),
+  )
+  steps = _num_chunks(pairs, c)
+  _, dq, dk, dv = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
+  dq = _from_rows(dq, b, hq, plan.q_len).astype(q.dtype)
+  dk = _from_rows(dk, b, hkv, plan.kv_len).astype(k.dtype)
+  dv = _from_rows(dv, b, hkv, plan.kv_len).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(plan: _Plan, q, k, v, mask):
+  return _forward(plan, q, k, v, mask)
+
+
+def _attention_fwd(plan: _Plan, q, k, v, mask):
+  out, lse = _forward(plan, q, k, v, mask)
+  return (out, lse), (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(plan: _Plan, residuals, cotangents):
+  q, k, v, mask, out, lse = residuals
+  d_out, d_lse = cotangents
+  dq, dk, dv = _backward(plan, q, k, v, mask, out, lse, d_out, d_lse)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention_xla(
+    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+    mask: BlockMask,
+    *,
+    scale: float,
+    chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
+
+  Inputs are assumed validated (see `ops.block_sparse_attention`).
+  `chunk`: tiles per loop step; default ~2**20 score elements per step.
+  """
+  if chunk is None:
+    chunk = max(1, _CHUNK_SCORES // (mask.block_q * mask.block_kv))
+  b, _, hq, _ = q.shape
+  chunk = max(1, min(chunk, b * hq * mask.num_q_blocks * mask.max_kv_blocks))
+  plan = _Plan(
+      block_q=mask.block_q,
+      block_kv=mask.block_kv,
+      q_len=mask.q_len,
+      kv_len=mask.kv_len,
+      mask_fn=mask.mask_fn,
+      scale=scale,
+      chunk=chunk,
+  )
+  return _attention(plan, q, k, v, mask)

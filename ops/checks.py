@@ -1,0 +1,130 @@
+"""Input validation shared by the attention ops: fail before computing.
+
+Every error names the argument and the shape or dtype expected of it.
+Nothing is silently truncated or broadcast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention.ops.block_mask import BlockMask
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  """Sizes of one attention call, q/k/v as [batch, seq, heads, head_dim]."""
+
+  batch: int
+  q_len: int
+  kv_len: int
+  q_heads: int
+  kv_heads: int
+  head_dim: int  # of q and k
+  v_head_dim: int
+
+  @property
+  def group(self) -> int:
+    """Query heads per kv head (1: MHA; q_heads: MQA)."""
+    return self.q_heads // self.kv_heads
+
+
+def check_qkv(q: Any, k: Any, v: Any, op: str) -> AttentionShape:
+  """Validates q, k, v and returns their sizes."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{op}: {name} must be an array, got {type(x).__name__}.")
+    if x.ndim != 4:
+      raise ValueError(
+          f"{op}: {name} must have rank 4, [batch, seq, heads, head_dim], got shape "
+          f"{tuple(x.shape)}."
+      )
+    if not any(x.dtype == d for d in SUPPORTED_DTYPES):
+      raise ValueError(
+          f"{op}: {name} has dtype {x.dtype}; expected float32, bfloat16 or float16."
+      )
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(
+        f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
+    )
+  b, sq, hq, d = q.shape
+  bk, sk, hk, dk = k.shape
+  bv, sv, hv, dv = v.shape
+  if not (b == bk == bv):
+    raise ValueError(f"{op}: batch sizes differ: q {b}, k {bk}, v {bv}.")
+  if sk != sv:
+    raise ValueError(f"{op}: k and v lengths differ: k {sk}, v {sv} (dim 1).")
+  if hk != hv:
+    raise ValueError(f"{op}: k and v head counts differ: k {hk}, v {hv} (dim 2).")
+  if dk != d:
+    raise ValueError(
+        f"{op}: k head_dim must equal q's: q {d}, k {dk} (dim 3); v's may differ."
+    )
+  if hq % hk:
+    raise ValueError(
+        f"{op}: k/v heads ({hk}) must divide q heads ({hq}) for grouped-query attention."
+    )
+  if min(b, sq, sk, hq, d, dv) == 0:
+    raise ValueError(
+        f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+    )
+  return AttentionShape(b, sq, sk, hq, hk, d, dv)
+
+
+def check_block_mask(mask: Any, shape: AttentionShape, op: str) -> BlockMask:
+  """The BlockMask must describe exactly this q_len x kv_len and broadcast."""
+  if not isinstance(mask, BlockMask):
+    raise ValueError(
+        f"{op}: mask must be a BlockMask (see sparse_attention.ops.masks), got "
+        f"{type(mask).__name__}."
+    )
+  if (mask.q_len, mask.kv_len) != (shape.q_len, shape.kv_len):
+    raise ValueError(
+        f"{op}: mask was built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q has "
+        f"{shape.q_len} positions and k {shape.kv_len}."
+    )
+  _check_batch_heads("mask", mask.batch_heads, shape, op)
+  return mask
+
+
+def check_dense_mask(mask: Any, shape: AttentionShape, op: str) -> Any:
+  """A boolean [B|1, H|1, q_len, kv_len] mask."""
+  if not hasattr(mask, "shape") or mask.ndim != 4:
+    raise ValueError(
+        f"{op}: mask must be a BlockMask or a bool array [batch|1, heads|1, "
+        f"{shape.q_len}, {shape.kv_len}], got shape {getattr(mask, 'shape', None)}."
+    )
+  if mask.dtype != np.bool_:
+    raise ValueError(f"{op}: a dense mask must be bool, got dtype {mask.dtype}.")
+  if tuple(mask.shape[2:]) != (shape.q_len, shape.kv_len):
+    raise ValueError(
+        f"{op}: mask shape {tuple(mask.shape)} must end in (q_len, kv_len) = "
+        f"({shape.q_len}, {shape.kv_len})."
+    )
+  _check_batch_heads("mask", tuple(mask.shape[:2]), shape, op)
+  return mask
+
+
+def _check_batch_heads(name: str, bh: tuple[int, int], shape: AttentionShape, op: str):
+  bm, hm = bh
+  if bm not in (1, shape.batch) or hm not in (1, shape.q_heads):
+    raise ValueError(
+        f"{op}: {name} batch/heads dims are ({bm}, {hm}); each must be 1 or match q's "
+        f"(batch {shape.batch}, query heads {shape.q_heads})."
+    )
+
+
+def check_scale(scale: Any, shape: AttentionShape, op: str) -> float:
+  """The softmax scale, 1/sqrt(head_dim) by default. Static (a Python number)."""
+  if scale is None:
+    return 1.0 / math.sqrt(shape.head_dim)
+  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+    raise ValueError(f"{op}: scale must be a Python float or None, got {scale!r}.")
+  return float(scale)

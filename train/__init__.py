@@ -1,0 +1,1 @@
+"""Training: absl scripts, optax, orbax checkpoints, sharding over a mesh."""
