@@ -64,9 +64,9 @@ def num_blocks(length: int, block: int) -> int:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["kv_count", "kv_index", "kv_partial", "q_count", "q_index", "q_partial"],
-    meta_fields=["block_q", "block_kv", "q_len", "kv_len", "mask_fn", "mask_fn_exact"],
+  jax.tree_util.register_dataclass,
+  data_fields=["kv_count", "kv_index", "kv_partial", "q_count", "q_index", "q_partial"],
+  meta_fields=["block_q", "block_kv", "q_len", "kv_len", "mask_fn", "mask_fn_exact"],
 )
 @dataclasses.dataclass(frozen=True, repr=False)
 class BlockMask:
@@ -110,22 +110,11 @@ class BlockMask:
 
   def block_layout(self) -> tuple[jax.Array, jax.Array]:
     """Dense tile layout `(visited, full)`, both bool[Bm, Hm, Qb, Kb]."""
-    listed = jnp.arange(self.max_kv_blocks) < self.kv_count[..., None]
-    visited = scatter_columns(self.kv_index, listed, self.num_kv_blocks)
-    partial = scatter_columns(self.kv_index, listed & self.kv_partial, self.num_kv_blocks)
-    return visited, visited & ~partial
+    return _block_layout(self)
 
   def to_dense(self) -> jax.Array:
     """The element mask, bool[Bm, Hm, q_len, kv_len]. O(S^2): tests/debugging."""
-    visited, full = self.block_layout()
-    up = lambda x: jnp.repeat(jnp.repeat(x, self.block_q, 2), self.block_kv, 3)
-    visited = up(visited)[:, :, : self.q_len, : self.kv_len]
-    full = up(full)[:, :, : self.q_len, : self.kv_len]
-    if self.mask_fn is None:
-      return visited
-    q_idx = jnp.arange(self.q_len, dtype=jnp.int32)[:, None]
-    kv_idx = jnp.arange(self.kv_len, dtype=jnp.int32)[None, :]
-    return visited & (full | self.mask_fn(q_idx, kv_idx))
+    return _to_dense(self)
 
   def block_density(self) -> float:
     """Fraction of the Bm*Hm*Qb*Kb tiles that are visited (concrete masks)."""
@@ -139,12 +128,33 @@ class BlockMask:
     except jax.errors.ConcretizationTypeError:
       density = "traced"
     return (
-        f"BlockMask(batch_heads=({bm}, {hm}), q_len={self.q_len}, "
-        f"kv_len={self.kv_len}, blocks={self.block_q}x{self.block_kv}, "
-        f"grid={self.num_q_blocks}x{self.num_kv_blocks}, "
-        f"Kmax={self.max_kv_blocks}, Qmax={self.max_q_blocks}, "
-        f"block_density={density}, mask_fn={self.mask_fn!r})"
+      f"BlockMask(batch_heads=({bm}, {hm}), q_len={self.q_len}, "
+      f"kv_len={self.kv_len}, blocks={self.block_q}x{self.block_kv}, "
+      f"grid={self.num_q_blocks}x{self.num_kv_blocks}, "
+      f"Kmax={self.max_kv_blocks}, Qmax={self.max_q_blocks}, "
+      f"block_density={density}, mask_fn={self.mask_fn!r})"
     )
+
+
+@jax.jit
+def _block_layout(mask: BlockMask) -> tuple[jax.Array, jax.Array]:
+  listed = jnp.arange(mask.max_kv_blocks) < mask.kv_count[..., None]
+  visited = scatter_columns(mask.kv_index, listed, mask.num_kv_blocks)
+  partial = scatter_columns(mask.kv_index, listed & mask.kv_partial, mask.num_kv_blocks)
+  return visited, visited & ~partial
+
+
+@jax.jit
+def _to_dense(mask: BlockMask) -> jax.Array:
+  visited, full = _block_layout(mask)
+  up = lambda x: jnp.repeat(jnp.repeat(x, mask.block_q, 2), mask.block_kv, 3)
+  visited = up(visited)[:, :, : mask.q_len, : mask.kv_len]
+  if mask.mask_fn is None:
+    return visited
+  full = up(full)[:, :, : mask.q_len, : mask.kv_len]
+  q_idx = jnp.arange(mask.q_len, dtype=jnp.int32)[:, None]
+  kv_idx = jnp.arange(mask.kv_len, dtype=jnp.int32)[None, :]
+  return visited & (full | mask.mask_fn(q_idx, kv_idx))
 
 
 # --------------------------------------------------------------------------
@@ -156,17 +166,10 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _compact(
-    keep: Any,  # bool[Bm, Hm, R, C]   (numpy or jax)
-    partial: Any,  # bool[Bm, Hm, R, C]
-    max_len: int,
-    arg_name: str,
-):
-  """Lists the kept columns of every row, ascending, in `max_len` slots."""
-  xp = np if isinstance(keep, np.ndarray) and isinstance(partial, np.ndarray) else jnp
+def _compact(keep, partial, max_len: int, xp):
+  """Lists the kept columns of every row of bool[Bm, Hm, R, C], ascending, in
+  `max_len` slots: (count [Bm, Hm, R], index and partial [Bm, Hm, R, max_len])."""
   count = keep.sum(-1).astype(np.int32)
-  if keep.shape[-1] > max_len:
-    _check_row_counts(count, max_len, arg_name)
   if xp is np:
     order = np.argsort(~keep, axis=-1, kind="stable")
   else:
@@ -179,6 +182,15 @@ def _compact(
   return count, index, part
 
 
+def _compact_views(keep, partial, max_kv: int, max_q: int, xp):
+  """Both views: (kv_count, kv_index, kv_partial, q_count, q_index, q_partial)."""
+  t = lambda x: x.swapaxes(-1, -2)
+  return (*_compact(keep, partial, max_kv, xp), *_compact(t(keep), t(partial), max_q, xp))
+
+
+_compact_views_on_device = jax.jit(functools.partial(_compact_views, xp=jnp), static_argnums=(2, 3))
+
+
 def _check_row_counts(count: Any, max_len: int, arg_name: str) -> None:
   """Refuses (never truncates) rows longer than the static bound."""
 
@@ -186,8 +198,8 @@ def _check_row_counts(count: Any, max_len: int, arg_name: str) -> None:
     worst = int(np.max(c)) if np.size(c) else 0
     if worst > max_len:
       raise ValueError(
-          f"{arg_name}={max_len} is too small: a row of the block layout keeps "
-          f"{worst} blocks. Raise {arg_name} (at most the number of blocks)."
+        f"{arg_name}={max_len} is too small: a row of the block layout keeps "
+        f"{worst} blocks. Raise {arg_name} (at most the number of blocks)."
       )
 
   if _is_concrete(count):
@@ -209,17 +221,17 @@ def scatter_columns(index, valid, num_cols: int):
 
 
 def from_block_layout(
-    keep: Any,  # bool[Bm, Hm, Qb, Kb]
-    full: Any,  # bool[Bm, Hm, Qb, Kb]: tiles needing no mask_fn
-    *,
-    block_q: int,
-    block_kv: int,
-    q_len: int,
-    kv_len: int,
-    mask_fn: Any = None,
-    mask_fn_exact: bool = False,
-    max_kv_blocks: int | None = None,
-    max_q_blocks: int | None = None,
+  keep: Any,  # bool[Bm, Hm, Qb, Kb]
+  full: Any,  # bool[Bm, Hm, Qb, Kb]: tiles needing no mask_fn
+  *,
+  block_q: int,
+  block_kv: int,
+  q_len: int,
+  kv_len: int,
+  mask_fn: Any = None,
+  mask_fn_exact: bool = False,
+  max_kv_blocks: int | None = None,
+  max_q_blocks: int | None = None,
 ) -> BlockMask:
   """Compacts a dense tile layout into a BlockMask (both views).
 
@@ -238,17 +250,22 @@ def from_block_layout(
   if max_q_blocks is None:
     max_q_blocks = max(1, int(keep.sum(-2).max())) if host else qb
   max_kv_blocks, max_q_blocks = min(max_kv_blocks, kb), min(max_q_blocks, qb)
-  kv = _compact(keep, partial, max_kv_blocks, "max_kv_blocks")
-  t = lambda x: x.swapaxes(-1, -2)
-  q = _compact(t(keep), t(partial), max_q_blocks, "max_q_blocks")
+  if kb > max_kv_blocks:
+    _check_row_counts(keep.sum(-1), max_kv_blocks, "max_kv_blocks")
+  if qb > max_q_blocks:
+    _check_row_counts(keep.sum(-2), max_q_blocks, "max_q_blocks")
+  if host:
+    views = _compact_views(keep, partial, max_kv_blocks, max_q_blocks, np)
+  else:
+    views = _compact_views_on_device(keep, partial, max_kv_blocks, max_q_blocks)
   return BlockMask(
-      *(jnp.asarray(a) for a in (*kv, *q)),
-      block_q=block_q,
-      block_kv=block_kv,
-      q_len=q_len,
-      kv_len=kv_len,
-      mask_fn=mask_fn,
-      mask_fn_exact=bool(mask_fn_exact and mask_fn is not None),
+    *(jnp.asarray(a) for a in views),
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    mask_fn=mask_fn,
+    mask_fn_exact=bool(mask_fn_exact and mask_fn is not None),
   )
 
 
@@ -259,7 +276,7 @@ def block_bounds(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def classify_tiles(
-    fn: Any, q_len: int, kv_len: int, block_q: int, block_kv: int
+  fn: Any, q_len: int, kv_len: int, block_q: int, block_kv: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """(any, all) visibility of every tile under predicate `fn`, bool[Qb, Kb].
 
@@ -288,8 +305,7 @@ def _check_compatible(masks: tuple[BlockMask, ...], op: str) -> tuple[int, int]:
     for field in ("block_q", "block_kv", "q_len", "kv_len"):
       if getattr(m, field) != getattr(ref, field):
         raise ValueError(
-            f"{op}(): masks disagree on {field}: {getattr(ref, field)} vs "
-            f"{getattr(m, field)}."
+          f"{op}(): masks disagree on {field}: {getattr(ref, field)} vs {getattr(m, field)}."
         )
   shapes = [m.batch_heads for m in masks]
   out = []
@@ -301,41 +317,51 @@ def _check_compatible(masks: tuple[BlockMask, ...], op: str) -> tuple[int, int]:
   fns = [m for m in masks if m.mask_fn is not None]
   if len(fns) > 1 and not all(m.mask_fn_exact for m in fns):
     raise ValueError(
-        f"{op}(): a mask whose mask_fn covers only its own partial tiles (built "
-        "from a layout, top-k or anchors) can be combined with layout masks "
-        "only, not with another mask that has a mask_fn. Combine the structured "
-        "masks first, then the layouts."
+      f"{op}(): a mask whose mask_fn covers only its own partial tiles (built "
+      "from a layout, top-k or anchors) can be combined with layout masks "
+      "only, not with another mask that has a mask_fn. Combine the structured "
+      "masks first, then the layouts."
     )
   return out[0], out[1]
 
 
-def _combine(masks, op: str, reduce, fn_combine, kmax, qmax) -> BlockMask:
-  bm, hm = _check_compatible(masks, op)
-  layouts = [m.block_layout() for m in masks]
-  grid = (bm, hm, masks[0].num_q_blocks, masks[0].num_kv_blocks)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _combined_layout(masks: tuple[BlockMask, ...], grid: tuple[int, ...], is_union: bool):
+  reduce = jnp.logical_or if is_union else jnp.logical_and
+  layouts = [_block_layout(m) for m in masks]
   keep = functools.reduce(reduce, (jnp.broadcast_to(v, grid) for v, _ in layouts))
   full = functools.reduce(reduce, (jnp.broadcast_to(f, grid) for _, f in layouts))
-  fns = [m.mask_fn for m in masks if m.mask_fn is not None]
+  return keep, full
+
+
+def _combine(masks, op: str) -> BlockMask:
+  bm, hm = _check_compatible(masks, op)
   ref = masks[0]
+  is_union = op == "union"
+  grid = (bm, hm, ref.num_q_blocks, ref.num_kv_blocks)
+  keep, full = _combined_layout(tuple(masks), grid, is_union)
+  fns = [m.mask_fn for m in masks if m.mask_fn is not None]
+  fn_combine = element_masks.any_of if is_union else element_masks.all_of
+  bound = sum if is_union else min
   return from_block_layout(
-      keep,
-      full,
-      block_q=ref.block_q,
-      block_kv=ref.block_kv,
-      q_len=ref.q_len,
-      kv_len=ref.kv_len,
-      mask_fn=fn_combine(*fns) if fns else None,
-      mask_fn_exact=all(m.mask_fn is not None and m.mask_fn_exact for m in masks),
-      max_kv_blocks=kmax(m.max_kv_blocks for m in masks),
-      max_q_blocks=qmax(m.max_q_blocks for m in masks),
+    keep,
+    full,
+    block_q=ref.block_q,
+    block_kv=ref.block_kv,
+    q_len=ref.q_len,
+    kv_len=ref.kv_len,
+    mask_fn=fn_combine(*fns) if fns else None,
+    mask_fn_exact=all(m.mask_fn is not None and m.mask_fn_exact for m in masks),
+    max_kv_blocks=bound(m.max_kv_blocks for m in masks),
+    max_q_blocks=bound(m.max_q_blocks for m in masks),
   )
 
 
 def union(*masks: BlockMask) -> BlockMask:
   """Pairs visible in any of the masks. Kmax is the sum of theirs (capped)."""
-  return _combine(masks, "union", jnp.logical_or, element_masks.any_of, sum, sum)
+  return _combine(masks, "union")
 
 
 def intersection(*masks: BlockMask) -> BlockMask:
   """Pairs visible in all of the masks. Kmax is the least of theirs."""
-  return _combine(masks, "intersection", jnp.logical_and, element_masks.all_of, min, min)
+  return _combine(masks, "intersection")

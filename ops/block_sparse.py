@@ -13,14 +13,14 @@ IMPLEMENTATIONS = ("reference", "xla")
 
 
 def block_sparse_attention(
-    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
-    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
-    mask: BlockMask,
-    *,
-    scale: float | None = None,
-    implementation: str | None = None,
-    return_lse: bool = False,
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: BlockMask,
+  *,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention over the tiles a `BlockMask` keeps; every other tile is skipped.
 
@@ -59,7 +59,6 @@ def block_sparse_attention(
     out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale)
   else:
     raise ValueError(
-        f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got "
-        f"{implementation!r}."
+      f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
     )
   return (out, lse) if return_lse else out

@@ -114,13 +114,13 @@ def _pairs(mask: BlockMask, batch: int, heads: int, kv_heads: int) -> _Pairs:
   bcast = lambda x, *tail: jnp.broadcast_to(x, (batch, heads) + tail).reshape((-1,) + tail[1:])
   count = bcast(mask.kv_count, qb)
   return _Pairs(
-      ends=jnp.cumsum(count, dtype=jnp.int32),
-      kv_index=bcast(mask.kv_index, qb, kmax),
-      kv_partial=bcast(mask.kv_partial, qb, kmax),
-      heads=heads,
-      kv_heads=kv_heads,
-      num_q_blocks=qb,
-      num_kv_blocks=mask.num_kv_blocks,
+    ends=jnp.cumsum(count, dtype=jnp.int32),
+    kv_index=bcast(mask.kv_index, qb, kmax),
+    kv_partial=bcast(mask.kv_partial, qb, kmax),
+    heads=heads,
+    kv_heads=kv_heads,
+    num_q_blocks=qb,
+    num_kv_blocks=mask.num_kv_blocks,
   )
 
 
@@ -166,8 +166,10 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask):
     p = jnp.exp(s - jnp.where(jnp.isfinite(m_t), m_t, 0.0)[..., None])
     l_t = jnp.sum(p, axis=-1)
     o_t = jnp.einsum(
-        "cqk,ckd->cqd", p.astype(v_rows.dtype), v_rows[kv_row],
-        preferred_element_type=jnp.float32,
+      "cqk,ckd->cqd",
+      p.astype(v_rows.dtype),
+      v_rows[kv_row],
+      preferred_element_type=jnp.float32,
     )
     # Online-softmax merge of the chunk into its rows.
     m_old = m_acc[row]
@@ -183,10 +185,10 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask):
     return step + 1, m_acc, l_acc, o_acc
 
   init = (
-      jnp.int32(0),
-      jnp.full((n, plan.block_q), -jnp.inf, jnp.float32),
-      jnp.zeros((n, plan.block_q), jnp.float32),
-      jnp.zeros((n, plan.block_q, dv), jnp.float32),
+    jnp.int32(0),
+    jnp.full((n, plan.block_q), -jnp.inf, jnp.float32),
+    jnp.zeros((n, plan.block_q), jnp.float32),
+    jnp.zeros((n, plan.block_q, dv), jnp.float32),
   )
   steps = _num_chunks(pairs, c)
   _, m_acc, l_acc, o_acc = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
@@ -224,18 +226,19 @@ def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out, d_lse):
     dp = jnp.einsum("cqd,ckd->cqk", do_t, v_t, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_rows[row][..., None]) * plan.scale
     f32 = jnp.float32
-    dv = dv.at[kv_row].add(jnp.einsum("cqk,cqd->ckd", p.astype(do_t.dtype), do_t,
-                                      preferred_element_type=f32))
+    dv = dv.at[kv_row].add(
+      jnp.einsum("cqk,cqd->ckd", p.astype(do_t.dtype), do_t, preferred_element_type=f32)
+    )
     ds_in = ds.astype(q_t.dtype)
     dq = dq.at[row].add(jnp.einsum("cqk,ckd->cqd", ds_in, k_t, preferred_element_type=f32))
     dk = dk.at[kv_row].add(jnp.einsum("cqk,cqd->ckd", ds_in, q_t, preferred_element_type=f32))
     return step + 1, dq, dk, dv
 
   init = (
-      jnp.int32(0),
-      jnp.zeros(q_rows.shape, jnp.float32),
-      jnp.zeros(k_rows.shape, jnp.float32),
-      jnp.zeros(v_rows.shape, jnp.float32),
+    jnp.int32(0),
+    jnp.zeros(q_rows.shape, jnp.float32),
+    jnp.zeros(k_rows.shape, jnp.float32),
+    jnp.zeros(v_rows.shape, jnp.float32),
   )
   steps = _num_chunks(pairs, c)
   _, dq, dk, dv = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
@@ -266,13 +269,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention_xla(
-    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
-    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
-    mask: BlockMask,
-    *,
-    scale: float,
-    chunk: int | None = None,
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: BlockMask,
+  *,
+  scale: float,
+  chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -284,12 +287,12 @@ def block_sparse_attention_xla(
   b, _, hq, _ = q.shape
   chunk = max(1, min(chunk, b * hq * mask.num_q_blocks * mask.max_kv_blocks))
   plan = _Plan(
-      block_q=mask.block_q,
-      block_kv=mask.block_kv,
-      q_len=mask.q_len,
-      kv_len=mask.kv_len,
-      mask_fn=mask.mask_fn,
-      scale=scale,
-      chunk=chunk,
+    block_q=mask.block_q,
+    block_kv=mask.block_kv,
+    q_len=mask.q_len,
+    kv_len=mask.kv_len,
+    mask_fn=mask.mask_fn,
+    scale=scale,
+    chunk=chunk,
   )
   return _attention(plan, q, k, v, mask)

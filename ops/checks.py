@@ -43,17 +43,12 @@ def check_qkv(q: Any, k: Any, v: Any, op: str) -> AttentionShape:
       raise ValueError(f"{op}: {name} must be an array, got {type(x).__name__}.")
     if x.ndim != 4:
       raise ValueError(
-          f"{op}: {name} must have rank 4, [batch, seq, heads, head_dim], got shape "
-          f"{tuple(x.shape)}."
+        f"{op}: {name} must have rank 4, [batch, seq, heads, head_dim], got shape {tuple(x.shape)}."
       )
     if not any(x.dtype == d for d in SUPPORTED_DTYPES):
-      raise ValueError(
-          f"{op}: {name} has dtype {x.dtype}; expected float32, bfloat16 or float16."
-      )
+      raise ValueError(f"{op}: {name} has dtype {x.dtype}; expected float32, bfloat16 or float16.")
   if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(
-        f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
-    )
+    raise ValueError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
   b, sq, hq, d = q.shape
   bk, sk, hk, dk = k.shape
   bv, sv, hv, dv = v.shape
@@ -64,16 +59,14 @@ def check_qkv(q: Any, k: Any, v: Any, op: str) -> AttentionShape:
   if hk != hv:
     raise ValueError(f"{op}: k and v head counts differ: k {hk}, v {hv} (dim 2).")
   if dk != d:
-    raise ValueError(
-        f"{op}: k head_dim must equal q's: q {d}, k {dk} (dim 3); v's may differ."
-    )
+    raise ValueError(f"{op}: k head_dim must equal q's: q {d}, k {dk} (dim 3); v's may differ.")
   if hq % hk:
     raise ValueError(
-        f"{op}: k/v heads ({hk}) must divide q heads ({hq}) for grouped-query attention."
+      f"{op}: k/v heads ({hk}) must divide q heads ({hq}) for grouped-query attention."
     )
   if min(b, sq, sk, hq, d, dv) == 0:
     raise ValueError(
-        f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+      f"{op}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
     )
   return AttentionShape(b, sq, sk, hq, hk, d, dv)
 
@@ -82,13 +75,12 @@ def check_block_mask(mask: Any, shape: AttentionShape, op: str) -> BlockMask:
   """The BlockMask must describe exactly this q_len x kv_len and broadcast."""
   if not isinstance(mask, BlockMask):
     raise ValueError(
-        f"{op}: mask must be a BlockMask (see sparse_attention.ops.masks), got "
-        f"{type(mask).__name__}."
+      f"{op}: mask must be a BlockMask (see sparse_attention.ops.masks), got {type(mask).__name__}."
     )
   if (mask.q_len, mask.kv_len) != (shape.q_len, shape.kv_len):
     raise ValueError(
-        f"{op}: mask was built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q has "
-        f"{shape.q_len} positions and k {shape.kv_len}."
+      f"{op}: mask was built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q has "
+      f"{shape.q_len} positions and k {shape.kv_len}."
     )
   _check_batch_heads("mask", mask.batch_heads, shape, op)
   return mask
@@ -98,15 +90,15 @@ def check_dense_mask(mask: Any, shape: AttentionShape, op: str) -> Any:
   """A boolean [B|1, H|1, q_len, kv_len] mask."""
   if not hasattr(mask, "shape") or mask.ndim != 4:
     raise ValueError(
-        f"{op}: mask must be a BlockMask or a bool array [batch|1, heads|1, "
-        f"{shape.q_len}, {shape.kv_len}], got shape {getattr(mask, 'shape', None)}."
+      f"{op}: mask must be a BlockMask or a bool array [batch|1, heads|1, "
+      f"{shape.q_len}, {shape.kv_len}], got shape {getattr(mask, 'shape', None)}."
     )
   if mask.dtype != np.bool_:
     raise ValueError(f"{op}: a dense mask must be bool, got dtype {mask.dtype}.")
   if tuple(mask.shape[2:]) != (shape.q_len, shape.kv_len):
     raise ValueError(
-        f"{op}: mask shape {tuple(mask.shape)} must end in (q_len, kv_len) = "
-        f"({shape.q_len}, {shape.kv_len})."
+      f"{op}: mask shape {tuple(mask.shape)} must end in (q_len, kv_len) = "
+      f"({shape.q_len}, {shape.kv_len})."
     )
   _check_batch_heads("mask", tuple(mask.shape[:2]), shape, op)
   return mask
@@ -116,8 +108,8 @@ def _check_batch_heads(name: str, bh: tuple[int, int], shape: AttentionShape, op
   bm, hm = bh
   if bm not in (1, shape.batch) or hm not in (1, shape.q_heads):
     raise ValueError(
-        f"{op}: {name} batch/heads dims are ({bm}, {hm}); each must be 1 or match q's "
-        f"(batch {shape.batch}, query heads {shape.q_heads})."
+      f"{op}: {name} batch/heads dims are ({bm}, {hm}); each must be 1 or match q's "
+      f"(batch {shape.batch}, query heads {shape.q_heads})."
     )
 
 

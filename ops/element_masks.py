@@ -33,13 +33,11 @@ Array = Any  # np.ndarray or jax.Array; the predicates use operators only.
 class ElementMask(Protocol):
   """What BlockMask needs of an element predicate (hashable, static)."""
 
-  def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
-    ...
+  def __call__(self, q_idx: Array, kv_idx: Array) -> Array: ...
 
   def classify(
-      self, q_lo: Array, q_hi: Array, kv_lo: Array, kv_hi: Array
-  ) -> tuple[Array, Array]:
-    ...
+    self, q_lo: Array, q_hi: Array, kv_lo: Array, kv_hi: Array
+  ) -> tuple[Array, Array]: ...
 
 
 def _and(a: Array, b: Array) -> Array:
@@ -128,8 +126,10 @@ class AllOf:
   def classify(self, q_lo, q_hi, kv_lo, kv_hi):
     parts = [m.classify(q_lo, q_hi, kv_lo, kv_hi) for m in self.members]
     # `any` is conservative here: each member may see pairs, but not the same.
-    return (functools.reduce(_and, (p[0] for p in parts)),
-            functools.reduce(_and, (p[1] for p in parts)))
+    return (
+      functools.reduce(_and, (p[0] for p in parts)),
+      functools.reduce(_and, (p[1] for p in parts)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +144,10 @@ class AnyOf:
   def classify(self, q_lo, q_hi, kv_lo, kv_hi):
     parts = [m.classify(q_lo, q_hi, kv_lo, kv_hi) for m in self.members]
     # `all` is conservative here: members may cover a tile only together.
-    return (functools.reduce(_or, (p[0] for p in parts)),
-            functools.reduce(_or, (p[1] for p in parts)))
+    return (
+      functools.reduce(_or, (p[0] for p in parts)),
+      functools.reduce(_or, (p[1] for p in parts)),
+    )
 
 
 def _flatten(kind: type, fns) -> list[Any]:

@@ -27,44 +27,44 @@ import numpy as np
 
 from sparse_attention.ops import element_masks
 from sparse_attention.ops.block_mask import (
-    BlockMask,
-    block_bounds,
-    classify_tiles,
-    from_block_layout,
-    intersection,
-    scatter_columns,
-    num_blocks,
-    union,
+  BlockMask,
+  block_bounds,
+  classify_tiles,
+  from_block_layout,
+  intersection,
+  num_blocks,
+  scatter_columns,
+  union,
 )
 
 __all__ = [
-    "BlockMask",
-    "causal",
-    "chunked",
-    "dense",
-    "from_layout",
-    "intersection",
-    "sliding_window",
-    "topk_blocks",
-    "union",
-    "window_with_anchors",
+  "BlockMask",
+  "causal",
+  "chunked",
+  "dense",
+  "from_layout",
+  "intersection",
+  "sliding_window",
+  "topk_blocks",
+  "union",
+  "window_with_anchors",
 ]
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
+def _check_int(name: str, value: Any, *, minimum: int | None) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be a Python int, got {value!r}.")
-  if value < minimum:
+  if minimum is not None and value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}.")
   return int(value)
 
 
 def _check_geometry(q_len, kv_len, block_q, block_kv) -> tuple[int, int, int, int]:
   return (
-      _check_int("q_len", q_len, minimum=1),
-      _check_int("kv_len", kv_len, minimum=1),
-      _check_int("block_q", block_q, minimum=1),
-      _check_int("block_kv", block_kv, minimum=1),
+    _check_int("q_len", q_len, minimum=1),
+    _check_int("kv_len", kv_len, minimum=1),
+    _check_int("block_q", block_q, minimum=1),
+    _check_int("block_kv", block_kv, minimum=1),
   )
 
 
@@ -85,14 +85,14 @@ def _from_predicate(fn, q_len, kv_len, block_q, block_kv) -> BlockMask:
   q_len, kv_len, block_q, block_kv = _check_geometry(q_len, kv_len, block_q, block_kv)
   any_, all_ = classify_tiles(fn, q_len, kv_len, block_q, block_kv)
   return from_block_layout(
-      any_[None, None],
-      all_[None, None],
-      block_q=block_q,
-      block_kv=block_kv,
-      q_len=q_len,
-      kv_len=kv_len,
-      mask_fn=fn,
-      mask_fn_exact=True,
+    any_[None, None],
+    all_[None, None],
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    mask_fn=fn,
+    mask_fn_exact=True,
   )
 
 
@@ -101,16 +101,16 @@ def dense(q_len: int, kv_len: int, *, block_q: int = 128, block_kv: int = 128) -
   q_len, kv_len, block_q, block_kv = _check_geometry(q_len, kv_len, block_q, block_kv)
   keep = np.ones((1, 1, num_blocks(q_len, block_q), num_blocks(kv_len, block_kv)), bool)
   return from_block_layout(
-      keep, keep, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len
+    keep, keep, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len
   )
 
 
 def causal(
-    q_len: int, kv_len: int, *, block_q: int = 128, block_kv: int = 128, offset: int = 0
+  q_len: int, kv_len: int, *, block_q: int = 128, block_kv: int = 128, offset: int = 0
 ) -> BlockMask:
   """Key j visible to query i iff j <= i + offset (offset = kv_len - q_len aligns
   the last query with the last key, as in decoding with a cache)."""
-  offset = _check_int("offset", offset, minimum=-kv_len - q_len)
+  offset = _check_int("offset", offset, minimum=None)
   return _from_predicate(element_masks.Band(None, offset), q_len, kv_len, block_q, block_kv)
 
 
@@ -118,13 +118,13 @@ _causal = causal  # for builders whose `causal` argument shadows the function
 
 
 def sliding_window(
-    q_len: int,
-    kv_len: int,
-    *,
-    window: int | tuple[int, int],
-    causal: bool = False,
-    block_q: int = 128,
-    block_kv: int = 128,
+  q_len: int,
+  kv_len: int,
+  *,
+  window: int | tuple[int, int],
+  causal: bool = False,
+  block_q: int = 128,
+  block_kv: int = 128,
 ) -> BlockMask:
   """Local attention: query i sees keys i-left .. i+right.
 
@@ -138,13 +138,13 @@ def sliding_window(
 
 
 def chunked(
-    q_len: int,
-    kv_len: int,
-    *,
-    chunk: int,
-    causal: bool = False,
-    block_q: int = 128,
-    block_kv: int = 128,
+  q_len: int,
+  kv_len: int,
+  *,
+  chunk: int,
+  causal: bool = False,
+  block_q: int = 128,
+  block_kv: int = 128,
 ) -> BlockMask:
   """Attention within non-overlapping chunks of `chunk` positions (Llama-4 style
   local attention when causal=True)."""
@@ -158,18 +158,18 @@ def anchor_blocks(num_kv_blocks: int, num_anchors: int, offset: Any) -> jax.Arra
   """Ids of `num_anchors` kv blocks spread evenly over the grid, rotated by
   `offset` blocks (an int or a traced int32 scalar), int32[num_anchors]."""
   base = (np.arange(num_anchors) * num_kv_blocks) // max(num_anchors, 1)
-  return ((jnp.asarray(base, jnp.int32) + jnp.asarray(offset, jnp.int32)) % num_kv_blocks)
+  return (jnp.asarray(base, jnp.int32) + jnp.asarray(offset, jnp.int32)) % num_kv_blocks
 
 
 def window_with_anchors(
-    q_len: int,
-    kv_len: int,
-    *,
-    window: int | tuple[int, int],
-    num_anchors: int,
-    offset: Any = 0,
-    block_q: int = 128,
-    block_kv: int = 128,
+  q_len: int,
+  kv_len: int,
+  *,
+  window: int | tuple[int, int],
+  num_anchors: int,
+  offset: Any = 0,
+  block_q: int = 128,
+  block_kv: int = 128,
 ) -> BlockMask:
   """A local window plus global anchor kv blocks that every query sees.
 
@@ -180,7 +180,7 @@ def window_with_anchors(
   Bidirectional (a video DiT attends both ways).
   """
   win = sliding_window(
-      q_len, kv_len, window=window, causal=False, block_q=block_q, block_kv=block_kv
+    q_len, kv_len, window=window, causal=False, block_q=block_q, block_kv=block_kv
   )
   kb = win.num_kv_blocks
   num_anchors = _check_int("num_anchors", num_anchors, minimum=0)
@@ -190,22 +190,22 @@ def window_with_anchors(
     return win
   integer_array = hasattr(offset, "dtype") and jnp.issubdtype(offset.dtype, jnp.integer)
   if isinstance(offset, bool) or not (
-      isinstance(offset, (int, np.integer)) or (integer_array and jnp.ndim(offset) == 0)
+    isinstance(offset, (int, np.integer)) or (integer_array and jnp.ndim(offset) == 0)
   ):
     raise ValueError(f"offset must be an int or an integer scalar array, got {offset!r}.")
   cols = jnp.zeros((kb,), bool).at[anchor_blocks(kb, num_anchors, offset)].set(True)
   visited, full = win.block_layout()
   return from_block_layout(
-      visited | cols,
-      full | cols,
-      block_q=win.block_q,
-      block_kv=win.block_kv,
-      q_len=win.q_len,
-      kv_len=win.kv_len,
-      mask_fn=win.mask_fn,
-      mask_fn_exact=False,
-      max_kv_blocks=win.max_kv_blocks + num_anchors,
-      max_q_blocks=win.num_q_blocks,
+    visited | cols,
+    full | cols,
+    block_q=win.block_q,
+    block_kv=win.block_kv,
+    q_len=win.q_len,
+    kv_len=win.kv_len,
+    mask_fn=win.mask_fn,
+    mask_fn_exact=False,
+    max_kv_blocks=win.max_kv_blocks + num_anchors,
+    max_q_blocks=win.num_q_blocks,
   )
 
 
@@ -213,27 +213,27 @@ def _check_grid_array(name: str, x: Any, q_len, kv_len, block_q, block_kv) -> tu
   qb, kb = num_blocks(q_len, block_q), num_blocks(kv_len, block_kv)
   if not hasattr(x, "shape") or len(x.shape) != 4:
     raise ValueError(
-        f"{name} must have rank 4, [batch|1, heads|1, {qb}, {kb}] (q blocks, kv "
-        f"blocks), got shape {getattr(x, 'shape', None)}."
+      f"{name} must have rank 4, [batch|1, heads|1, {qb}, {kb}] (q blocks, kv "
+      f"blocks), got shape {getattr(x, 'shape', None)}."
     )
   if tuple(x.shape[-2:]) != (qb, kb):
     raise ValueError(
-        f"{name} has shape {tuple(x.shape)}; its last two dims must be "
-        f"({qb}, {kb}) = (ceil(q_len/block_q), ceil(kv_len/block_kv)) for "
-        f"q_len={q_len}, kv_len={kv_len}, blocks {block_q}x{block_kv}."
+      f"{name} has shape {tuple(x.shape)}; its last two dims must be "
+      f"({qb}, {kb}) = (ceil(q_len/block_q), ceil(kv_len/block_kv)) for "
+      f"q_len={q_len}, kv_len={kv_len}, blocks {block_q}x{block_kv}."
     )
   return qb, kb
 
 
 def from_layout(
-    layout: Any,  # bool[B|1, H|1, Qb, Kb]
-    *,
-    block_q: int,
-    block_kv: int,
-    q_len: int,
-    kv_len: int,
-    max_kv_blocks: int | None = None,
-    max_q_blocks: int | None = None,
+  layout: Any,  # bool[B|1, H|1, Qb, Kb]
+  *,
+  block_q: int,
+  block_kv: int,
+  q_len: int,
+  kv_len: int,
+  max_kv_blocks: int | None = None,
+  max_q_blocks: int | None = None,
 ) -> BlockMask:
   """A mask from any tile layout, e.g. one computed on device.
 
@@ -256,14 +256,14 @@ def from_layout(
     max_q_blocks = _check_int("max_q_blocks", max_q_blocks, minimum=1)
   keep = layout != 0
   return from_block_layout(
-      keep,
-      keep,
-      block_q=block_q,
-      block_kv=block_kv,
-      q_len=q_len,
-      kv_len=kv_len,
-      max_kv_blocks=kb if max_kv_blocks is None else max_kv_blocks,
-      max_q_blocks=qb if max_q_blocks is None else max_q_blocks,
+    keep,
+    keep,
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    max_kv_blocks=kb if max_kv_blocks is None else max_kv_blocks,
+    max_q_blocks=qb if max_q_blocks is None else max_q_blocks,
   )
 
 
@@ -275,15 +275,15 @@ def diagonal_tiles(q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.n
 
 
 def topk_blocks(
-    scores: Any,  # float[B|1, H|1, Qb, Kb]
-    k: int,
-    *,
-    block_q: int,
-    block_kv: int,
-    q_len: int,
-    kv_len: int,
-    keep_diagonal: bool = False,
-    causal: bool = False,
+  scores: Any,  # float[B|1, H|1, Qb, Kb]
+  k: int,
+  *,
+  block_q: int,
+  block_kv: int,
+  q_len: int,
+  kv_len: int,
+  keep_diagonal: bool = False,
+  causal: bool = False,
 ) -> BlockMask:
   """Keeps the k best-scoring kv blocks of every q block (a dynamic mask).
 
@@ -317,16 +317,22 @@ def topk_blocks(
     need = int(diag.sum(-1).max(initial=0))
     if need > k:
       raise ValueError(
-          f"k={k} is smaller than the {need} diagonal tiles keep_diagonal=True "
-          f"must keep per q block (block_q={block_q}, block_kv={block_kv})."
+        f"k={k} is smaller than the {need} diagonal tiles keep_diagonal=True "
+        f"must keep per q block (block_q={block_q}, block_kv={block_kv})."
       )
     s = jnp.where(diag, jnp.inf, s)
   s = jnp.where(jnp.isnan(s), -jnp.inf, s)
   values, index = jax.lax.top_k(s, k)
   keep = scatter_columns(index, values > -jnp.inf, kb)
   mask = from_block_layout(
-      keep, keep, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len,
-      max_kv_blocks=k, max_q_blocks=qb,
+    keep,
+    keep,
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    max_kv_blocks=k,
+    max_q_blocks=qb,
   )
   if causal:
     mask = intersection(mask, _causal(q_len, kv_len, block_q=block_q, block_kv=block_kv))

@@ -6,8 +6,6 @@ of the tests, and `implementation="reference"` of the ops.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -18,13 +16,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def reference_attention(
-    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
-    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
-    *,
-    mask: BlockMask | jax.Array | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  *,
+  mask: BlockMask | jax.Array | None = None,
+  scale: float | None = None,
+  return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """softmax(q k^T * scale, masked) v, computed naively in float32.
 

@@ -1,0 +1,149 @@
+"""Shared test helpers: inputs, brute-force masks, per-dtype comparisons."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention.ops import block_sparse_attention
+
+# Max |a - b| allowed, relative to max(1, max |reference|), per input dtype.
+# bf16 has an 8-bit mantissa (~4e-3 relative); scores and probabilities are
+# rounded once more before the p @ v matmul, so outputs get a few ulps.
+TOLERANCE = {
+  "float32": {"out": 2e-5, "lse": 2e-5, "grad": 1e-4},
+  "float16": {"out": 4e-3, "lse": 2e-3, "grad": 2e-2},
+  "bfloat16": {"out": 3e-2, "lse": 2e-2, "grad": 8e-2},
+}
+
+
+def qkv(
+  batch: int,
+  q_len: int,
+  kv_len: int,
+  q_heads: int,
+  kv_heads: int,
+  head_dim: int,
+  v_head_dim: int | None = None,
+  dtype=jnp.float32,
+  seed: int = 0,
+):
+  """Random q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  v_head_dim = v_head_dim or head_dim
+  q = jax.random.normal(keys[0], (batch, q_len, q_heads, head_dim), jnp.float32)
+  k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), jnp.float32)
+  v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, v_head_dim), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def assert_close(actual, expected, dtype, kind: str, what: str = ""):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  expected = np.asarray(jnp.asarray(expected, jnp.float32))
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  both_inf = np.isneginf(actual) & np.isneginf(expected)
+  assert np.array_equal(np.isneginf(actual), np.isneginf(expected)), f"{what}: -inf pattern"
+  assert np.all(np.isfinite(actual[~both_inf])), f"{what}: non-finite values"
+  a, e = actual[~both_inf], expected[~both_inf]
+  if a.size == 0:
+    return
+  tol = TOLERANCE[jnp.dtype(dtype).name][kind] * max(1.0, float(np.max(np.abs(e))))
+  err = float(np.max(np.abs(a - e)))
+  assert err <= tol, f"{what}: max |error| {err:.3g} > {tol:.3g} ({jnp.dtype(dtype).name})"
+
+
+def outputs_and_grads(q, k, v, mask, implementation: str, seed: int = 1, **kwargs):
+  """Output, lse and (dq, dk, dv) of a random linear loss of both outputs."""
+  out_shape = q.shape[:3] + (v.shape[-1],)
+  ct_keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+  ct_out = jax.random.normal(ct_keys[0], out_shape, jnp.float32)
+  ct_lse = jax.random.normal(ct_keys[1], (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+  def loss(q, k, v):
+    out, lse = block_sparse_attention(
+      q, k, v, mask, implementation=implementation, return_lse=True, **kwargs
+    )
+    finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * ct_out) + jnp.sum(finite * ct_lse), (out, lse)
+
+  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return out, lse, grads
+
+
+def assert_matches_reference(q, k, v, mask, implementation: str, what: str = "", **kwargs):
+  """Kernel/xla path vs the reference: outputs, lse and all three gradients."""
+  dtype = q.dtype
+  out, lse, grads = outputs_and_grads(q, k, v, mask, implementation, **kwargs)
+  r_out, r_lse, r_grads = outputs_and_grads(q, k, v, mask, "reference", **kwargs)
+  assert out.dtype == dtype and out.shape == r_out.shape
+  assert lse.dtype == jnp.float32
+  assert_close(out, r_out, dtype, "out", f"{what} out")
+  assert_close(lse, r_lse, dtype, "lse", f"{what} lse")
+  for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads, strict=True):
+    assert g.dtype == dtype
+    assert_close(g, r, dtype, "grad", f"{what} {name}")
+
+
+# ---------------------------------------------------------------------------
+# Brute-force masks: [q_len, kv_len] bool, straight from the definitions.
+# ---------------------------------------------------------------------------
+
+
+def positions(q_len: int, kv_len: int):
+  return np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+
+
+def brute_band(q_len, kv_len, lower, upper):
+  i, j = positions(q_len, kv_len)
+  out = np.ones((q_len, kv_len), bool)
+  if lower is not None:
+    out &= j - i >= lower
+  if upper is not None:
+    out &= j - i <= upper
+  return out
+
+
+def brute_chunk(q_len, kv_len, chunk, causal):
+  i, j = positions(q_len, kv_len)
+  out = (i // chunk) == (j // chunk)
+  return out & (j <= i) if causal else out
+
+
+def brute_layout(layout, q_len, kv_len, block_q, block_kv):
+  """Expand a [B, H, Qb, Kb] tile layout to [B, H, q_len, kv_len]."""
+  layout = np.asarray(layout)
+  i, j = positions(q_len, kv_len)
+  return layout[:, :, i // block_q, j // block_kv]
+
+
+def check_invariants(mask) -> None:
+  """The compact views are well formed and describe the same tiles."""
+  bm, hm = mask.batch_heads
+  qb, kb = mask.num_q_blocks, mask.num_kv_blocks
+  assert mask.kv_count.shape == (bm, hm, qb) and mask.kv_count.dtype == jnp.int32
+  assert mask.kv_index.shape[:3] == (bm, hm, qb) and mask.kv_index.dtype == jnp.int32
+  assert mask.kv_partial.shape == mask.kv_index.shape and mask.kv_partial.dtype == jnp.bool_
+  assert mask.q_count.shape == (bm, hm, kb) and mask.q_index.shape[:3] == (bm, hm, kb)
+  assert mask.q_partial.shape == mask.q_index.shape
+  tiles = []
+  for count, index, partial, n_cols in (
+    (mask.kv_count, mask.kv_index, mask.kv_partial, kb),
+    (mask.q_count, mask.q_index, mask.q_partial, qb),
+  ):
+    count, index, partial = map(np.asarray, (count, index, partial))
+    cap = index.shape[-1]
+    assert (count >= 0).all() and (count <= cap).all()
+    layout = np.zeros(count.shape + (n_cols,), np.int8)  # 0 none, 1 full, 2 partial
+    for pos in np.ndindex(count.shape):
+      c = count[pos]
+      listed = index[pos][:c]
+      assert (np.diff(listed) > 0).all(), "ids must ascend"
+      assert ((listed >= 0) & (listed < n_cols)).all()
+      pad = index[pos][c:]
+      assert (pad == (listed[-1] if c else 0)).all(), "padding must repeat the last id"
+      layout[pos + (listed,)] = np.where(partial[pos][:c], 2, 1)
+    tiles.append(layout)
+  np.testing.assert_array_equal(tiles[0], tiles[1].swapaxes(-1, -2))
+  if mask.mask_fn is None:
+    assert not (tiles[0] == 2).any(), "partial tiles need a mask_fn"
