@@ -1,0 +1,90 @@
+"""Helpers shared by the benchmark scripts: timing, memory, machine facts.
+
+Scripts in bench/ run as `python bench/<script>.py`, so this module is found
+next to them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attention.ops import masks
+
+
+def median_seconds(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall time of `fn(*args)` (compiled, results waited for)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def compiled_bytes(fn: Callable, *args) -> int:
+  """XLA's own figure for a jitted call: arguments + outputs + temporaries."""
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+
+
+def machine() -> str:
+  """One line naming the machine the numbers come from."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    name = platform.processor() or platform.machine()
+    try:
+      with open("/proc/cpuinfo") as f:
+        name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+      pass
+    return f"CPU: {name}, {os.cpu_count()} cores; jax {jax.__version__}"
+  return f"{dev.device_kind} ({dev.platform}); jax {jax.__version__}"
+
+
+def today() -> str:
+  return datetime.date.today().isoformat()
+
+
+def random_layout(seq: int, heads: int, block: int, density: float, seed: int = 0) -> jax.Array:
+  """A random tile layout bool[1, heads, Sb, Sb] with about `density` kept."""
+  sb = -(-seq // block)
+  return jax.random.uniform(jax.random.PRNGKey(seed), (1, heads, sb, sb)) < density
+
+
+def random_mask(seq: int, heads: int, block: int, density: float, seed: int = 0):
+  """A BlockMask over a random layout; density 1.0 is the all-kept mask."""
+  if density >= 1.0:
+    return masks.dense(seq, seq, block_q=block, block_kv=block)
+  layout = random_layout(seq, heads, block, density, seed)
+  return masks.from_layout(layout, block_q=block, block_kv=block, q_len=seq, kv_len=seq)
+
+
+def random_qkv(batch: int, seq: int, heads: int, head_dim: int, dtype, seed: int = 0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return tuple(
+    jax.random.normal(key, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for key in keys
+  )
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+  """A Markdown table."""
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+  line = lambda cells: (
+    "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+  )
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def mib(nbytes: float) -> str:
+  return f"{nbytes / 2**20:,.0f}"

@@ -1,0 +1,73 @@
+"""Packaging: one import namespace, nothing generic in site-packages, CI = README."""
+
+import pathlib
+import re
+import subprocess
+import sys
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_wheel_holds_only_the_sparse_attention_namespace(tmp_path):
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "-q",
+      "-w",
+      str(tmp_path),
+      str(ROOT),
+    ],
+    check=True,
+    capture_output=True,
+  )
+  (wheel,) = tmp_path.glob("sparse_attention-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  top = {n.split("/")[0] for n in names}
+  assert {t for t in top if not t.endswith(".dist-info")} == {"sparse_attention"}, top
+  for module in (
+    "__init__.py",
+    "ops/masks.py",
+    "ops/block_mask.py",
+    "ops/reference.py",
+    "models/__init__.py",
+    "pallas_kernels/__init__.py",
+    "train/__init__.py",
+    "configs/__init__.py",
+  ):
+    assert f"sparse_attention/{module}" in names, module
+  assert not [n for n in names if "/tests/" in n or "/bench/" in n]
+
+
+def test_installed_package_imports_without_generic_top_level_names(tmp_path):
+  code = (
+    "import importlib.util, sparse_attention.ops as ops\n"
+    "assert ops.masks.causal(8, 8, block_q=4, block_kv=4).max_kv_blocks == 2\n"
+    "for name in ('ops', 'models', 'train', 'configs', 'pallas_kernels', 'tests'):\n"
+    "  assert importlib.util.find_spec(name) is None, name\n"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def _readme_commands() -> list[str]:
+  text = (ROOT / "README.md").read_text()
+  return re.findall(r"```(?:sh|bash)\n(.+?)\n```", text, flags=re.S)[:2]
+
+
+def test_ci_runs_the_readme_test_command():
+  main_cmd, test_cmd = _readme_commands()
+  assert "pytest" in test_cmd and "pytest" not in main_cmd
+  assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_lint_is_clean():
+  for args in (["check", "."], ["format", "--check", "."]):
+    result = subprocess.run(
+      [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
