@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention.ops.block_mask import BlockMask
+from sparse_attention.pallas_kernels.block_sparse import common
 
 # Score elements per chunk: 2**20 f32 scores (4 MiB) keeps each chunk's
 # temporaries cache-sized on CPU and the loop overhead negligible.
@@ -48,14 +49,6 @@ class _Plan:
   mask_fn: Any
   scale: float
   chunk: int
-
-  @property
-  def ragged_q(self) -> bool:
-    return self.q_len % self.block_q != 0
-
-  @property
-  def ragged_kv(self) -> bool:
-    return self.kv_len % self.block_kv != 0
 
 
 def _to_rows(x: jax.Array, block: int) -> jax.Array:
@@ -128,14 +121,18 @@ def _visible(plan: _Plan, valid, i, j, partial) -> jax.Array:
   """bool[C, block_q, block_kv]: which pairs of each tile are attended."""
   q_pos = (i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
   kv_pos = (j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
-  vis = valid[:, None, None]
-  if plan.mask_fn is not None:
-    vis = vis & (~partial[:, None, None] | plan.mask_fn(q_pos, kv_pos))
-  if plan.ragged_q:
-    vis = vis & (q_pos < plan.q_len)
-  if plan.ragged_kv:
-    vis = vis & (kv_pos < plan.kv_len)
-  return vis
+  vis = common.visibility(
+    plan.mask_fn,
+    partial[:, None, None],
+    q_pos,
+    kv_pos,
+    q_len=plan.q_len,
+    kv_len=plan.kv_len,
+    block_q=plan.block_q,
+    block_kv=plan.block_kv,
+  )
+  valid = valid[:, None, None]
+  return valid if vis is None else valid & vis
 
 
 def _scores(plan: _Plan, q_t, k_t) -> jax.Array:

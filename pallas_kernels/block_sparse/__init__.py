@@ -1,0 +1,1 @@
+"""Block-sparse flash attention kernels driven by a BlockMask."""

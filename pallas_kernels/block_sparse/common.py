@@ -1,0 +1,88 @@
+"""What the block-sparse kernels share: the mask they read and the tile math.
+
+Kernels import nothing from `sparse_attention.ops`; they take any object with
+the `BlockSparseLayout` attributes (an `ops.BlockMask` is one), so the layers
+stay ordered (ops -> pallas_kernels). The tile functions below are written
+with plain `jnp` so they lower inside a Pallas kernel (Triton or Mosaic) and
+run batched in the XLA path alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class BlockSparseLayout(Protocol):
+  """The compact mask a kernel walks (see ops/block_mask.py for the format)."""
+
+  kv_count: jax.Array  # int32[Bm, Hm, Qb]
+  kv_index: jax.Array  # int32[Bm, Hm, Qb, Kmax]
+  kv_partial: jax.Array  # bool[Bm, Hm, Qb, Kmax]
+  q_count: jax.Array  # int32[Bm, Hm, Kb]
+  q_index: jax.Array  # int32[Bm, Hm, Kb, Qmax]
+  q_partial: jax.Array  # bool[Bm, Hm, Kb, Qmax]
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  mask_fn: Any
+
+
+def visibility(
+  mask_fn: Any,
+  partial: Any,  # bool, broadcastable to the tile: apply mask_fn here
+  q_pos: jax.Array,  # int32 [..., block_q, 1] absolute query positions
+  kv_pos: jax.Array,  # int32 [..., 1, block_kv] absolute key positions
+  *,
+  q_len: int,
+  kv_len: int,
+  block_q: int,
+  block_kv: int,
+) -> jax.Array | None:
+  """Which (query, key) pairs of a tile are attended; None if all of them.
+
+  The element mask applies where `partial`; positions past q_len / kv_len
+  (the ragged tails of the last blocks) are never visible. Only the parts
+  the static facts can need are computed.
+  """
+  vis = None
+  if mask_fn is not None:
+    vis = jnp.logical_or(jnp.logical_not(partial), mask_fn(q_pos, kv_pos))
+  if q_len % block_q:
+    in_q = q_pos < q_len
+    vis = in_q if vis is None else vis & in_q
+  if kv_len % block_kv:
+    in_kv = kv_pos < kv_len
+    vis = in_kv if vis is None else vis & in_kv
+  return vis
+
+
+def online_softmax_update(
+  s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden
+  m_prev: jax.Array,  # f32 [bq] running max (-inf: nothing seen yet)
+  l_prev: jax.Array,  # f32 [bq] running sum of exp(s - m)
+  acc_prev: jax.Array,  # f32 [bq, Dv] running sum of exp(s - m) v
+  v: jax.Array,  # [bk, Dv]
+  dot,  # (a, b) -> f32 a @ b, the backend's matmul
+):
+  """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0)."""
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
+  correction = jnp.exp(m_prev - m_safe)
+  p = jnp.exp(s - m_safe[:, None])
+  l_next = correction * l_prev + jnp.sum(p, axis=-1)
+  acc_next = correction[:, None] * acc_prev + dot(p.astype(v.dtype), v)
+  return m_next, l_next, acc_next
+
+
+def finalize(m: jax.Array, l: jax.Array, acc: jax.Array):
+  """(normalised output f32 [bq, Dv], natural-log lse f32 [bq]); empty rows
+  give 0 and -inf."""
+  nonempty = l > 0
+  l_safe = jnp.where(nonempty, l, 1.0)
+  out = acc / l_safe[:, None]
+  lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+  return out, lse
