@@ -53,17 +53,26 @@ def assert_close(actual, expected, dtype, kind: str, what: str = ""):
   assert err <= tol, f"{what}: max |error| {err:.3g} > {tol:.3g} ({jnp.dtype(dtype).name})"
 
 
-def outputs_and_grads(q, k, v, mask, implementation: str, seed: int = 1, **kwargs):
+def _attend_fn(implementation, **kwargs):
+  """`implementation` is an op implementation name, or a callable
+  `(q, k, v, mask) -> (out, lse)` such as a kernel entry point."""
+  if callable(implementation):
+    return implementation
+  return lambda q, k, v, mask: block_sparse_attention(
+    q, k, v, mask, implementation=implementation, return_lse=True, **kwargs
+  )
+
+
+def outputs_and_grads(q, k, v, mask, implementation, seed: int = 1, **kwargs):
   """Output, lse and (dq, dk, dv) of a random linear loss of both outputs."""
+  attend = _attend_fn(implementation, **kwargs)
   out_shape = q.shape[:3] + (v.shape[-1],)
   ct_keys = jax.random.split(jax.random.PRNGKey(seed), 2)
   ct_out = jax.random.normal(ct_keys[0], out_shape, jnp.float32)
   ct_lse = jax.random.normal(ct_keys[1], (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
 
   def loss(q, k, v):
-    out, lse = block_sparse_attention(
-      q, k, v, mask, implementation=implementation, return_lse=True, **kwargs
-    )
+    out, lse = attend(q, k, v, mask)
     finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(out.astype(jnp.float32) * ct_out) + jnp.sum(finite * ct_lse), (out, lse)
 
@@ -71,11 +80,13 @@ def outputs_and_grads(q, k, v, mask, implementation: str, seed: int = 1, **kwarg
   return out, lse, grads
 
 
-def assert_matches_reference(q, k, v, mask, implementation: str, what: str = "", **kwargs):
-  """Kernel/xla path vs the reference: outputs, lse and all three gradients."""
+def assert_matches_reference(q, k, v, mask, implementation, what: str = "", **kwargs):
+  """A kernel / the xla path vs the reference: outputs, lse and all three
+  gradients. `implementation`: an op implementation name or a callable
+  `(q, k, v, mask) -> (out, lse)`."""
   dtype = q.dtype
   out, lse, grads = outputs_and_grads(q, k, v, mask, implementation, **kwargs)
-  r_out, r_lse, r_grads = outputs_and_grads(q, k, v, mask, "reference", **kwargs)
+  r_out, r_lse, r_grads = outputs_and_grads(q, k, v, mask, "reference")
   assert out.dtype == dtype and out.shape == r_out.shape
   assert lse.dtype == jnp.float32
   assert_close(out, r_out, dtype, "out", f"{what} out")
