@@ -10,48 +10,9 @@ import testutil
 from sparse_attention.ops import block_sparse_attention, block_sparse_xla, masks
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 
-Q_LEN, KV_LEN = 100, 90  # ragged for every block size below
-
-
-def _layout(bm, hm, q_len, kv_len, bq, bk, density, seed=0):
-  qb, kb = -(-q_len // bq), -(-kv_len // bk)
-  return np.random.default_rng(seed).random((bm, hm, qb, kb)) < density
-
-
-def _mask_cases():
-  geo = dict(block_q=32, block_kv=16)
-  g = dict(q_len=Q_LEN, kv_len=KV_LEN, **geo)
-  return {
-    "dense": masks.dense(Q_LEN, KV_LEN, **geo),
-    "causal": masks.causal(Q_LEN, KV_LEN, **geo),
-    "causal_empty_rows": masks.causal(Q_LEN, KV_LEN, offset=-40, **geo),
-    "window_causal": masks.sliding_window(Q_LEN, KV_LEN, window=20, causal=True, **geo),
-    "window_left_right": masks.sliding_window(Q_LEN, KV_LEN, window=(7, 30), **geo),
-    "chunked_causal": masks.chunked(Q_LEN, KV_LEN, chunk=24, causal=True, **geo),
-    "window_with_anchors": masks.window_with_anchors(
-      Q_LEN, KV_LEN, window=10, num_anchors=2, offset=1, **geo
-    ),
-    "layout_per_batch_head": masks.from_layout(_layout(2, 4, Q_LEN, KV_LEN, 32, 16, 0.3), **g),
-    "layout_broadcast_heads": masks.from_layout(_layout(2, 1, Q_LEN, KV_LEN, 32, 16, 0.4), **g),
-    "topk_causal_diag": masks.topk_blocks(
-      jax.random.normal(jax.random.PRNGKey(3), (1, 4, 4, 6)),
-      3,
-      keep_diagonal=True,
-      causal=True,
-      **g,
-    ),
-    "union": masks.union(
-      masks.sliding_window(Q_LEN, KV_LEN, window=5, **geo),
-      masks.from_layout(_layout(1, 4, Q_LEN, KV_LEN, 32, 16, 0.2, seed=1), **g),
-    ),
-    "intersection": masks.intersection(
-      masks.causal(Q_LEN, KV_LEN, **geo),
-      masks.from_layout(_layout(2, 1, Q_LEN, KV_LEN, 32, 16, 0.6, seed=2), **g),
-    ),
-  }
-
-
-MASKS = _mask_cases()
+Q_LEN, KV_LEN = testutil.Q_LEN, testutil.KV_LEN
+MASKS = testutil.mask_cases()
+_layout = testutil.random_layout
 
 
 @pytest.fixture

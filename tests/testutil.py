@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import block_sparse_attention
+from sparse_attention.ops import block_sparse_attention, masks
 
 # Max |a - b| allowed, relative to max(1, max |reference|), per input dtype.
 # bf16 has an 8-bit mantissa (~4e-3 relative); scores and probabilities are
@@ -54,8 +54,8 @@ def assert_close(actual, expected, dtype, kind: str, what: str = ""):
 
 
 def _attend_fn(implementation, **kwargs):
-  """`implementation` is an op implementation name, or a callable
-  `(q, k, v, mask) -> (out, lse)` such as a kernel entry point."""
+  """`implementation` is an op implementation name (kwargs go to the op), or
+  a callable `(q, k, v, mask) -> (out, lse)` such as a kernel entry point."""
   if callable(implementation):
     return implementation
   return lambda q, k, v, mask: block_sparse_attention(
@@ -86,7 +86,7 @@ def assert_matches_reference(q, k, v, mask, implementation, what: str = "", **kw
   `(q, k, v, mask) -> (out, lse)`."""
   dtype = q.dtype
   out, lse, grads = outputs_and_grads(q, k, v, mask, implementation, **kwargs)
-  r_out, r_lse, r_grads = outputs_and_grads(q, k, v, mask, "reference")
+  r_out, r_lse, r_grads = outputs_and_grads(q, k, v, mask, "reference", **kwargs)
   assert out.dtype == dtype and out.shape == r_out.shape
   assert lse.dtype == jnp.float32
   assert_close(out, r_out, dtype, "out", f"{what} out")
@@ -158,3 +158,64 @@ def check_invariants(mask) -> None:
   np.testing.assert_array_equal(tiles[0], tiles[1].swapaxes(-1, -2))
   if mask.mask_fn is None:
     assert not (tiles[0] == 2).any(), "partial tiles need a mask_fn"
+
+
+# ---------------------------------------------------------------------------
+# One mask of every kind, for the implementation-vs-reference tests.
+# ---------------------------------------------------------------------------
+
+Q_LEN, KV_LEN = 100, 90  # ragged for the default block sizes
+
+
+def random_layout(bm, hm, q_len, kv_len, block_q, block_kv, density, seed=0) -> np.ndarray:
+  qb, kb = -(-q_len // block_q), -(-kv_len // block_kv)
+  return np.random.default_rng(seed).random((bm, hm, qb, kb)) < density
+
+
+def mask_cases(
+  q_len: int = Q_LEN,
+  kv_len: int = KV_LEN,
+  block_q: int = 32,
+  block_kv: int = 16,
+  heads: int = 4,
+  unit: int = 10,
+) -> dict:
+  """Every builder (and a union / intersection) at one geometry; `unit`
+  scales windows, chunks and offsets. Layout masks vary over 2 batches and
+  `heads` query heads."""
+  geo = dict(block_q=block_q, block_kv=block_kv)
+  g = dict(q_len=q_len, kv_len=kv_len, **geo)
+  qb, kb = -(-q_len // block_q), -(-kv_len // block_kv)
+  layout = lambda bm, hm, density, seed=0: random_layout(
+    bm, hm, q_len, kv_len, block_q, block_kv, density, seed
+  )
+  return {
+    "dense": masks.dense(q_len, kv_len, **geo),
+    "causal": masks.causal(q_len, kv_len, **geo),
+    "causal_empty_rows": masks.causal(q_len, kv_len, offset=-4 * unit, **geo),
+    "window_causal": masks.sliding_window(q_len, kv_len, window=2 * unit, causal=True, **geo),
+    "window_left_right": masks.sliding_window(
+      q_len, kv_len, window=(unit * 7 // 10, 3 * unit), **geo
+    ),
+    "chunked_causal": masks.chunked(q_len, kv_len, chunk=unit * 24 // 10, causal=True, **geo),
+    "window_with_anchors": masks.window_with_anchors(
+      q_len, kv_len, window=unit, num_anchors=min(2, kb), offset=1, **geo
+    ),
+    "layout_per_batch_head": masks.from_layout(layout(2, heads, 0.3), **g),
+    "layout_broadcast_heads": masks.from_layout(layout(2, 1, 0.4), **g),
+    "topk_causal_diag": masks.topk_blocks(
+      jax.random.normal(jax.random.PRNGKey(3), (1, heads, qb, kb)),
+      min(3, kb),
+      keep_diagonal=True,
+      causal=True,
+      **g,
+    ),
+    "union": masks.union(
+      masks.sliding_window(q_len, kv_len, window=unit // 2, **geo),
+      masks.from_layout(layout(1, heads, 0.2, seed=1), **g),
+    ),
+    "intersection": masks.intersection(
+      masks.causal(q_len, kv_len, **geo),
+      masks.from_layout(layout(2, 1, 0.6, seed=2), **g),
+    ),
+  }

@@ -1,0 +1,459 @@
+"""Block-sparse flash attention for GPUs: Pallas with the Triton lowering.
+
+Three `pl.pallas_call`s, tied together by `jax.custom_vjp`:
+
+  forward  grid (Qb, B, Hq)  one program per q tile; it loops over the kv tiles
+                             its row of the forward view lists (kv_count[b, h, i]
+                             entries of kv_index), loads each k/v tile straight
+                             from HBM by its id, and runs the online softmax.
+                             Writes the output and the natural-log lse.
+  dq       grid (Qb, B, Hq)  the same walk, accumulating dQ from p = exp(s - lse).
+  dk/dv    grid (Kb, B, Hq)  one program per kv tile and *query* head: it walks
+                             the transposed view (q_count/q_index) and
+                             accumulates that head's share of dK, dV; shares of
+                             the heads of a GQA group are summed afterwards (as
+                             FlashAttention-2 does), so k/v are never repeated.
+
+Tiles not listed cost nothing: no load, no matmul, no program step. The
+element mask runs only on tiles the mask flags partial, and the position
+bounds only on the ragged last tiles (see `common.visibility`).
+
+Mask metadata reaches each program as its own row: BlockSpecs select
+kv_count[b, h, i] (a scalar), kv_index[b, h, i, :] and kv_partial[b, h, i, :]
+(read one scalar per step), with b / h pinned to 0 where the mask broadcasts.
+k and v are passed as whole-sequence blocks of one kv head (h // group), i.e.
+as pointers, and sliced per tile with `pl.ds`.
+
+Limits (Triton): block sizes are powers of two >= 16; head dims up to 256
+(non-powers of two are padded in the block and masked on load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from sparse_attention.pallas_kernels.block_sparse import common
+
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16
+
+
+def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None:
+  """Raises ValueError if this kernel cannot run the call (before any work)."""
+  for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
+    if block < MIN_BLOCK or block & (block - 1):
+      raise ValueError(
+          f"the Triton block-sparse kernel needs {name} to be a power of two >= "
+          f"{MIN_BLOCK}; the mask has {name}={block}."
+      )
+  for name, dim in (("head_dim", q.shape[-1]), ("v head_dim", v.shape[-1])):
+    if dim > MAX_HEAD_DIM:
+      raise ValueError(
+          f"the Triton block-sparse kernel supports {name} <= {MAX_HEAD_DIM}, got {dim}."
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static facts of one call (hashable: jit/custom_vjp static argument)."""
+
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  mask_fn: Any
+  scale: float
+  head_dim: int
+  v_head_dim: int
+  group: int  # query heads per kv head
+  mask_batch: bool  # the mask has a batch dim (> 1)
+  mask_heads: bool  # the mask has a head dim (> 1)
+  interpret: bool
+  num_warps: int | None
+  num_stages: int
+
+  @property
+  def padded_dims(self) -> tuple[int, int]:
+    return pl.next_power_of_2(self.head_dim), pl.next_power_of_2(self.v_head_dim)
+
+  def warps(self) -> int:
+    if self.num_warps is not None:
+      return self.num_warps
+    return 4 if max(self.head_dim, self.v_head_dim) <= 64 else 8
+
+  def mask_row(self, b, h):
+    """(batch, head) index into the mask arrays, 0 where they broadcast."""
+    return (b if self.mask_batch else 0, h if self.mask_heads else 0)
+
+
+# ---------------------------------------------------------------------------
+# Tile helpers (inside kernels).
+# ---------------------------------------------------------------------------
+
+
+def _load(ref, dim: int) -> jax.Array:
+  """Loads a [rows, dim_padded] tile, zero past the true head dim."""
+  padded = ref.shape[-1]
+  if padded == dim:
+    return ref[...]
+  return plgpu.load(ref, mask=(jnp.arange(padded) < dim)[None, :], other=0.0)
+
+
+def _store(ref, value: jax.Array, dim: int) -> None:
+  padded = ref.shape[-1]
+  if padded == dim:
+    ref[...] = value.astype(ref.dtype)
+  else:
+    plgpu.store(ref, value.astype(ref.dtype), mask=(jnp.arange(padded) < dim)[None, :])
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b with float32 accumulation; exact float32 for float32 inputs."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _positions(start, size: int) -> jax.Array:
+  return start + jnp.arange(size, dtype=jnp.int32)
+
+
+def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial) -> jax.Array:
+  """Scaled scores of one tile, -inf where the pair is hidden."""
+  s = _dot(q, k.T) * cfg.scale
+  vis = common.visibility(
+      cfg.mask_fn,
+      partial,
+      q_pos[:, None],
+      kv_pos[None, :],
+      q_len=cfg.q_len,
+      kv_len=cfg.kv_len,
+      block_q=cfg.block_q,
+      block_kv=cfg.block_kv,
+  )
+  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+
+
+# ---------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------
+
+
+def _forward_kernel(
+    count_ref,  # int32 []           kv tiles of this q tile
+    index_ref,  # int32 [Kmax]       their ids
+    partial_ref,  # int32 [Kmax]     1: apply mask_fn
+    q_ref,  # [block_q, Dp]
+    k_ref,  # [Sk_pad, Dp]           the whole kv head
+    v_ref,  # [Sk_pad, Dvp]
+    o_ref,  # [block_q, Dvp]
+    lse_ref,  # f32 [block_q]
+    *,
+    cfg: _Config,
+):
+  bq, bk = cfg.block_q, cfg.block_kv
+  q_pos = _positions(pl.program_id(0) * bq, bq)
+  q = _load(q_ref, cfg.head_dim)
+
+  def step(t, carry):
+    j = index_ref[t]
+    k = _load(k_ref.at[pl.ds(j * bk, bk), :], cfg.head_dim)
+    v = _load(v_ref.at[pl.ds(j * bk, bk), :], cfg.v_head_dim)
+    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0)
+    return common.online_softmax_update(s, *carry, v, _dot)
+
+  init = (
+      jnp.full((bq,), -jnp.inf, jnp.float32),
+      jnp.zeros((bq,), jnp.float32),
+      jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+  )
+  m, l, acc = jax.lax.fori_loop(0, count_ref[...], step, init)
+  out, lse = common.finalize(m, l, acc)
+  _store(o_ref, out, cfg.v_head_dim)
+  lse_ref[...] = lse
+
+
+def _dq_kernel(
+    count_ref,  # int32 []
+    index_ref,  # int32 [Kmax]
+    partial_ref,  # int32 [Kmax]
+    q_ref,  # [block_q, Dp]
+    k_ref,  # [Sk_pad, Dp]
+    v_ref,  # [Sk_pad, Dvp]
+    do_ref,  # [block_q, Dvp]
+    lse_ref,  # f32 [block_q]  (+inf on empty rows: p = 0 there)
+    delta_ref,  # f32 [block_q]  rowsum(dO * O) - dlse
+    dq_ref,  # [block_q, Dp]
+    *,
+    cfg: _Config,
+):
+  bq, bk = cfg.block_q, cfg.block_kv
+  q_pos = _positions(pl.program_id(0) * bq, bq)
+  q = _load(q_ref, cfg.head_dim)
+  do = _load(do_ref, cfg.v_head_dim)
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def step(t, dq):
+    j = index_ref[t]
+    k = _load(k_ref.at[pl.ds(j * bk, bk), :], cfg.head_dim)
+    v = _load(v_ref.at[pl.ds(j * bk, bk), :], cfg.v_head_dim)
+    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0)
+    p = jnp.exp(s - lse[:, None])
+    ds = p * (_dot(do, v.T) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(0, count_ref[...], step, jnp.zeros(q.shape, jnp.float32))
+  _store(dq_ref, dq * cfg.scale, cfg.head_dim)
+
+
+def _dkdv_kernel(
+    count_ref,  # int32 []        q tiles that visit this kv tile
+    index_ref,  # int32 [Qmax]    their ids
+    partial_ref,  # int32 [Qmax]
+    q_ref,  # [Sq_pad, Dp]        the whole query head
+    k_ref,  # [block_kv, Dp]
+    v_ref,  # [block_kv, Dvp]
+    do_ref,  # [Sq_pad, Dvp]
+    lse_ref,  # f32 [Sq_pad]
+    delta_ref,  # f32 [Sq_pad]
+    dk_ref,  # f32 [block_kv, Dp]   this query head's share
+    dv_ref,  # f32 [block_kv, Dvp]
+    *,
+    cfg: _Config,
+):
+  bq, bk = cfg.block_q, cfg.block_kv
+  kv_pos = _positions(pl.program_id(0) * bk, bk)
+  k = _load(k_ref, cfg.head_dim)
+  v = _load(v_ref, cfg.v_head_dim)
+
+  def step(t, carry):
+    dk, dv = carry
+    i = index_ref[t]
+    rows = pl.ds(i * bq, bq)
+    q = _load(q_ref.at[rows, :], cfg.head_dim)
+    do = _load(do_ref.at[rows, :], cfg.v_head_dim)
+    s = _scores(cfg, q, k, _positions(i * bq, bq), kv_pos, partial_ref[t] != 0)
+    p = jnp.exp(s - lse_ref[rows][:, None])
+    dv = dv + _dot(p.astype(do.dtype).T, do)
+    ds = p * (_dot(do, v.T) - delta_ref[rows][:, None])
+    dk = dk + _dot(ds.astype(q.dtype).T, q)
+    return dk, dv
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = jax.lax.fori_loop(0, count_ref[...], step, init)
+  _store(dk_ref, dk * cfg.scale, cfg.head_dim)
+  _store(dv_ref, dv, cfg.v_head_dim)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call plumbing.
+# ---------------------------------------------------------------------------
+
+
+def _row_specs(cfg: _Config, slots: int):
+  """BlockSpecs selecting one row (count, ids, flags) of a mask view for the
+  program at grid point (tile, b, h)."""
+
+  def row(tile, b, h):
+    return (*cfg.mask_row(b, h), tile)
+
+  return [
+      pl.BlockSpec((None, None, None), row),
+      pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
+      pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
+  ]
+
+
+def _tile_spec(block: int, width: int, head_of):
+  """[block, width] tile of one head of a [B, S, H, D] array at grid (t, b, h)."""
+  return pl.BlockSpec((None, block, None, width), lambda t, b, h: (b, t, head_of(h), 0))
+
+
+def _whole_spec(length: int, width: int, head_of):
+  """The whole sequence of one head of a [B, S, H, D] array (a pointer)."""
+  return pl.BlockSpec((None, length, None, width), lambda t, b, h: (b, 0, head_of(h), 0))
+
+
+def _vector_spec(block: int | None, length: int):
+  """Rows of a [B, H, S] f32 array: one tile, or the whole sequence if block None."""
+  if block is None:
+    return pl.BlockSpec((None, None, length), lambda t, b, h: (b, h, 0))
+  return pl.BlockSpec((None, None, block), lambda t, b, h: (b, h, t))
+
+
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str):
+  return pl.pallas_call(
+      functools.partial(kernel, cfg=cfg),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=cfg.num_stages),
+      interpret=cfg.interpret,
+      name=name,
+  )
+
+
+def _pad_seq(x: jax.Array, length: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _forward(cfg: _Config, q, k, v, kv_view):
+  b, _, hq, _ = q.shape
+  qb, kb = kv_view[0].shape[2], -(-cfg.kv_len // cfg.block_kv)
+  sq, sk = qb * cfg.block_q, kb * cfg.block_kv
+  dp, dvp = cfg.padded_dims
+  kv_head = lambda h: h // cfg.group
+  same = lambda h: h
+  out, lse = _call(
+      _forward_kernel,
+      cfg,
+      grid=(qb, b, hq),
+      in_specs=[
+          *_row_specs(cfg, kv_view[1].shape[-1]),
+          _tile_spec(cfg.block_q, dp, same),
+          _whole_spec(sk, dp, kv_head),
+          _whole_spec(sk, dvp, kv_head),
+      ],
+      out_specs=[_tile_spec(cfg.block_q, dvp, same), _vector_spec(cfg.block_q, sq)],
+      out_shape=[
+          jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype),
+          jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+      ],
+      name="block_sparse_forward",
+  )(*kv_view, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
+  return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
+
+
+def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
+  b, _, hq, _ = q.shape
+  hkv = k.shape[2]
+  qb, kb = kv_view[0].shape[2], q_view[0].shape[2]
+  sq, sk = qb * cfg.block_q, kb * cfg.block_kv
+  dp, dvp = cfg.padded_dims
+  kv_head = lambda h: h // cfg.group
+  same = lambda h: h
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = delta - d_lse
+  pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, sq - cfg.q_len)))
+  # +inf lse on rows that see nothing makes p = exp(s - lse) = 0 there.
+  lse = pad_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse))
+  delta = pad_rows(delta)
+  q, d_out = _pad_seq(q, sq), _pad_seq(d_out, sq)
+  k, v = _pad_seq(k, sk), _pad_seq(v, sk)
+
+  dq = _call(
+      _dq_kernel,
+      cfg,
+      grid=(qb, b, hq),
+      in_specs=[
+          *_row_specs(cfg, kv_view[1].shape[-1]),
+          _tile_spec(cfg.block_q, dp, same),
+          _whole_spec(sk, dp, kv_head),
+          _whole_spec(sk, dvp, kv_head),
+          _tile_spec(cfg.block_q, dvp, same),
+          _vector_spec(cfg.block_q, sq),
+          _vector_spec(cfg.block_q, sq),
+      ],
+      out_specs=_tile_spec(cfg.block_q, dp, same),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      name="block_sparse_dq",
+  )(*kv_view, q, k, v, d_out, lse, delta)
+
+  dk, dv = _call(
+      _dkdv_kernel,
+      cfg,
+      grid=(kb, b, hq),
+      in_specs=[
+          *_row_specs(cfg, q_view[1].shape[-1]),
+          _whole_spec(sq, dp, same),
+          _tile_spec(cfg.block_kv, dp, kv_head),
+          _tile_spec(cfg.block_kv, dvp, kv_head),
+          _whole_spec(sq, dvp, same),
+          _vector_spec(None, sq),
+          _vector_spec(None, sq),
+      ],
+      out_specs=[_tile_spec(cfg.block_kv, dp, same), _tile_spec(cfg.block_kv, dvp, same)],
+      out_shape=[
+          jax.ShapeDtypeStruct((b, sk, hq, cfg.head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((b, sk, hq, cfg.v_head_dim), jnp.float32),
+      ],
+      name="block_sparse_dkdv",
+  )(*q_view, q, k, v, d_out, lse, delta)
+  # Sum the shares of the query heads of each kv head's group.
+  group_sum = lambda x: x.reshape(b, sk, hkv, cfg.group, x.shape[-1]).sum(3)
+  dk = group_sum(dk)[:, : cfg.kv_len].astype(k.dtype)
+  dv = group_sum(dv)[:, : cfg.kv_len].astype(v.dtype)
+  return dq[:, : cfg.q_len], dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Config, q, k, v, kv_view, q_view):
+  return _forward(cfg, q, k, v, kv_view)
+
+
+def _attention_fwd(cfg: _Config, q, k, v, kv_view, q_view):
+  out, lse = _forward(cfg, q, k, v, kv_view)
+  return (out, lse), (q, k, v, kv_view, q_view, out, lse)
+
+
+def _attention_bwd(cfg: _Config, residuals, cotangents):
+  q, k, v, kv_view, q_view, out, lse = residuals
+  d_out, d_lse = cotangents
+  dq, dk, dv = _backward(cfg, q, k, v, kv_view, q_view, out, lse, d_out, d_lse)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention_triton(
+    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+    mask: common.BlockSparseLayout,
+    *,
+    scale: float,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> tuple[jax.Array, jax.Array]:
+  """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
+
+  Differentiable (Pallas backward kernels). Inputs are assumed validated by
+  `ops.block_sparse_attention`; `check_supported` is run here.
+
+  Args:
+    interpret: run the kernels in the Pallas interpreter (any backend, CPU
+      included) instead of compiling them with Triton.
+    num_warps, num_stages: Triton launch parameters (default: 4 warps for head
+      dims <= 64, else 8; 2 pipeline stages).
+  """
+  check_supported(q, k, v, mask)
+  bm, hm = mask.kv_count.shape[:2]
+  cfg = _Config(
+      block_q=mask.block_q,
+      block_kv=mask.block_kv,
+      q_len=mask.q_len,
+      kv_len=mask.kv_len,
+      mask_fn=mask.mask_fn,
+      scale=scale,
+      head_dim=q.shape[-1],
+      v_head_dim=v.shape[-1],
+      group=q.shape[2] // k.shape[2],
+      mask_batch=bm > 1,
+      mask_heads=hm > 1,
+      interpret=bool(interpret),
+      num_warps=num_warps,
+      num_stages=num_stages,
+  )
+  as_int = lambda x: x.astype(jnp.int32)
+  kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
+  q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
+  return _attention(cfg, q, k, v, kv_view, q_view)
