@@ -50,13 +50,13 @@ def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):
       raise ValueError(
-          f"the Triton block-sparse kernel needs {name} to be a power of two >= "
-          f"{MIN_BLOCK}; the mask has {name}={block}."
+        f"the Triton block-sparse kernel needs {name} to be a power of two >= "
+        f"{MIN_BLOCK}; the mask has {name}={block}."
       )
   for name, dim in (("head_dim", q.shape[-1]), ("v head_dim", v.shape[-1])):
     if dim > MAX_HEAD_DIM:
       raise ValueError(
-          f"the Triton block-sparse kernel supports {name} <= {MAX_HEAD_DIM}, got {dim}."
+        f"the Triton block-sparse kernel supports {name} <= {MAX_HEAD_DIM}, got {dim}."
       )
 
 
@@ -128,14 +128,14 @@ def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial) -> jax.Array:
   """Scaled scores of one tile, -inf where the pair is hidden."""
   s = _dot(q, k.T) * cfg.scale
   vis = common.visibility(
-      cfg.mask_fn,
-      partial,
-      q_pos[:, None],
-      kv_pos[None, :],
-      q_len=cfg.q_len,
-      kv_len=cfg.kv_len,
-      block_q=cfg.block_q,
-      block_kv=cfg.block_kv,
+    cfg.mask_fn,
+    partial,
+    q_pos[:, None],
+    kv_pos[None, :],
+    q_len=cfg.q_len,
+    kv_len=cfg.kv_len,
+    block_q=cfg.block_q,
+    block_kv=cfg.block_kv,
   )
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
@@ -146,16 +146,16 @@ def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial) -> jax.Array:
 
 
 def _forward_kernel(
-    count_ref,  # int32 []           kv tiles of this q tile
-    index_ref,  # int32 [Kmax]       their ids
-    partial_ref,  # int32 [Kmax]     1: apply mask_fn
-    q_ref,  # [block_q, Dp]
-    k_ref,  # [Sk_pad, Dp]           the whole kv head
-    v_ref,  # [Sk_pad, Dvp]
-    o_ref,  # [block_q, Dvp]
-    lse_ref,  # f32 [block_q]
-    *,
-    cfg: _Config,
+  count_ref,  # int32 []           kv tiles of this q tile
+  index_ref,  # int32 [Kmax]       their ids
+  partial_ref,  # int32 [Kmax]     1: apply mask_fn
+  q_ref,  # [block_q, Dp]
+  k_ref,  # [Sk_pad, Dp]           the whole kv head
+  v_ref,  # [Sk_pad, Dvp]
+  o_ref,  # [block_q, Dvp]
+  lse_ref,  # f32 [block_q]
+  *,
+  cfg: _Config,
 ):
   bq, bk = cfg.block_q, cfg.block_kv
   q_pos = _positions(pl.program_id(0) * bq, bq)
@@ -169,9 +169,9 @@ def _forward_kernel(
     return common.online_softmax_update(s, *carry, v, _dot)
 
   init = (
-      jnp.full((bq,), -jnp.inf, jnp.float32),
-      jnp.zeros((bq,), jnp.float32),
-      jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+    jnp.full((bq,), -jnp.inf, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+    jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
   )
   m, l, acc = jax.lax.fori_loop(0, count_ref[...], step, init)
   out, lse = common.finalize(m, l, acc)
@@ -180,18 +180,18 @@ def _forward_kernel(
 
 
 def _dq_kernel(
-    count_ref,  # int32 []
-    index_ref,  # int32 [Kmax]
-    partial_ref,  # int32 [Kmax]
-    q_ref,  # [block_q, Dp]
-    k_ref,  # [Sk_pad, Dp]
-    v_ref,  # [Sk_pad, Dvp]
-    do_ref,  # [block_q, Dvp]
-    lse_ref,  # f32 [block_q]  (+inf on empty rows: p = 0 there)
-    delta_ref,  # f32 [block_q]  rowsum(dO * O) - dlse
-    dq_ref,  # [block_q, Dp]
-    *,
-    cfg: _Config,
+  count_ref,  # int32 []
+  index_ref,  # int32 [Kmax]
+  partial_ref,  # int32 [Kmax]
+  q_ref,  # [block_q, Dp]
+  k_ref,  # [Sk_pad, Dp]
+  v_ref,  # [Sk_pad, Dvp]
+  do_ref,  # [block_q, Dvp]
+  lse_ref,  # f32 [block_q]  (+inf on empty rows: p = 0 there)
+  delta_ref,  # f32 [block_q]  rowsum(dO * O) - dlse
+  dq_ref,  # [block_q, Dp]
+  *,
+  cfg: _Config,
 ):
   bq, bk = cfg.block_q, cfg.block_kv
   q_pos = _positions(pl.program_id(0) * bq, bq)
@@ -213,19 +213,19 @@ def _dq_kernel(
 
 
 def _dkdv_kernel(
-    count_ref,  # int32 []        q tiles that visit this kv tile
-    index_ref,  # int32 [Qmax]    their ids
-    partial_ref,  # int32 [Qmax]
-    q_ref,  # [Sq_pad, Dp]        the whole query head
-    k_ref,  # [block_kv, Dp]
-    v_ref,  # [block_kv, Dvp]
-    do_ref,  # [Sq_pad, Dvp]
-    lse_ref,  # f32 [Sq_pad]
-    delta_ref,  # f32 [Sq_pad]
-    dk_ref,  # f32 [block_kv, Dp]   this query head's share
-    dv_ref,  # f32 [block_kv, Dvp]
-    *,
-    cfg: _Config,
+  count_ref,  # int32 []        q tiles that visit this kv tile
+  index_ref,  # int32 [Qmax]    their ids
+  partial_ref,  # int32 [Qmax]
+  q_ref,  # [Sq_pad, Dp]        the whole query head
+  k_ref,  # [block_kv, Dp]
+  v_ref,  # [block_kv, Dvp]
+  do_ref,  # [Sq_pad, Dvp]
+  lse_ref,  # f32 [Sq_pad]
+  delta_ref,  # f32 [Sq_pad]
+  dk_ref,  # f32 [block_kv, Dp]   this query head's share
+  dv_ref,  # f32 [block_kv, Dvp]
+  *,
+  cfg: _Config,
 ):
   bq, bk = cfg.block_q, cfg.block_kv
   kv_pos = _positions(pl.program_id(0) * bk, bk)
@@ -264,9 +264,9 @@ def _row_specs(cfg: _Config, slots: int):
     return (*cfg.mask_row(b, h), tile)
 
   return [
-      pl.BlockSpec((None, None, None), row),
-      pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
-      pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
+    pl.BlockSpec((None, None, None), row),
+    pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
+    pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
   ]
 
 
@@ -289,14 +289,14 @@ def _vector_spec(block: int | None, length: int):
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str):
   return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg),
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=cfg.num_stages),
-      interpret=cfg.interpret,
-      name=name,
+    functools.partial(kernel, cfg=cfg),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=cfg.num_stages),
+    interpret=cfg.interpret,
+    name=name,
   )
 
 
@@ -312,21 +312,21 @@ def _forward(cfg: _Config, q, k, v, kv_view):
   kv_head = lambda h: h // cfg.group
   same = lambda h: h
   out, lse = _call(
-      _forward_kernel,
-      cfg,
-      grid=(qb, b, hq),
-      in_specs=[
-          *_row_specs(cfg, kv_view[1].shape[-1]),
-          _tile_spec(cfg.block_q, dp, same),
-          _whole_spec(sk, dp, kv_head),
-          _whole_spec(sk, dvp, kv_head),
-      ],
-      out_specs=[_tile_spec(cfg.block_q, dvp, same), _vector_spec(cfg.block_q, sq)],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype),
-          jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
-      ],
-      name="block_sparse_forward",
+    _forward_kernel,
+    cfg,
+    grid=(qb, b, hq),
+    in_specs=[
+      *_row_specs(cfg, kv_view[1].shape[-1]),
+      _tile_spec(cfg.block_q, dp, same),
+      _whole_spec(sk, dp, kv_head),
+      _whole_spec(sk, dvp, kv_head),
+    ],
+    out_specs=[_tile_spec(cfg.block_q, dvp, same), _vector_spec(cfg.block_q, sq)],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype),
+      jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+    ],
+    name="block_sparse_forward",
   )(*kv_view, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
 
@@ -349,42 +349,42 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
   k, v = _pad_seq(k, sk), _pad_seq(v, sk)
 
   dq = _call(
-      _dq_kernel,
-      cfg,
-      grid=(qb, b, hq),
-      in_specs=[
-          *_row_specs(cfg, kv_view[1].shape[-1]),
-          _tile_spec(cfg.block_q, dp, same),
-          _whole_spec(sk, dp, kv_head),
-          _whole_spec(sk, dvp, kv_head),
-          _tile_spec(cfg.block_q, dvp, same),
-          _vector_spec(cfg.block_q, sq),
-          _vector_spec(cfg.block_q, sq),
-      ],
-      out_specs=_tile_spec(cfg.block_q, dp, same),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      name="block_sparse_dq",
+    _dq_kernel,
+    cfg,
+    grid=(qb, b, hq),
+    in_specs=[
+      *_row_specs(cfg, kv_view[1].shape[-1]),
+      _tile_spec(cfg.block_q, dp, same),
+      _whole_spec(sk, dp, kv_head),
+      _whole_spec(sk, dvp, kv_head),
+      _tile_spec(cfg.block_q, dvp, same),
+      _vector_spec(cfg.block_q, sq),
+      _vector_spec(cfg.block_q, sq),
+    ],
+    out_specs=_tile_spec(cfg.block_q, dp, same),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    name="block_sparse_dq",
   )(*kv_view, q, k, v, d_out, lse, delta)
 
   dk, dv = _call(
-      _dkdv_kernel,
-      cfg,
-      grid=(kb, b, hq),
-      in_specs=[
-          *_row_specs(cfg, q_view[1].shape[-1]),
-          _whole_spec(sq, dp, same),
-          _tile_spec(cfg.block_kv, dp, kv_head),
-          _tile_spec(cfg.block_kv, dvp, kv_head),
-          _whole_spec(sq, dvp, same),
-          _vector_spec(None, sq),
-          _vector_spec(None, sq),
-      ],
-      out_specs=[_tile_spec(cfg.block_kv, dp, same), _tile_spec(cfg.block_kv, dvp, same)],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, sk, hq, cfg.head_dim), jnp.float32),
-          jax.ShapeDtypeStruct((b, sk, hq, cfg.v_head_dim), jnp.float32),
-      ],
-      name="block_sparse_dkdv",
+    _dkdv_kernel,
+    cfg,
+    grid=(kb, b, hq),
+    in_specs=[
+      *_row_specs(cfg, q_view[1].shape[-1]),
+      _whole_spec(sq, dp, same),
+      _tile_spec(cfg.block_kv, dp, kv_head),
+      _tile_spec(cfg.block_kv, dvp, kv_head),
+      _whole_spec(sq, dvp, same),
+      _vector_spec(None, sq),
+      _vector_spec(None, sq),
+    ],
+    out_specs=[_tile_spec(cfg.block_kv, dp, same), _tile_spec(cfg.block_kv, dvp, same)],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, sk, hq, cfg.head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((b, sk, hq, cfg.v_head_dim), jnp.float32),
+    ],
+    name="block_sparse_dkdv",
   )(*q_view, q, k, v, d_out, lse, delta)
   # Sum the shares of the query heads of each kv head's group.
   group_sum = lambda x: x.reshape(b, sk, hkv, cfg.group, x.shape[-1]).sum(3)
@@ -414,15 +414,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention_triton(
-    q: jax.Array,  # [batch, q_len, q_heads, head_dim]
-    k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
-    mask: common.BlockSparseLayout,
-    *,
-    scale: float,
-    interpret: bool = False,
-    num_warps: int | None = None,
-    num_stages: int = 2,
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: common.BlockSparseLayout,
+  *,
+  scale: float,
+  interpret: bool = False,
+  num_warps: int | None = None,
+  num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -438,20 +438,20 @@ def block_sparse_attention_triton(
   check_supported(q, k, v, mask)
   bm, hm = mask.kv_count.shape[:2]
   cfg = _Config(
-      block_q=mask.block_q,
-      block_kv=mask.block_kv,
-      q_len=mask.q_len,
-      kv_len=mask.kv_len,
-      mask_fn=mask.mask_fn,
-      scale=scale,
-      head_dim=q.shape[-1],
-      v_head_dim=v.shape[-1],
-      group=q.shape[2] // k.shape[2],
-      mask_batch=bm > 1,
-      mask_heads=hm > 1,
-      interpret=bool(interpret),
-      num_warps=num_warps,
-      num_stages=num_stages,
+    block_q=mask.block_q,
+    block_kv=mask.block_kv,
+    q_len=mask.q_len,
+    kv_len=mask.kv_len,
+    mask_fn=mask.mask_fn,
+    scale=scale,
+    head_dim=q.shape[-1],
+    v_head_dim=v.shape[-1],
+    group=q.shape[2] // k.shape[2],
+    mask_batch=bm > 1,
+    mask_heads=hm > 1,
+    interpret=bool(interpret),
+    num_warps=num_warps,
+    num_stages=num_stages,
   )
   as_int = lambda x: x.astype(jnp.int32)
   kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
