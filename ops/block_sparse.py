@@ -8,8 +8,46 @@ from sparse_attention.ops import checks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
+from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+
+# The Pallas kernel of each backend: (check_supported, kernel).
+_KERNELS = {
+  "pallas_triton": (gpu.check_supported, gpu.block_sparse_attention_triton),
+  "pallas_tpu": (tpu.check_supported, tpu.block_sparse_attention_tpu),
+}
+_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
+
+
+def _resolve(implementation: str | None, interpret: bool, q, k, v, mask, op: str) -> str:
+  """The concrete implementation to run ("reference", "xla" or a kernel)."""
+  backend = jax.default_backend()
+  if implementation is None:
+    kernel = _BACKEND_KERNEL.get(backend)
+    if kernel is None:  # CPU: the xla path is the fast one.
+      return "xla"
+    try:
+      _KERNELS[kernel][0](q, k, v, mask)
+    except ValueError:
+      return "xla"  # a shape the kernel does not take: still correct, slower
+    return kernel
+  if implementation == "pallas":
+    kernel = _BACKEND_KERNEL.get(backend)
+    if kernel is None:
+      if not interpret:
+        raise ValueError(
+          f"{op}: no Pallas kernel compiles for the {backend!r} backend; pass "
+          "interpret=True to run the GPU kernel in the Pallas interpreter, or use "
+          "implementation='xla'."
+        )
+      kernel = "pallas_triton"
+    return kernel
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  return implementation
 
 
 def block_sparse_attention(
@@ -21,6 +59,7 @@ def block_sparse_attention(
   scale: float | None = None,
   implementation: str | None = None,
   return_lse: bool = False,
+  interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention over the tiles a `BlockMask` keeps; every other tile is skipped.
 
@@ -33,32 +72,41 @@ def block_sparse_attention(
     mask: a `BlockMask` for exactly (q_len, kv_len); its batch/head dims are 1
       or match q's (heads are query heads).
     scale: softmax scale, default `head_dim ** -0.5`.
-    implementation: None (the best available for the platform), "reference"
-      (naive O(S^2) float32 oracle) or "xla" (pure JAX, O(S) memory, work
-      proportional to the kept tiles; runs on every backend, differentiable).
+    implementation: None: the Pallas kernel of the platform (GPU: Triton
+      lowering; TPU: Mosaic) when it supports the call, else "xla" (always on
+      CPU). "reference": the naive O(S^2) float32 oracle. "xla": pure JAX,
+      O(S) memory, work proportional to the kept tiles, runs everywhere.
+      "pallas": the platform's kernel (on CPU only with interpret=True, which
+      runs the GPU kernel interpreted). "pallas_triton" / "pallas_tpu": that
+      kernel, whatever the platform (with interpret=True off its hardware).
     return_lse: also return the natural-log logsumexp, float32
       `[batch, q_heads, q_len]`.
+    interpret: run a Pallas kernel in the interpreter (the TPU kernel in the
+      TPU simulator) instead of compiling it: for tests and debugging on CPU.
 
   Returns:
     `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse). Queries
     that see no key give 0 and lse -inf, with finite gradients.
 
   Raises:
-    ValueError: on mismatched shapes/dtypes/heads or an unknown
-      implementation, before anything is computed.
+    ValueError: on mismatched shapes/dtypes/heads, an unknown implementation,
+      or a kernel asked for explicitly that does not support the call, before
+      anything is computed.
   """
   op = "block_sparse_attention"
   shape = checks.check_qkv(q, k, v, op)
   checks.check_block_mask(mask, shape, op)
   scale = checks.check_scale(scale, shape, op)
-  if implementation is None:
-    implementation = "xla"
-  if implementation == "reference":
+  impl = _resolve(implementation, interpret, q, k, v, mask, op)
+  if impl == "reference":
     out, lse = reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
-  elif implementation == "xla":
+  elif impl == "xla":
     out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale)
   else:
-    raise ValueError(
-      f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
+    check_supported, kernel = _KERNELS[impl]
+    try:
+      check_supported(q, k, v, mask)
+    except ValueError as e:
+      raise ValueError(f"{op}: implementation={impl!r}: {e}") from None
+    out, lse = kernel(q, k, v, mask, scale=scale, interpret=interpret)
   return (out, lse) if return_lse else out
