@@ -1,4 +1,4 @@
-"""Public API: block masks, reference attention and block-sparse attention.
+"""Public API: block masks, reference attention, block-sparse and HiLo attention.
 
 Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 (None picks the best available for the platform, as
@@ -8,6 +8,13 @@ Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 from sparse_attention.ops import masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.hilo import hilo_attention
 from sparse_attention.ops.reference import reference_attention
 
-__all__ = ["BlockMask", "block_sparse_attention", "masks", "reference_attention"]
+__all__ = [
+  "BlockMask",
+  "block_sparse_attention",
+  "hilo_attention",
+  "masks",
+  "reference_attention",
+]
