@@ -24,8 +24,6 @@ memory with S (no S x S score matrix):
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +37,9 @@ _CHUNK_SCORES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Plan(common.Tiling):
   """Static facts of one call (hashable: the custom_vjp's non-diff argument)."""
 
-  block_q: int
-  block_kv: int
-  q_len: int
-  kv_len: int
-  mask_fn: Any
   scale: float
   chunk: int
 
@@ -121,16 +114,7 @@ def _visible(plan: _Plan, valid, i, j, partial) -> jax.Array:
   """bool[C, block_q, block_kv]: which pairs of each tile are attended."""
   q_pos = (i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
   kv_pos = (j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
-  vis = common.visibility(
-    plan.mask_fn,
-    partial[:, None, None],
-    q_pos,
-    kv_pos,
-    q_len=plan.q_len,
-    kv_len=plan.kv_len,
-    block_q=plan.block_q,
-    block_kv=plan.block_kv,
-  )
+  vis = plan.visible(partial[:, None, None], q_pos, kv_pos)
   valid = valid[:, None, None]
   return valid if vis is None else valid & vis
 
@@ -245,24 +229,7 @@ def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out, d_lse):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan: _Plan, q, k, v, mask):
-  return _forward(plan, q, k, v, mask)
-
-
-def _attention_fwd(plan: _Plan, q, k, v, mask):
-  out, lse = _forward(plan, q, k, v, mask)
-  return (out, lse), (q, k, v, mask, out, lse)
-
-
-def _attention_bwd(plan: _Plan, residuals, cotangents):
-  q, k, v, mask, out, lse = residuals
-  d_out, d_lse = cotangents
-  dq, dk, dv = _backward(plan, q, k, v, mask, out, lse, d_out, d_lse)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.attention_with_vjp(_forward, _backward)
 
 
 def block_sparse_attention_xla(
@@ -284,11 +251,7 @@ def block_sparse_attention_xla(
   b, _, hq, _ = q.shape
   chunk = max(1, min(chunk, b * hq * mask.num_q_blocks * mask.max_kv_blocks))
   plan = _Plan(
-    block_q=mask.block_q,
-    block_kv=mask.block_kv,
-    q_len=mask.q_len,
-    kv_len=mask.kv_len,
-    mask_fn=mask.mask_fn,
+    **common.Tiling.fields_of(mask),
     scale=scale,
     chunk=chunk,
   )

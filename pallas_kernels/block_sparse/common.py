@@ -9,6 +9,9 @@ run batched in the XLA path alike.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -29,6 +32,50 @@ class BlockSparseLayout(Protocol):
   q_len: int
   kv_len: int
   mask_fn: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """A mask's static geometry and element mask: what every path's static
+  configuration starts from (hashable, so it can be a jit/custom_vjp static)."""
+
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  mask_fn: Any
+
+  @staticmethod
+  def fields_of(mask: BlockSparseLayout) -> dict[str, Any]:
+    """The Tiling fields of a mask, to build a (subclass) config from."""
+    return dict(
+      block_q=mask.block_q,
+      block_kv=mask.block_kv,
+      q_len=mask.q_len,
+      kv_len=mask.kv_len,
+      mask_fn=mask.mask_fn,
+    )
+
+  @property
+  def num_q_blocks(self) -> int:
+    return -(-self.q_len // self.block_q)
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return -(-self.kv_len // self.block_kv)
+
+  def visible(self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array | None:
+    """`visibility` with this tiling's static facts."""
+    return visibility(
+      self.mask_fn,
+      partial,
+      q_pos,
+      kv_pos,
+      q_len=self.q_len,
+      kv_len=self.kv_len,
+      block_q=self.block_q,
+      block_kv=self.block_kv,
+    )
 
 
 def visibility(
@@ -86,3 +133,30 @@ def finalize(m: jax.Array, l: jax.Array, acc: jax.Array):
   out = acc / l_safe[:, None]
   lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
   return out, lse
+
+
+def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
+  """Ties a forward and a backward pass into one differentiable attention.
+
+  Returns `attention(cfg, q, k, v, *mask_args) -> (out, lse)`, a
+  `jax.custom_vjp` with `cfg` static, from
+    forward(cfg, q, k, v, *mask_args) -> (out, lse)
+    backward(cfg, q, k, v, *mask_args, out, lse, d_out, d_lse) -> (dq, dk, dv).
+  The mask arguments (integer metadata) get no cotangent.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def attention(cfg, q, k, v, *mask_args):
+    return forward(cfg, q, k, v, *mask_args)
+
+  def attention_fwd(cfg, q, k, v, *mask_args):
+    out, lse = forward(cfg, q, k, v, *mask_args)
+    return (out, lse), (q, k, v, mask_args, out, lse)
+
+  def attention_bwd(cfg, residuals, cotangents):
+    q, k, v, mask_args, out, lse = residuals
+    grads = backward(cfg, q, k, v, *mask_args, out, lse, *cotangents)
+    return (*grads, *(None for _ in mask_args))
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention

@@ -61,14 +61,9 @@ def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Config(common.Tiling):
   """Static facts of one call (hashable: jit/custom_vjp static argument)."""
 
-  block_q: int
-  block_kv: int
-  q_len: int
-  kv_len: int
-  mask_fn: Any
   scale: float
   head_dim: int
   v_head_dim: int
@@ -127,16 +122,7 @@ def _positions(start, size: int) -> jax.Array:
 def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial) -> jax.Array:
   """Scaled scores of one tile, -inf where the pair is hidden."""
   s = _dot(q, k.T) * cfg.scale
-  vis = common.visibility(
-    cfg.mask_fn,
-    partial,
-    q_pos[:, None],
-    kv_pos[None, :],
-    q_len=cfg.q_len,
-    kv_len=cfg.kv_len,
-    block_q=cfg.block_q,
-    block_kv=cfg.block_kv,
-  )
+  vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :])
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
 
@@ -304,9 +290,10 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _forward(cfg: _Config, q, k, v, kv_view):
+def _forward(cfg: _Config, q, k, v, kv_view, q_view):
+  del q_view  # the transposed view serves the backward pass only
   b, _, hq, _ = q.shape
-  qb, kb = kv_view[0].shape[2], -(-cfg.kv_len // cfg.block_kv)
+  qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
   sq, sk = qb * cfg.block_q, kb * cfg.block_kv
   dp, dvp = cfg.padded_dims
   kv_head = lambda h: h // cfg.group
@@ -393,24 +380,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
   return dq[:, : cfg.q_len], dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v, kv_view, q_view):
-  return _forward(cfg, q, k, v, kv_view)
-
-
-def _attention_fwd(cfg: _Config, q, k, v, kv_view, q_view):
-  out, lse = _forward(cfg, q, k, v, kv_view)
-  return (out, lse), (q, k, v, kv_view, q_view, out, lse)
-
-
-def _attention_bwd(cfg: _Config, residuals, cotangents):
-  q, k, v, kv_view, q_view, out, lse = residuals
-  d_out, d_lse = cotangents
-  dq, dk, dv = _backward(cfg, q, k, v, kv_view, q_view, out, lse, d_out, d_lse)
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.attention_with_vjp(_forward, _backward)
 
 
 def block_sparse_attention_triton(
@@ -438,11 +408,7 @@ def block_sparse_attention_triton(
   check_supported(q, k, v, mask)
   bm, hm = mask.kv_count.shape[:2]
   cfg = _Config(
-    block_q=mask.block_q,
-    block_kv=mask.block_kv,
-    q_len=mask.q_len,
-    kv_len=mask.kv_len,
-    mask_fn=mask.mask_fn,
+    **common.Tiling.fields_of(mask),
     scale=scale,
     head_dim=q.shape[-1],
     v_head_dim=v.shape[-1],

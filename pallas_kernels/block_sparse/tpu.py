@@ -130,27 +130,14 @@ def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Config(common.Tiling):
   """Static facts of one call (hashable: the custom_vjp's non-diff argument)."""
 
-  block_q: int
-  block_kv: int
-  q_len: int
-  kv_len: int
-  mask_fn: Any
   scale: float
   group: int  # query heads per kv head
   mask_batch: bool  # the mask has a batch dim (> 1)
   mask_heads: int  # Hm: 1 (broadcast) or the number of query heads
   interpret: Any  # False or a pltpu.InterpretParams
-
-  @property
-  def num_q_blocks(self) -> int:
-    return -(-self.q_len // self.block_q)
-
-  @property
-  def num_kv_blocks(self) -> int:
-    return -(-self.kv_len // self.block_kv)
 
   @property
   def kv_major(self) -> bool:
@@ -461,7 +448,8 @@ def _q_walk_specs(cfg: _Config, rows: _Rows, kmax: int):
   return q_tile, out_tile, kv_tile
 
 
-def _forward(cfg: _Config, q, k, v, kv_view):
+def _forward(cfg: _Config, q, k, v, kv_view, q_view):
+  del q_view  # the transposed view serves the backward pass only
   b, _, hq, d = q.shape
   dv = v.shape[-1]
   sq, sk = cfg.num_q_blocks * cfg.block_q, cfg.num_kv_blocks * cfg.block_kv
@@ -573,24 +561,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
   return _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v, kv_view, q_view):
-  return _forward(cfg, q, k, v, kv_view)
-
-
-def _attention_fwd(cfg: _Config, q, k, v, kv_view, q_view):
-  out, lse = _forward(cfg, q, k, v, kv_view)
-  return (out, lse), (q, k, v, kv_view, q_view, out, lse)
-
-
-def _attention_bwd(cfg: _Config, residuals, cotangents):
-  q, k, v, kv_view, q_view, out, lse = residuals
-  d_out, d_lse = cotangents
-  dq, dk, dv = _backward(cfg, q, k, v, kv_view, q_view, out, lse, d_out, d_lse)
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.attention_with_vjp(_forward, _backward)
 
 
 def block_sparse_attention_tpu(
@@ -625,11 +596,7 @@ def block_sparse_attention_tpu(
     interpret = pltpu.InterpretParams()
   bm, hm = mask.kv_count.shape[:2]
   cfg = _Config(
-    block_q=mask.block_q,
-    block_kv=mask.block_kv,
-    q_len=mask.q_len,
-    kv_len=mask.kv_len,
-    mask_fn=mask.mask_fn,
+    **common.Tiling.fields_of(mask),
     scale=float(scale),
     group=q.shape[2] // k.shape[2],
     mask_batch=bm > 1,
