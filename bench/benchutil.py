@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sparse_attention.ops import masks
 
@@ -88,3 +89,29 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def mib(nbytes: float) -> str:
   return f"{nbytes / 2**20:,.0f}"
+
+
+class MSA(nnx.Module):
+  """Plain multi-head self-attention: qkv Linear, `jax.nn.dot_product_attention`
+  (its `implementation`: "xla", "cudnn"), proj Linear."""
+
+  def __init__(self, dim: int, num_heads: int, *, implementation: str = "xla", rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.implementation = implementation
+    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array, height: int, width: int) -> jax.Array:
+    b, n, c = x.shape  # [B, H*W, C]
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+    out = jax.nn.dot_product_attention(
+      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation
+    )
+    return self.proj(out.reshape(b, n, c))
+
+
+def jitted_forward(layer: nnx.Module, height: int, width: int):
+  """A jax.jit'ed pure function (state, x) -> y of the layer, and its state."""
+  graphdef, state = nnx.split(layer)
+  fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, height, width))
+  return fn, state

@@ -38,37 +38,13 @@ _CASES = flags.DEFINE_list(
 _OUT = flags.DEFINE_string("out", "", "Write the table here (default bench/results/...).")
 
 
-class MSA(nnx.Module):
-  """Plain multi-head self-attention: qkv Linear, XLA attention, proj Linear."""
-
-  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
-    self.num_heads = num_heads
-    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array, height: int, width: int) -> jax.Array:
-    b, n, c = x.shape  # [B, H*W, C]
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-    out = jax.nn.dot_product_attention(
-      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation="xla"
-    )
-    return self.proj(out.reshape(b, n, c))
-
-
-def jitted_forward(layer: nnx.Module, height: int, width: int):
-  """A jax.jit'ed pure function (state, x) -> y of the layer, and its state."""
-  graphdef, state = nnx.split(layer)
-  fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, height, width))
-  return fn, state
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
   dim, heads = _DIM.value, _HEADS.value
   rngs = nnx.Rngs(0)
   hilo = HiLo(dim, heads, window_size=_WS.value, alpha=_ALPHA.value, rngs=rngs)
-  msa = MSA(dim, heads, rngs=rngs)
+  msa = benchutil.MSA(dim, heads, rngs=rngs)
   # The same MSA computed by our xla path: HiLo with window 1 is plain MSA (l_q and
   # l_kv instead of one qkv Linear), with head-major score layout.
   msa_ours = HiLo(dim, heads, window_size=1, rngs=rngs)
@@ -94,7 +70,7 @@ def main(argv):
     side, batch = (int(v) for v in case.split("x"))
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, side * side, dim), jnp.float32)
     x = x.astype(dtype)
-    fns = {name: jitted_forward(layer, side, side) for name, layer in layers}
+    fns = {name: benchutil.jitted_forward(layer, side, side) for name, layer in layers}
     times = {name: float("inf") for name in fns}
     for _ in range(_ROUNDS.value):  # alternate, so a busy moment hits every layer
       for name, (fn, state) in fns.items():

@@ -92,6 +92,9 @@ class HiLo(nnx.Module):
   x is zero-padded at the bottom/right before any projection (no mask: padded
   tokens join their windows and the pooled means) and the output cropped back, as
   LITv2's detection/segmentation backbones do.
+
+  `implementation` and `interpret` go to `ops.hilo_attention` (None: the Pallas
+  kernels on GPU/TPU, the xla path on CPU; interpret=True runs kernels interpreted).
   """
 
   def __init__(
@@ -103,6 +106,7 @@ class HiLo(nnx.Module):
     alpha: float = 0.9,
     qkv_bias: bool = True,
     implementation: str | None = None,
+    interpret: bool = False,
     rngs: nnx.Rngs,
   ):
     if dim < 1 or num_heads < 1 or dim % num_heads:
@@ -127,6 +131,7 @@ class HiLo(nnx.Module):
     self.l_dim = self.l_heads * self.head_dim
     self.scale = self.head_dim**-0.5
     self.implementation = implementation
+    self.interpret = interpret
     lin = functools.partial(_linear, rngs=rngs)
     self.h_qkv = lin(dim, 3 * self.h_dim, use_bias=qkv_bias) if self.h_heads else None
     self.h_proj = lin(self.h_dim, self.h_dim) if self.h_heads else None
@@ -164,6 +169,7 @@ class HiLo(nnx.Module):
       window_size=ws,
       scale=self.scale,
       implementation=self.implementation,
+      interpret=self.interpret,
     )
     outs = []
     for out, proj, d in ((hi_out, self.h_proj, self.h_dim), (lo_out, self.l_proj, self.l_dim)):

@@ -51,10 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import checks
+from sparse_attention.ops import checks, masks
+from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
 _OP = "hilo_attention"
 # Lo-Fi scores per chunk of the xla path: 2**21 float32 scores (8 MiB) keep a chunk's
 # softmax near the cache; measured on CPU (2 cores), 1.3-5x faster than one
@@ -74,6 +75,7 @@ def hilo_attention(
   window_size: int,
   scale: float | None = None,
   implementation: str | None = None,
+  interpret: bool = False,
 ) -> tuple[jax.Array | None, jax.Array | None]:
   """HiLo attention: Hi-Fi window attention and Lo-Fi attention on pooled keys.
 
@@ -87,7 +89,13 @@ def hilo_attention(
     grid: `(Hp, Wp)`, the padded token grid; multiples of `window_size`.
     window_size: ws, the side of the Hi-Fi windows and of the Lo-Fi pooling.
     scale: softmax scale of both branches, default `head_dim ** -0.5`.
-    implementation: None (best available: "xla"), "reference" or "xla".
+    implementation: None (the best available: "pallas" on GPU and TPU, "xla"
+      elsewhere), "reference", "xla", or a Pallas kernel: "pallas" (the
+      platform's), "pallas_triton", "pallas_tpu" (see `block_sparse_attention`).
+      The Pallas path runs each branch through the block-sparse kernels: Hi-Fi
+      as window-major tokens under a `chunked(ws*ws)` mask (only diagonal tiles
+      are visited), Lo-Fi as dense attention on the pooled keys.
+    interpret: run the Pallas kernels in the interpreter / TPU simulator.
 
   Returns:
     `(hi_out, lo_out)`, `[batch, Hp*Wp, heads, v_head_dim]` each in the input
@@ -116,11 +124,16 @@ def hilo_attention(
     )
   scale = checks.check_scale(scale, hi or lo, _OP)  # default head_dim ** -0.5
   if implementation is None:
-    implementation = "xla"
+    implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
   if implementation == "reference":
     hi_fn, lo_fn = _hifi_reference, _lofi_reference
   elif implementation == "xla":
     hi_fn, lo_fn = _hifi_xla, _lofi_xla
+  elif implementation in IMPLEMENTATIONS:
+    kernel = _kernel_name(implementation, interpret)
+    kw = dict(implementation=implementation, interpret=interpret)
+    hi_fn = functools.partial(_hifi_pallas, blocks=_HIFI_BLOCKS[kernel], **kw)
+    lo_fn = functools.partial(_lofi_pallas, blocks=_LOFI_BLOCKS[kernel], **kw)
   else:
     raise ValueError(
       f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
@@ -327,6 +340,60 @@ def _lofi_block(
   l = jnp.sum(p, axis=-1, keepdims=True)  # [b, h, n, 1]
   o = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return jnp.transpose(o / l, (0, 2, 1, 3)).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------- pallas
+
+# Tile sizes of the block-sparse kernels per branch (block_q, block_kv): Triton
+# needs powers of two >= 16; Mosaic fills its 128 lanes with 128.
+_HIFI_BLOCKS = {"pallas_triton": (16, 16), "pallas_tpu": (128, 128)}
+_LOFI_BLOCKS = {"pallas_triton": (64, 64), "pallas_tpu": (128, 128)}
+
+
+def _kernel_name(implementation: str, interpret: bool) -> str:
+  if implementation != "pallas":
+    return implementation
+  if jax.default_backend() == "tpu":
+    return "pallas_tpu"
+  if jax.default_backend() == "gpu" or interpret:
+    return "pallas_triton"
+  raise ValueError(
+    f"{_OP}: no Pallas kernel compiles for the {jax.default_backend()!r} backend; pass "
+    "interpret=True or use implementation='xla'."
+  )
+
+
+def _hifi_pallas(q, k, v, grid, ws, scale, *, blocks, implementation, interpret):
+  """Window-major tokens: window w holds tokens [w*ws^2, (w+1)*ws^2), so "same
+  window" is a chunked mask and the kernel visits only the diagonal tiles."""
+  b, n, h, _ = q.shape
+  gh, gw = grid[0] // ws, grid[1] // ws
+  t = ws * ws
+
+  def window_major(x):  # [B, N, h, D] row-major -> [B, N, h, D] window-major
+    x = x.reshape(b, gh, ws, gw, ws, h, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5, 6)
+    return x.reshape(b, n, h, x.shape[-1])
+
+  mask = masks.chunked(n, n, chunk=t, block_q=blocks[0], block_kv=blocks[1])
+  o = block_sparse_attention(
+    window_major(q),
+    window_major(k),
+    window_major(v),
+    mask,
+    scale=scale,
+    implementation=implementation,
+    interpret=interpret,
+  )
+  o = o.reshape(b, gh, gw, ws, ws, h, -1).transpose(0, 1, 3, 2, 4, 5, 6)
+  return o.reshape(b, n, h, -1)
+
+
+def _lofi_pallas(q, k, v, scale, *, blocks, implementation, interpret):
+  """All N queries over the M pooled keys: the all-kept mask."""
+  mask = masks.dense(q.shape[1], k.shape[1], block_q=blocks[0], block_kv=blocks[1])
+  return block_sparse_attention(
+    q, k, v, mask, scale=scale, implementation=implementation, interpret=interpret
+  )
 
 
 __all__ = ["IMPLEMENTATIONS", "hilo_attention", "padded_grid", "pooled_grid"]

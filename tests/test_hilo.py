@@ -86,11 +86,28 @@ def test_reference_matches_numpy_windows(grid, ws, num_heads, alpha):
       np.testing.assert_allclose(np.asarray(a), e, atol=2e-5, rtol=2e-5)
 
 
+XLA_CASES = [("xla", *c, jnp.float32) for c in CASES] + [
+  ("xla", *CASES[i], jnp.bfloat16) for i in (1, 2, 4)
+]
+# The Pallas path (block-sparse kernels, interpreted): alpha 0.5/0.9/1.0, ws 1/2/4,
+# padded-size grids, f32 and bf16, on both kernels.
+PALLAS_CASES = [
+  (kernel, *CASES[i], dtype)
+  for kernel in ("pallas_triton", "pallas_tpu")
+  for i, dtype in (
+    (0, jnp.float32),
+    (1, jnp.bfloat16),
+    (2, jnp.float32),
+    (3, jnp.float32),
+    (4, jnp.float32),
+  )
+]
+
+
 @pytest.mark.parametrize(
-  "grid, ws, num_heads, alpha, dtype",
-  [(*c, jnp.float32) for c in CASES] + [(*CASES[i], jnp.bfloat16) for i in (1, 2, 4)],
+  "implementation, grid, ws, num_heads, alpha, dtype", XLA_CASES + PALLAS_CASES
 )
-def test_xla_matches_reference_outputs_and_grads(grid, ws, num_heads, alpha, dtype):
+def test_matches_reference_outputs_and_grads(implementation, grid, ws, num_heads, alpha, dtype):
   h, l = split_heads(num_heads, alpha, ws)
   args = inputs(2, grid, ws, h, l, 16, dtype=dtype, seed=len(CASES) * ws + num_heads)
   n = grid[0] * grid[1]
@@ -102,11 +119,17 @@ def test_xla_matches_reference_outputs_and_grads(grid, ws, num_heads, alpha, dty
 
   @functools.partial(jax.jit, static_argnums=0)
   def run(implementation, args):  # outputs and the vjp of every input
-    fn = functools.partial(hilo_attention, grid=grid, window_size=ws, implementation=implementation)
+    fn = functools.partial(
+      hilo_attention,
+      grid=grid,
+      window_size=ws,
+      implementation=implementation,
+      interpret=implementation.startswith("pallas"),
+    )
     outs, vjp = jax.vjp(lambda a: fn(*a), args)
     return outs, vjp(cotangents)[0]
 
-  (out_x, grad_x), (out_r, grad_r) = run("xla", args), run("reference", args)
+  (out_x, grad_x), (out_r, grad_r) = run(implementation, args), run("reference", args)
   for a, e in zip(out_x, out_r, strict=True):
     assert (a is None) == (e is None)
     if e is not None:
