@@ -188,12 +188,27 @@ def test_grid_helpers():
 
 
 @pytest.mark.parametrize(
-  "height, width, ws, alpha", [(7, 9, 2, 0.5), (5, 6, 4, 0.75), (7, 5, 1, 0.9)]
+  "implementation, height, width, ws, alpha",
+  [
+    ("xla", 7, 9, 2, 0.5),
+    ("xla", 5, 6, 4, 0.75),
+    ("xla", 7, 5, 1, 0.9),
+    ("pallas_triton", 7, 9, 2, 0.5),
+    ("pallas_tpu", 5, 6, 4, 0.75),
+  ],
 )
-def test_layer_xla_matches_reference_on_padded_grids(height, width, ws, alpha):
+def test_layer_matches_reference_on_padded_grids(implementation, height, width, ws, alpha):
   layers = {
-    impl: HiLo(32, 4, window_size=ws, alpha=alpha, implementation=impl, rngs=nnx.Rngs(3))
-    for impl in ("xla", "reference")
+    impl: HiLo(
+      32,
+      4,
+      window_size=ws,
+      alpha=alpha,
+      implementation=impl,
+      interpret=impl.startswith("pallas"),
+      rngs=nnx.Rngs(3),
+    )
+    for impl in (implementation, "reference")
   }
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, height * width, 32)), jnp.float32)
 
@@ -202,7 +217,7 @@ def test_layer_xla_matches_reference_on_padded_grids(height, width, ws, alpha):
     return jnp.sum(jnp.sin(out)), out
 
   run = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-  (_, out_x), grad_x = run(layers["xla"], x)
+  (_, out_x), grad_x = run(layers[implementation], x)
   (_, out_r), grad_r = run(layers["reference"], x)
   assert out_x.shape == (2, height * width, 32)
   testutil.assert_close(out_x, out_r, jnp.float32, "out")
