@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from sparse_attention.ops import checks
+from sparse_attention.ops import checks, sharding
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
@@ -108,5 +108,8 @@ def block_sparse_attention(
       check_supported(q, k, v, mask)
     except ValueError as e:
       raise ValueError(f"{op}: implementation={impl!r}: {e}") from None
-    out, lse = kernel(q, k, v, mask, scale=scale, interpret=interpret)
+    # Under a mesh, each device runs the kernel on its own batch rows and heads.
+    out, lse = sharding.shard_over_batch_and_heads(
+      kernel, q, k, v, mask, scale=scale, interpret=interpret
+    )
   return (out, lse) if return_lse else out
