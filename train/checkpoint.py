@@ -1,0 +1,116 @@
+"""Checkpoints with orbax: save everything a bitwise-exact resume needs.
+
+One checkpoint per saved step, in `<workdir>/checkpoints/<step>/`, with two items:
+
+  state  the training state pytree: parameters, the model's other variables
+         (BatchNorm statistics, the NNX RNG streams' keys and counters), the
+         optimizer state and the step; sharded arrays are saved and restored
+         in place on the mesh
+  meta   JSON: the data iterator's position and the step
+
+Saves are asynchronous (training continues while orbax writes) and atomic: orbax
+writes into a temporary folder and renames it when complete, so a job killed in the
+middle of a save leaves no checkpoint for that step, only a temporary folder that is
+never listed. `restore_latest` tries the newest checkpoint first and falls back to
+older ones when one cannot be read (a corrupted file, a disk error), logging why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_storable(tree: Any) -> Any:
+  """Typed PRNG keys become their uint32 key data (orbax stores plain arrays)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_storable(tree: Any, like: Any) -> Any:
+  """Inverse of `to_storable`, taking the key types from `like`."""
+
+  def back(x, ref):
+    if _is_key(ref):
+      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+    return x
+
+  return jax.tree.map(back, tree, like)
+
+
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a storable tree: orbax's restore target."""
+
+  def spec(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+  return jax.tree.map(spec, tree)
+
+
+class Checkpointer:
+  """Saves and restores (state, meta) per step under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts saving `state` (a pytree, typed keys allowed) and `meta` (JSON)."""
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta)
+      ),
+      force=True,
+    )
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of `step`; `like` gives structure, dtypes, shardings, key types."""
+    target = abstract(to_storable(like))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
+    return from_storable(restored.state, like), dict(restored.meta)
+
+  def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest readable checkpoint as (step, state, meta); None if there is none."""
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, like)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
+        logging.warning(
+          "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
+          step,
+          self.directory,
+          type(e).__name__,
+          str(e).splitlines()[0][:200],
+        )
+        continue
+      return step, state, meta
+    return None
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

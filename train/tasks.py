@@ -1,0 +1,114 @@
+"""Tasks: which model a config builds and how its loss and metrics are computed.
+
+A task turns `config.model` plus the loaded datasets into a Flax NNX model, and a
+batch into (mean loss, metric sums). Metric sums add up over batches and devices;
+`summarize` turns them into the reported numbers. Evaluation batches carry a
+"mask" (padding of the last batch) that weights every example once.
+
+  classification  images -> LITv2 (HiLo attention); metrics: loss, accuracy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from sparse_attention.models import litv2
+
+LITV2_PRESETS: dict[str, Callable[..., litv2.LITv2Config]] = {
+  "litv2_tiny": litv2.litv2_tiny,
+  "litv2_s": litv2.litv2_s,
+  "litv2_m": litv2.litv2_m,
+  "litv2_b": litv2.litv2_b,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  unit: str  # what one example is, for throughput: "images" or "tokens"
+  data_kind: str  # Datasets.kind this task trains on
+  check: Callable[[ml_collections.ConfigDict], None]
+  build_model: Callable[[ml_collections.ConfigDict, Any, nnx.Rngs], nnx.Module]
+  loss: Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, dict]]
+  summarize: Callable[[dict[str, float]], dict[str, float]]
+  examples: Callable[[dict[str, Any]], int]  # units per batch (images or tokens)
+
+
+def _check_classification(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  if m.name not in LITV2_PRESETS:
+    raise ValueError(
+      f"config.model.name must be one of {sorted(LITV2_PRESETS)} for the classification "
+      f"task, got {m.name!r}."
+    )
+  if m.attention != "hilo":
+    raise ValueError(
+      f"config.model.attention must be 'hilo' for LITv2 (its attention is HiLo), got "
+      f"{m.attention!r}."
+    )
+  if not 0.0 <= m.alpha <= 1.0:
+    raise ValueError(f"config.model.alpha must lie in [0, 1], got {m.alpha!r}.")
+  if m.drop_path_rate < 0:
+    raise ValueError(f"config.model.drop_path_rate must be >= 0, got {m.drop_path_rate!r}.")
+
+
+def _build_litv2(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rngs):
+  m = config.model
+  height, _, channels = datasets.image_shape
+  preset = LITV2_PRESETS[m.name]
+  model_config = preset(
+    image_size=height,
+    num_classes=datasets.num_classes,
+    in_chans=channels,
+    alpha=m.alpha,
+    drop_path_rate=m.drop_path_rate,
+    implementation=m.implementation or None,
+  )
+  return litv2.LITv2(model_config, rngs=rngs)
+
+
+def _classification_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
+  logits = model(batch["image"].astype(dtype)).astype(jnp.float32)  # [B, classes]
+  labels = batch["label"]
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weight = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+  count = jnp.sum(weight)
+  metrics = {
+    "loss_sum": jnp.sum(per_example * weight),
+    "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
+    "count": count,
+  }
+  return jnp.sum(per_example * weight) / jnp.maximum(count, 1.0), metrics
+
+
+def _summarize_classification(sums: dict[str, float]) -> dict[str, float]:
+  n = max(sums["count"], 1.0)
+  return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+
+TASKS = {
+  "classification": Task(
+    name="classification",
+    unit="images",
+    data_kind="image",
+    check=_check_classification,
+    build_model=_build_litv2,
+    loss=_classification_loss,
+    summarize=_summarize_classification,
+    examples=lambda batch: batch["label"].shape[0],
+  ),
+}
+
+
+def get(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {name!r}.")
+  return TASKS[name]
