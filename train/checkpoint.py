@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def _is_key(x: Any) -> bool:
@@ -90,8 +91,22 @@ class Checkpointer:
     )
     return from_storable(restored.state, like), dict(restored.meta)
 
+  def read(self, step: int) -> tuple[Any, dict[str, Any]]:
+    """(state as stored, meta) of `step` without a target: for inspection and tests
+    (PRNG keys come back as their key data, arrays on the default device)."""
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+    )
+    return restored.state, dict(restored.meta)
+
   def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest readable checkpoint as (step, state, meta); None if there is none."""
+    """The newest readable checkpoint as (step, state, meta); None if there is none.
+
+    Unreadable newer checkpoints are renamed `<step>.unreadable` (kept for
+    inspection, no longer listed), so training can save those steps again.
+    """
+    unreadable = []
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, like)
@@ -103,9 +118,26 @@ class Checkpointer:
           type(e).__name__,
           str(e).splitlines()[0][:200],
         )
+        unreadable.append(step)
         continue
+      self._quarantine(unreadable)
       return step, state, meta
+    self._quarantine(unreadable)
     return None
+
+  def _quarantine(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        target, suffix = f"{path}.unreadable", 0
+        while os.path.exists(target):
+          suffix += 1
+          target = f"{path}.unreadable{suffix}"
+        os.rename(path, target)
+    multihost_utils.sync_global_devices("sparse_attention.checkpoint.quarantine")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -178,7 +178,7 @@ class Steps:
     (loss, (metrics, rest)), grads = grad_fn(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     del loss  # the task's sums give the reported loss
     new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
     return new_state, metrics
