@@ -127,10 +127,12 @@ def param_specs(
   tree: Any,
   mesh: Mesh,
   rules: Sequence[tuple[str, str]] = DEFAULT_RULES,
-  min_fsdp_size: int = MIN_FSDP_SIZE,
+  min_fsdp_size: int | None = None,
 ) -> Any:
-  """A PartitionSpec for every array leaf of `tree`, by the first matching rule."""
+  """A PartitionSpec for every array leaf of `tree`, by the first matching rule
+  (`min_fsdp_size` defaults to MIN_FSDP_SIZE)."""
   compiled = compile_rules(rules)
+  min_fsdp_size = MIN_FSDP_SIZE if min_fsdp_size is None else min_fsdp_size
 
   def spec(path, leaf):
     name = _path_string(path)

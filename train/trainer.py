@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparse_attention.train import checkpoint, data, optim, partitioning, summary, tasks
 
@@ -237,9 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     steps = Steps(model, task, tx, dtype)
     state = dict(steps.initial)
-    param_shardings = partitioning.shardings(
-      partitioning.param_specs(state["params"], mesh, rules), mesh
-    )
+    param_specs = partitioning.param_specs(state["params"], mesh, rules)
+    param_shardings = partitioning.shardings(param_specs, mesh)
     state["params"] = jax.device_put(state["params"], param_shardings)
     state["rest"] = jax.device_put(state["rest"], partitioning.replicated(mesh))
     state["step"] = jax.device_put(state["step"], partitioning.replicated(mesh))
@@ -269,12 +269,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start, state, meta = restored
       train_iter.restore(meta["data"])
       say("Resumed from the checkpoint at step %d in %s.", start, ckpt.directory)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+    parameters = {
+      "total": sum(x.size for x in jax.tree.leaves(state["params"])),
+      "tensors": len(specs),
+      "sharded_tensors": sum(any(axis is not None for axis in spec) for spec in specs),
+    }
     say(
-      "Task %s, model %s (%s parameters), %d devices, mesh %s, %d steps from step %d.",
+      "Task %s, model %s (%s parameters; %d of %d tensors sharded), %d devices, mesh %s, "
+      "%d steps from step %d.",
       task.name,
       config.model.name,
-      f"{n_params:,}",
+      f"{parameters['total']:,}",
+      parameters["sharded_tensors"],
+      parameters["tensors"],
       jax.device_count(),
       dict(mesh.shape),
       config.steps,
@@ -325,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(done, state, {"data": train_iter.state(), "step": done})
     ckpt.close()
 
-    final = {"step": config.steps}
+    final = {"step": config.steps, "parameters": parameters}
     for split, source in (("eval", datasets.eval), ("test", datasets.test)):
       values = evaluate(steps, eval_step, state, source, config.eval_batch_size, batch_sharding)
       log.write(config.steps, split, values)
