@@ -180,3 +180,42 @@ def test_killed_job_resumes_bitwise(tmp_path):
   assert step_a == step_b == 12 and len(leaves_a) == len(leaves_b) and meta_a == meta_b
   for a, b in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mixed_precision_accumulation_and_profile(tmp_path):
+  """bf16 compute with float32 parameters, 2-step gradient accumulation, a profile."""
+  config = load_config(
+    *FAST,
+    "--config.steps=6",
+    "--config.compute_dtype=bfloat16",
+    "--config.optimizer.accumulate_steps=2",
+    "--config.profile.start_step=2",
+    "--config.profile.num_steps=2",
+    "--config.checkpoint_every=6",
+  )
+  trainer.train_and_evaluate(config, str(tmp_path))
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(list(losses.values())))
+  state, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3).read(6)
+  params = jax.tree.leaves(state["params"])
+  assert params and all(p.dtype == np.float32 for p in params)  # master weights stay f32
+  assert any((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_distributed_initialization_single_process(tmp_path):
+  """The multi-host path (jax.distributed.initialize) with one process on loopback."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = _run(
+    tmp_path,
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=1",
+    "--process_id=0",
+    "--config.steps=2",
+  )
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert "test: loss" in out
