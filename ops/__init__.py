@@ -10,9 +10,11 @@ from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.hilo import hilo_attention
 from sparse_attention.ops.reference import reference_attention
+from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 __all__ = [
   "BlockMask",
+  "TokenRoutes",
   "block_sparse_attention",
   "hilo_attention",
   "masks",

@@ -9,6 +9,7 @@ from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
 
@@ -20,7 +21,9 @@ _KERNELS = {
 _BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
 
 
-def _resolve(implementation: str | None, interpret: bool, q, k, v, mask, op: str) -> str:
+def _resolve(
+  implementation: str | None, interpret: bool, q, k, v, mask, op: str, routes=None
+) -> str:
   """The concrete implementation to run ("reference", "xla" or a kernel)."""
   backend = jax.default_backend()
   if implementation is None:
@@ -28,7 +31,7 @@ def _resolve(implementation: str | None, interpret: bool, q, k, v, mask, op: str
     if kernel is None:  # CPU: the xla path is the fast one.
       return "xla"
     try:
-      _KERNELS[kernel][0](q, k, v, mask)
+      _KERNELS[kernel][0](q, k, v, mask, routes)
     except ValueError:
       return "xla"  # a shape the kernel does not take: still correct, slower
     return kernel
@@ -60,6 +63,7 @@ def block_sparse_attention(
   implementation: str | None = None,
   return_lse: bool = False,
   interpret: bool = False,
+  routes: TokenRoutes | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention over the tiles a `BlockMask` keeps; every other tile is skipped.
 
@@ -83,6 +87,10 @@ def block_sparse_attention(
       `[batch, q_heads, q_len]`.
     interpret: run a Pallas kernel in the interpreter (the TPU kernel in the
       TPU simulator) instead of compiling it: for tests and debugging on CPU.
+    routes: optional per-token routes (`TokenRoutes(query, key)`, query int
+      `[B|1, Hr, q_len, R]`, key int `[B|1, kv_len]`): inside the visited tiles,
+      query i of head h sees key j only if `key[b, j]` is one of
+      `query[b, h // (q_heads // Hr), i]`. MoBA and NSA select key blocks this way.
 
   Returns:
     `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse). Queries
@@ -97,19 +105,23 @@ def block_sparse_attention(
   shape = checks.check_qkv(q, k, v, op)
   checks.check_block_mask(mask, shape, op)
   scale = checks.check_scale(scale, shape, op)
-  impl = _resolve(implementation, interpret, q, k, v, mask, op)
+  checks.check_routes(routes, shape, op)
+  impl = _resolve(implementation, interpret, q, k, v, mask, op, routes)
   if impl == "reference":
-    out, lse = reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+    dense = (
+      mask if routes is None else mask.to_dense() & checks.routes_to_dense(routes, shape.q_heads)
+    )
+    out, lse = reference_attention(q, k, v, mask=dense, scale=scale, return_lse=True)
   elif impl == "xla":
-    out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale)
+    out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale, routes=routes)
   else:
     check_supported, kernel = _KERNELS[impl]
     try:
-      check_supported(q, k, v, mask)
+      check_supported(q, k, v, mask, routes)
     except ValueError as e:
       raise ValueError(f"{op}: implementation={impl!r}: {e}") from None
     # Under a mesh, each device runs the kernel on its own batch rows and heads.
     out, lse = sharding.shard_over_batch_and_heads(
-      kernel, q, k, v, mask, scale=scale, interpret=interpret
+      kernel, q, k, v, mask, routes, scale=scale, interpret=interpret
     )
   return (out, lse) if return_lse else out

@@ -92,7 +92,50 @@ class _Pairs:
     b, h = bh // self.heads, bh % self.heads
     group = self.heads // self.kv_heads
     kv_row = (b * self.kv_heads + h // group) * self.num_kv_blocks + j
-    return valid, row, i, j, kv_row, partial
+    return _Chunk(valid, row, i, j, b, h, kv_row, partial)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """One loop step's pairs (all int32 / bool [C])."""
+
+  valid: jax.Array  # the pair exists (the last chunk is padded)
+  row: jax.Array  # q-block row (b, h, i) flattened
+  i: jax.Array  # q tile
+  j: jax.Array  # kv tile
+  b: jax.Array
+  h: jax.Array  # query head
+  kv_row: jax.Array  # kv-block row (b, h // group, j) flattened
+  partial: jax.Array  # apply mask_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _RouteTiles:
+  """Token routes cut into tiles: query [Br, Hr, Qb, bq, R], key [Br, Kb, bk]."""
+
+  query: jax.Array
+  key: jax.Array
+
+  def match(self, c: _Chunk, heads: int) -> jax.Array:  # bool [C, bq, bk]
+    b = jnp.minimum(c.b, self.query.shape[0] - 1)  # 0 where the routes broadcast
+    hr = c.h // (heads // self.query.shape[1])
+    return common.route_match(self.query[b, hr, c.i], self.key[b, c.j])
+
+
+def _route_tiles(routes: common.TokenRoutes | None, plan: _Plan) -> _RouteTiles | None:
+  if routes is None:
+    return None
+  qb, kb = plan.num_q_blocks, plan.num_kv_blocks
+  query = routes.query.astype(jnp.int32)
+  pad_q = qb * plan.block_q - query.shape[2]
+  query = jnp.pad(query, ((0, 0), (0, 0), (0, pad_q), (0, 0)), constant_values=-1)
+  key = jnp.pad(
+    routes.key.astype(jnp.int32),
+    ((0, 0), (0, kb * plan.block_kv - routes.key.shape[1])),
+    constant_values=-2,
+  )  # padding: matches no query route
+  br, hr, _, r = query.shape
+  return _RouteTiles(query.reshape(br, hr, qb, plan.block_q, r), key.reshape(-1, kb, plan.block_kv))
 
 
 def _pairs(mask: BlockMask, batch: int, heads: int, kv_heads: int) -> _Pairs:
@@ -110,12 +153,13 @@ def _pairs(mask: BlockMask, batch: int, heads: int, kv_heads: int) -> _Pairs:
   )
 
 
-def _visible(plan: _Plan, valid, i, j, partial) -> jax.Array:
+def _visible(plan: _Plan, c: _Chunk, routes: _RouteTiles | None, heads: int) -> jax.Array:
   """bool[C, block_q, block_kv]: which pairs of each tile are attended."""
-  q_pos = (i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
-  kv_pos = (j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
-  vis = plan.visible(partial[:, None, None], q_pos, kv_pos)
-  valid = valid[:, None, None]
+  q_pos = (c.i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
+  kv_pos = (c.j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
+  routed = None if routes is None else routes.match(c, heads)
+  vis = plan.visible(c.partial[:, None, None], q_pos, kv_pos, routed)
+  valid = c.valid[:, None, None]
   return valid if vis is None else valid & vis
 
 
@@ -128,10 +172,11 @@ def _num_chunks(pairs: _Pairs, chunk: int) -> jax.Array:
   return (pairs.total + chunk - 1) // chunk
 
 
-def _forward(plan: _Plan, q, k, v, mask: BlockMask):
+def _forward(plan: _Plan, q, k, v, mask: BlockMask, routes: common.TokenRoutes | None):
   b, _, hq, _ = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   pairs = _pairs(mask, b, hq, hkv)
+  route_tiles = _route_tiles(routes, plan)
   q_rows = _to_rows(q, plan.block_q)  # [N, bq, D]
   k_rows = _to_rows(k, plan.block_kv)  # [B*Hkv*Kb, bk, D]
   v_rows = _to_rows(v, plan.block_kv)  # [B*Hkv*Kb, bk, Dv]
@@ -140,9 +185,10 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask):
 
   def body(carry):
     step, m_acc, l_acc, o_acc = carry
-    valid, row, i, j, kv_row, partial = pairs.chunk(step * c, c)
+    ch = pairs.chunk(step * c, c)
+    row, kv_row, valid = ch.row, ch.kv_row, ch.valid
     s = _scores(plan, q_rows[row], k_rows[kv_row])
-    s = jnp.where(_visible(plan, valid, i, j, partial), s, -jnp.inf)
+    s = jnp.where(_visible(plan, ch, route_tiles, hq), s, -jnp.inf)
     m_t = jnp.max(s, axis=-1)  # [C, bq]
     p = jnp.exp(s - jnp.where(jnp.isfinite(m_t), m_t, 0.0)[..., None])
     l_t = jnp.sum(p, axis=-1)
@@ -181,10 +227,11 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask):
   return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out, d_lse):
+def _backward(plan: _Plan, q, k, v, mask, routes, out, lse, d_out, d_lse):
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
   pairs = _pairs(mask, b, hq, hkv)
+  route_tiles = _route_tiles(routes, plan)
   q_rows = _to_rows(q, plan.block_q)
   k_rows = _to_rows(k, plan.block_kv)
   v_rows = _to_rows(v, plan.block_kv)
@@ -199,10 +246,11 @@ def _backward(plan: _Plan, q, k, v, mask, out, lse, d_out, d_lse):
 
   def body(carry):
     step, dq, dk, dv = carry
-    valid, row, i, j, kv_row, partial = pairs.chunk(step * c, c)
+    ch = pairs.chunk(step * c, c)
+    row, kv_row = ch.row, ch.kv_row
     q_t, k_t, v_t, do_t = q_rows[row], k_rows[kv_row], v_rows[kv_row], do_rows[row]
     s = _scores(plan, q_t, k_t)
-    vis = _visible(plan, valid, i, j, partial)
+    vis = _visible(plan, ch, route_tiles, hq)
     p = jnp.where(vis, jnp.exp(s - lse_rows[row][..., None]), 0.0)
     dp = jnp.einsum("cqd,ckd->cqk", do_t, v_t, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_rows[row][..., None]) * plan.scale
@@ -240,6 +288,7 @@ def block_sparse_attention_xla(
   *,
   scale: float,
   chunk: int | None = None,
+  routes: common.TokenRoutes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -255,4 +304,4 @@ def block_sparse_attention_xla(
     scale=scale,
     chunk=chunk,
   )
-  return _attention(plan, q, k, v, mask)
+  return _attention(plan, q, k, v, mask, routes)

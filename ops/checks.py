@@ -120,3 +120,42 @@ def check_scale(scale: Any, shape: AttentionShape, op: str) -> float:
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
     raise ValueError(f"{op}: scale must be a Python float or None, got {scale!r}.")
   return float(scale)
+
+
+def check_routes(routes: Any, shape: AttentionShape, op: str) -> Any:
+  """Token routes: query int [B|1, Hr, q_len, R] with Hr dividing the query heads,
+  key int [B|1, kv_len], the same batch dim (1 or the batch) in both."""
+  if routes is None:
+    return None
+  query, key = getattr(routes, "query", None), getattr(routes, "key", None)
+  if query is None or key is None:
+    raise ValueError(f"{op}: routes must be a TokenRoutes(query=..., key=...), got {routes!r}.")
+  for name, x, rank in (("routes.query", query, 4), ("routes.key", key, 2)):
+    if x.ndim != rank or not np.issubdtype(np.dtype(x.dtype), np.integer):
+      raise ValueError(
+        f"{op}: {name} must be an integer array of rank {rank}, got {x.dtype} {tuple(x.shape)}."
+      )
+  br, hr, lq, _ = query.shape
+  if br not in (1, shape.batch) or key.shape[0] != br:
+    raise ValueError(
+      f"{op}: routes.query and routes.key must share a batch dim of 1 or {shape.batch}, got "
+      f"{br} and {key.shape[0]}."
+    )
+  if hr < 1 or shape.q_heads % hr:
+    raise ValueError(
+      f"{op}: routes.query has {hr} heads (dim 1); it must divide the {shape.q_heads} query heads."
+    )
+  if lq != shape.q_len or key.shape[1] != shape.kv_len:
+    raise ValueError(
+      f"{op}: routes.query has {lq} queries (dim 2) and routes.key {key.shape[1]} keys "
+      f"(dim 1); expected q_len={shape.q_len}, kv_len={shape.kv_len}."
+    )
+  return routes
+
+
+def routes_to_dense(routes: Any, q_heads: int) -> Any:
+  """bool [B|1, q_heads, q_len, kv_len]: where the routes allow query -> key (O(S^2):
+  for the reference)."""
+  query = jnp.repeat(routes.query, q_heads // routes.query.shape[1], axis=1)
+  key = routes.key[:, None, None, :, None]
+  return jnp.any(query[:, :, :, None, :] == key, axis=-1)

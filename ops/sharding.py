@@ -50,30 +50,35 @@ def shard_over_batch_and_heads(
   k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
   v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
   mask: Any,  # a pytree whose leaves are [Bm, Hm, ...] (a BlockMask)
+  routes: Any = None,  # TokenRoutes: query [Br, Hr, Lq, R], key [Br, Lk]; or None
   **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
-  """`kernel(q, k, v, mask, **kwargs) -> (out, lse)`, under `jax.shard_map` when a
-  mesh is set and splits the batch or the heads; a plain call otherwise."""
+  """`kernel(q, k, v, mask, routes=routes, **kwargs) -> (out, lse)`, under
+  `jax.shard_map` when a mesh is set and splits the batch or the heads; a plain
+  call otherwise."""
   mesh = _active_mesh()
   if mesh is None:
-    return kernel(q, k, v, mask, **kwargs)
+    return kernel(q, k, v, mask, routes=routes, **kwargs)
   batch_axes, head_axis = batch_head_axes(mesh, q.shape[0], k.shape[2])
   if not batch_axes and head_axis is None:
-    return kernel(q, k, v, mask, **kwargs)
+    return kernel(q, k, v, mask, routes=routes, **kwargs)
   b = batch_axes or None
+
+  def leading(x, heads: bool):  # split leading [batch, heads] dims that are not broadcast
+    head = head_axis if heads and x.shape[1] > 1 else None
+    return P(b if x.shape[0] > 1 else None, head, *([None] * (x.ndim - 2)))
+
   qkv_spec = P(b, None, head_axis, None)
-  mask_specs = jax.tree.map(
-    lambda x: P(
-      b if x.shape[0] > 1 else None,
-      head_axis if x.shape[1] > 1 else None,
-      *([None] * (x.ndim - 2)),
-    ),
-    mask,
-  )
+  mask_specs = jax.tree.map(lambda x: leading(x, heads=True), mask)
+  route_specs = None
+  if routes is not None:
+    route_specs = type(routes)(
+      query=leading(routes.query, heads=True), key=leading(routes.key, heads=False)
+    )
   return jax.shard_map(
-    lambda q, k, v, m: kernel(q, k, v, m, **kwargs),
+    lambda q, k, v, m, r: kernel(q, k, v, m, routes=r, **kwargs),
     mesh=mesh,
-    in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_specs),
+    in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_specs, route_specs),
     out_specs=(qkv_spec, P(b, head_axis, None)),
     check_vma=False,
-  )(q, k, v, mask)
+  )(q, k, v, mask, routes)

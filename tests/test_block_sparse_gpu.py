@@ -101,3 +101,23 @@ def test_lowers_to_triton_for_cuda(mask, heads, dims):
   """Forward = 1 Triton kernel; gradient = forward + dQ + dK/dV."""
   assert _lowered_kernels(mask, *heads, *dims, grad=False) == 1
   assert _lowered_kernels(mask, *heads, *dims, grad=True) == 3
+
+
+def test_lowers_to_triton_for_cuda_with_token_routes():
+  from sparse_attention.ops import TokenRoutes
+
+  seq = 1024
+  mask = masks.causal(seq, seq, block_q=128, block_kv=64)
+  q = jax.ShapeDtypeStruct((1, seq, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, seq, 2, 128), jnp.bfloat16)
+  routes = TokenRoutes(
+    jax.ShapeDtypeStruct((1, 4, seq, 3), jnp.int32), jax.ShapeDtypeStruct((1, seq), jnp.int32)
+  )
+
+  def loss(q, k, v, m, r):
+    out = gpu.block_sparse_attention_triton(q, k, v, m, scale=0.1, routes=r)[0]
+    return out.astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, mask, routes)
+  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 3

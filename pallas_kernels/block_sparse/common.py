@@ -64,7 +64,9 @@ class Tiling:
   def num_kv_blocks(self) -> int:
     return -(-self.kv_len // self.block_kv)
 
-  def visible(self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array | None:
+  def visible(
+    self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array, routed: jax.Array | None = None
+  ) -> jax.Array | None:
     """`visibility` with this tiling's static facts."""
     return visibility(
       self.mask_fn,
@@ -75,7 +77,36 @@ class Tiling:
       kv_len=self.kv_len,
       block_q=self.block_q,
       block_kv=self.block_kv,
+      routed=routed,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRoutes:
+  """Per-token routing on top of a BlockMask (MoBA / NSA block selection).
+
+  Key j is visible to query i of head h only if `key[b, j]` is one of
+  `query[b, h // (Hq // Hr), i, :]`: each query lists the routes (e.g. the ids of
+  the key blocks it selected) it may attend to, each key names its route. Negative
+  query entries are padding and match nothing; key routes must be >= 0. The
+  BlockMask still decides which tiles are visited (build it from the union of the
+  routes so that no kept pair lies in a skipped tile); routes then select the
+  pairs inside them, exactly per token.
+  """
+
+  query: jax.Array  # int32 [B|1, Hr, Lq, R], Hr divides the query heads
+  key: jax.Array  # int32 [B|1, Lk]
+
+
+jax.tree_util.register_dataclass(TokenRoutes, data_fields=["query", "key"], meta_fields=[])
+
+
+def route_match(
+  q_route: jax.Array,  # int32 [..., block_q, R]
+  kv_route: jax.Array,  # int32 [..., block_kv]
+) -> jax.Array:  # bool [..., block_q, block_kv]
+  """Whether each key's route is among each query's routes (array form)."""
+  return jnp.any(q_route[..., :, None, :] == kv_route[..., None, :, None], axis=-1)
 
 
 def visibility(
@@ -88,16 +119,19 @@ def visibility(
   kv_len: int,
   block_q: int,
   block_kv: int,
+  routed: jax.Array | None = None,  # bool [..., block_q, block_kv] route match
 ) -> jax.Array | None:
   """Which (query, key) pairs of a tile are attended; None if all of them.
 
   The element mask applies where `partial`; positions past q_len / kv_len
-  (the ragged tails of the last blocks) are never visible. Only the parts
-  the static facts can need are computed.
+  (the ragged tails of the last blocks) are never visible; with token routes,
+  only pairs whose routes match (`routed`). Only the parts the static facts can
+  need are computed.
   """
-  vis = None
+  vis = routed
   if mask_fn is not None:
-    vis = jnp.logical_or(jnp.logical_not(partial), mask_fn(q_pos, kv_pos))
+    by_fn = jnp.logical_or(jnp.logical_not(partial), mask_fn(q_pos, kv_pos))
+    vis = by_fn if vis is None else vis & by_fn
   if q_len % block_q:
     in_q = q_pos < q_len
     vis = in_q if vis is None else vis & in_q

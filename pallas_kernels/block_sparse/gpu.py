@@ -45,8 +45,11 @@ MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 
 
-def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None:
+def check_supported(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+) -> None:
   """Raises ValueError if this kernel cannot run the call (before any work)."""
+  del routes  # token routes of any shape are supported
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):
       raise ValueError(
@@ -70,6 +73,9 @@ class _Config(common.Tiling):
   group: int  # query heads per kv head
   mask_batch: bool  # the mask has a batch dim (> 1)
   mask_heads: bool  # the mask has a head dim (> 1)
+  num_routes: int  # R routes per query (0: no token routes)
+  route_group: int  # query heads per route head (Hq // Hr)
+  route_batch: bool  # the routes have a batch dim (> 1)
   interpret: bool
   num_warps: int | None
   num_stages: int
@@ -86,6 +92,10 @@ class _Config(common.Tiling):
   def mask_row(self, b, h):
     """(batch, head) index into the mask arrays, 0 where they broadcast."""
     return (b if self.mask_batch else 0, h if self.mask_heads else 0)
+
+  def route_row(self, b, h):
+    """(batch, route head) index into the query routes."""
+    return (b if self.route_batch else 0, h // self.route_group)
 
 
 # ---------------------------------------------------------------------------
@@ -119,10 +129,28 @@ def _positions(start, size: int) -> jax.Array:
   return start + jnp.arange(size, dtype=jnp.int32)
 
 
-def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial) -> jax.Array:
+def _route_columns(cfg: _Config, q_route_ref, rows=slice(None)) -> list[jax.Array]:
+  """The query routes of a tile, one int32 [block_q] vector per route slot."""
+  if q_route_ref is None:
+    return []
+  return [q_route_ref[rows, r] for r in range(cfg.num_routes)]
+
+
+def _routed(columns: list[jax.Array], kv_route_ref, kv_rows) -> jax.Array | None:
+  """bool [block_q, block_kv]: the key's route is one of the query's (None: no routes)."""
+  if not columns:
+    return None
+  key = kv_route_ref[kv_rows]
+  match = columns[0][:, None] == key[None, :]
+  for col in columns[1:]:
+    match = match | (col[:, None] == key[None, :])
+  return match
+
+
+def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial, routed=None) -> jax.Array:
   """Scaled scores of one tile, -inf where the pair is hidden."""
   s = _dot(q, k.T) * cfg.scale
-  vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :])
+  vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :], routed)
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
 
@@ -135,6 +163,8 @@ def _forward_kernel(
   count_ref,  # int32 []           kv tiles of this q tile
   index_ref,  # int32 [Kmax]       their ids
   partial_ref,  # int32 [Kmax]     1: apply mask_fn
+  q_route_ref,  # int32 [block_q, R] or None: token routes of these queries
+  kv_route_ref,  # int32 [Sk_pad] or None: the keys' routes
   q_ref,  # [block_q, Dp]
   k_ref,  # [Sk_pad, Dp]           the whole kv head
   v_ref,  # [Sk_pad, Dvp]
@@ -146,12 +176,15 @@ def _forward_kernel(
   bq, bk = cfg.block_q, cfg.block_kv
   q_pos = _positions(pl.program_id(0) * bq, bq)
   q = _load(q_ref, cfg.head_dim)
+  routes = _route_columns(cfg, q_route_ref)
 
   def step(t, carry):
     j = index_ref[t]
-    k = _load(k_ref.at[pl.ds(j * bk, bk), :], cfg.head_dim)
-    v = _load(v_ref.at[pl.ds(j * bk, bk), :], cfg.v_head_dim)
-    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0)
+    keys = pl.ds(j * bk, bk)
+    k = _load(k_ref.at[keys, :], cfg.head_dim)
+    v = _load(v_ref.at[keys, :], cfg.v_head_dim)
+    routed = _routed(routes, kv_route_ref, keys)
+    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0, routed)
     return common.online_softmax_update(s, *carry, v, _dot)
 
   init = (
@@ -169,6 +202,8 @@ def _dq_kernel(
   count_ref,  # int32 []
   index_ref,  # int32 [Kmax]
   partial_ref,  # int32 [Kmax]
+  q_route_ref,  # int32 [block_q, R] or None
+  kv_route_ref,  # int32 [Sk_pad] or None
   q_ref,  # [block_q, Dp]
   k_ref,  # [Sk_pad, Dp]
   v_ref,  # [Sk_pad, Dvp]
@@ -184,12 +219,15 @@ def _dq_kernel(
   q = _load(q_ref, cfg.head_dim)
   do = _load(do_ref, cfg.v_head_dim)
   lse, delta = lse_ref[...], delta_ref[...]
+  routes = _route_columns(cfg, q_route_ref)
 
   def step(t, dq):
     j = index_ref[t]
-    k = _load(k_ref.at[pl.ds(j * bk, bk), :], cfg.head_dim)
-    v = _load(v_ref.at[pl.ds(j * bk, bk), :], cfg.v_head_dim)
-    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0)
+    keys = pl.ds(j * bk, bk)
+    k = _load(k_ref.at[keys, :], cfg.head_dim)
+    v = _load(v_ref.at[keys, :], cfg.v_head_dim)
+    routed = _routed(routes, kv_route_ref, keys)
+    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0, routed)
     p = jnp.exp(s - lse[:, None])
     ds = p * (_dot(do, v.T) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
@@ -202,6 +240,8 @@ def _dkdv_kernel(
   count_ref,  # int32 []        q tiles that visit this kv tile
   index_ref,  # int32 [Qmax]    their ids
   partial_ref,  # int32 [Qmax]
+  q_route_ref,  # int32 [Sq_pad, R] or None: routes of the whole query head
+  kv_route_ref,  # int32 [block_kv] or None: routes of this tile's keys
   q_ref,  # [Sq_pad, Dp]        the whole query head
   k_ref,  # [block_kv, Dp]
   v_ref,  # [block_kv, Dvp]
@@ -224,7 +264,8 @@ def _dkdv_kernel(
     rows = pl.ds(i * bq, bq)
     q = _load(q_ref.at[rows, :], cfg.head_dim)
     do = _load(do_ref.at[rows, :], cfg.v_head_dim)
-    s = _scores(cfg, q, k, _positions(i * bq, bq), kv_pos, partial_ref[t] != 0)
+    routed = _routed(_route_columns(cfg, q_route_ref, rows), kv_route_ref, slice(None))
+    s = _scores(cfg, q, k, _positions(i * bq, bq), kv_pos, partial_ref[t] != 0, routed)
     p = jnp.exp(s - lse_ref[rows][:, None])
     dv = dv + _dot(p.astype(do.dtype).T, do)
     ds = p * (_dot(do, v.T) - delta_ref[rows][:, None])
@@ -290,7 +331,33 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _forward(cfg: _Config, q, k, v, kv_view, q_view):
+def _route_inputs(cfg: _Config, routes, sq: int, sk: int, query_tiles: bool):
+  """(arrays, BlockSpecs) of the token routes, padded so padding matches nothing;
+  query routes as tiles (forward, dq) or whole heads (dk/dv), key routes the other way."""
+  if routes is None:
+    return [None, None], [None, None]
+  query = jnp.pad(
+    routes.query.astype(jnp.int32),
+    ((0, 0), (0, 0), (0, sq - cfg.q_len), (0, 0)),
+    constant_values=-1,
+  )
+  key = jnp.pad(routes.key.astype(jnp.int32), ((0, 0), (0, sk - cfg.kv_len)), constant_values=-2)
+  batch = lambda b: b if cfg.route_batch else 0
+  r = cfg.num_routes
+  if query_tiles:
+    specs = [
+      pl.BlockSpec((None, None, cfg.block_q, r), lambda t, b, h: (*cfg.route_row(b, h), t, 0)),
+      pl.BlockSpec((None, sk), lambda t, b, h: (batch(b), 0)),
+    ]
+  else:
+    specs = [
+      pl.BlockSpec((None, None, sq, r), lambda t, b, h: (*cfg.route_row(b, h), 0, 0)),
+      pl.BlockSpec((None, cfg.block_kv), lambda t, b, h: (batch(b), t)),
+    ]
+  return [query, key], specs
+
+
+def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   del q_view  # the transposed view serves the backward pass only
   b, _, hq, _ = q.shape
   qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
@@ -298,12 +365,14 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view):
   dp, dvp = cfg.padded_dims
   kv_head = lambda h: h // cfg.group
   same = lambda h: h
+  route_args, route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
   out, lse = _call(
     _forward_kernel,
     cfg,
     grid=(qb, b, hq),
     in_specs=[
       *_row_specs(cfg, kv_view[1].shape[-1]),
+      *route_specs,
       _tile_spec(cfg.block_q, dp, same),
       _whole_spec(sk, dp, kv_head),
       _whole_spec(sk, dvp, kv_head),
@@ -314,11 +383,11 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view):
       jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
     ],
     name="block_sparse_forward",
-  )(*kv_view, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
+  )(*kv_view, *route_args, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
 
 
-def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
+def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
   qb, kb = kv_view[0].shape[2], q_view[0].shape[2]
@@ -334,6 +403,8 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
   delta = pad_rows(delta)
   q, d_out = _pad_seq(q, sq), _pad_seq(d_out, sq)
   k, v = _pad_seq(k, sk), _pad_seq(v, sk)
+  tile_route_args, tile_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
+  head_route_args, head_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=False)
 
   dq = _call(
     _dq_kernel,
@@ -341,6 +412,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
     grid=(qb, b, hq),
     in_specs=[
       *_row_specs(cfg, kv_view[1].shape[-1]),
+      *tile_route_specs,
       _tile_spec(cfg.block_q, dp, same),
       _whole_spec(sk, dp, kv_head),
       _whole_spec(sk, dvp, kv_head),
@@ -351,7 +423,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
     out_specs=_tile_spec(cfg.block_q, dp, same),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     name="block_sparse_dq",
-  )(*kv_view, q, k, v, d_out, lse, delta)
+  )(*kv_view, *tile_route_args, q, k, v, d_out, lse, delta)
 
   dk, dv = _call(
     _dkdv_kernel,
@@ -359,6 +431,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
     grid=(kb, b, hq),
     in_specs=[
       *_row_specs(cfg, q_view[1].shape[-1]),
+      *head_route_specs,
       _whole_spec(sq, dp, same),
       _tile_spec(cfg.block_kv, dp, kv_head),
       _tile_spec(cfg.block_kv, dvp, kv_head),
@@ -372,7 +445,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       jax.ShapeDtypeStruct((b, sk, hq, cfg.v_head_dim), jnp.float32),
     ],
     name="block_sparse_dkdv",
-  )(*q_view, q, k, v, d_out, lse, delta)
+  )(*q_view, *head_route_args, q, k, v, d_out, lse, delta)
   # Sum the shares of the query heads of each kv head's group.
   group_sum = lambda x: x.reshape(b, sk, hkv, cfg.group, x.shape[-1]).sum(3)
   dk = group_sum(dk)[:, : cfg.kv_len].astype(k.dtype)
@@ -391,6 +464,7 @@ def block_sparse_attention_triton(
   *,
   scale: float,
   interpret: bool = False,
+  routes: common.TokenRoutes | None = None,
   num_warps: int | None = None,
   num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
@@ -402,10 +476,12 @@ def block_sparse_attention_triton(
   Args:
     interpret: run the kernels in the Pallas interpreter (any backend, CPU
       included) instead of compiling them with Triton.
+    routes: optional per-token routes (`common.TokenRoutes`): inside the visited
+      tiles, a query sees only keys whose route it lists.
     num_warps, num_stages: Triton launch parameters (default: 4 warps for head
       dims <= 64, else 8; 2 pipeline stages).
   """
-  check_supported(q, k, v, mask)
+  check_supported(q, k, v, mask, routes)
   bm, hm = mask.kv_count.shape[:2]
   cfg = _Config(
     **common.Tiling.fields_of(mask),
@@ -415,6 +491,9 @@ def block_sparse_attention_triton(
     group=q.shape[2] // k.shape[2],
     mask_batch=bm > 1,
     mask_heads=hm > 1,
+    num_routes=0 if routes is None else routes.query.shape[-1],
+    route_group=1 if routes is None else q.shape[2] // routes.query.shape[1],
+    route_batch=routes is not None and routes.query.shape[0] > 1,
     interpret=bool(interpret),
     num_warps=num_warps,
     num_stages=num_stages,
@@ -422,4 +501,4 @@ def block_sparse_attention_triton(
   as_int = lambda x: x.astype(jnp.int32)
   kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
   q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
-  return _attention(cfg, q, k, v, kv_view, q_view)
+  return _attention(cfg, q, k, v, kv_view, q_view, routes)

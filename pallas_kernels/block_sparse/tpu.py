@@ -92,13 +92,20 @@ def _words_per_row(count: jax.Array, index: jax.Array) -> int:
   return bm * hm * (1 + index.shape[-1])
 
 
-def check_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None:
+def check_supported(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+) -> None:
   """Raises ValueError if the TPU kernel cannot run this call (before any work).
 
   Args:
     q, k, v: as for `block_sparse_attention_tpu`; only q's dtype is read.
     mask: a `common.BlockSparseLayout` (an `ops.BlockMask`).
   """
+  if routes is not None:
+    raise ValueError(
+      "the TPU block-sparse kernel does not take token routes (MoBA/NSA selection) yet; "
+      "use implementation='xla' or the Triton kernel."
+    )
   del k, v
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(
@@ -572,6 +579,7 @@ def block_sparse_attention_tpu(
   *,
   scale: float,
   interpret: Any = False,
+  routes: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -585,7 +593,7 @@ def block_sparse_attention_tpu(
       interpreter with `pltpu.InterpretParams()` defaults, on any backend), or
       a `pltpu.InterpretParams` to pass through.
   """
-  check_supported(q, k, v, mask)
+  check_supported(q, k, v, mask, routes)
   if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
     f32 = lambda x: x.astype(jnp.float32)
     out, lse = block_sparse_attention_tpu(
