@@ -10,12 +10,15 @@ from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.hilo import hilo_attention
 from sparse_attention.ops.reference import reference_attention
+from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 __all__ = [
   "BlockMask",
+  "Calibration",
   "TokenRoutes",
   "block_sparse_attention",
+  "calibrate_attention",
   "hilo_attention",
   "masks",
   "reference_attention",

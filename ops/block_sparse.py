@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from sparse_attention.ops import checks, sharding
 from sparse_attention.ops.block_mask import BlockMask
@@ -64,6 +65,7 @@ def block_sparse_attention(
   return_lse: bool = False,
   interpret: bool = False,
   routes: TokenRoutes | None = None,
+  row_scale: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention over the tiles a `BlockMask` keeps; every other tile is skipped.
 
@@ -91,6 +93,9 @@ def block_sparse_attention(
       `[B|1, Hr, q_len, R]`, key int `[B|1, kv_len]`): inside the visited tiles,
       query i of head h sees key j only if `key[b, j]` is one of
       `query[b, h // (q_heads // Hr), i]`. MoBA and NSA select key blocks this way.
+    row_scale: optional float `[B|1, q_heads|1, q_len]` multiplying each query's
+      output (Re-ttention's sparse step: r_i * O^M_i with r from
+      `calibrate_attention`); the returned lse stays that of the masked softmax.
 
   Returns:
     `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse). Queries
@@ -106,6 +111,7 @@ def block_sparse_attention(
   checks.check_block_mask(mask, shape, op)
   scale = checks.check_scale(scale, shape, op)
   checks.check_routes(routes, shape, op)
+  checks.check_row_scale(row_scale, shape, op)
   impl = _resolve(implementation, interpret, q, k, v, mask, op, routes)
   if impl == "reference":
     dense = (
@@ -124,4 +130,7 @@ def block_sparse_attention(
     out, lse = sharding.shard_over_batch_and_heads(
       kernel, q, k, v, mask, routes, scale=scale, interpret=interpret
     )
+  if row_scale is not None:
+    scale_rows = jnp.swapaxes(jnp.asarray(row_scale, jnp.float32), 1, 2)[..., None]
+    out = (out.astype(jnp.float32) * scale_rows).astype(out.dtype)  # [B, Lq, H, Dv]
   return (out, lse) if return_lse else out

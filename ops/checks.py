@@ -159,3 +159,24 @@ def routes_to_dense(routes: Any, q_heads: int) -> Any:
   query = jnp.repeat(routes.query, q_heads // routes.query.shape[1], axis=1)
   key = routes.key[:, None, None, :, None]
   return jnp.any(query[:, :, :, None, :] == key, axis=-1)
+
+
+def check_row_scale(row_scale: Any, shape: AttentionShape, op: str) -> Any:
+  """A float [B|1, H|1, q_len] per-query output scale."""
+  if row_scale is None:
+    return None
+  if (
+    not hasattr(row_scale, "shape")
+    or row_scale.ndim != 3
+    or not jnp.issubdtype(row_scale.dtype, jnp.floating)
+  ):
+    raise ValueError(
+      f"{op}: row_scale must be a float array [batch|1, q_heads|1, {shape.q_len}], got "
+      f"{getattr(row_scale, 'dtype', None)} {getattr(row_scale, 'shape', None)}."
+    )
+  _check_batch_heads("row_scale", tuple(row_scale.shape[:2]), shape, op)
+  if row_scale.shape[2] != shape.q_len:
+    raise ValueError(
+      f"{op}: row_scale has {row_scale.shape[2]} rows (dim 2); expected q_len={shape.q_len}."
+    )
+  return row_scale

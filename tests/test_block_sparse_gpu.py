@@ -121,3 +121,17 @@ def test_lowers_to_triton_for_cuda_with_token_routes():
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, mask, routes)
   text = lowered.lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 3
+
+
+def test_calibration_kernel_lowers_to_triton_for_cuda():
+  seq = 2048
+  mask = masks.window_with_anchors(seq, seq, window=64, num_anchors=2, block_q=128, block_kv=64)
+  visited, full = mask.block_layout()
+  codes = visited.astype(jnp.int32) + (visited & ~full).astype(jnp.int32)
+  q = jax.ShapeDtypeStruct((1, seq, 4, 128), jnp.bfloat16)
+
+  def calibrate(q, k, v, m, codes):
+    return gpu.calibrate_triton(q, k, v, m, codes, scale=0.1)
+
+  lowered = jax.jit(calibrate).trace(q, q, q, mask, codes).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("xla.gpu.triton") == 1

@@ -278,6 +278,60 @@ def _dkdv_kernel(
   _store(dv_ref, dv, cfg.v_head_dim)
 
 
+def _calibrate_kernel(
+  codes_ref,  # int32 [Kb]   each kv tile in the mask M: 0 no, 1 full, 2 partial
+  q_ref,  # [block_q, Dp]
+  k_ref,  # [Sk_pad, Dp]
+  v_ref,  # [Sk_pad, Dvp]
+  o_ref,  # [block_q, Dvp]   attention over all keys
+  lse_ref,  # f32 [block_q]  logsumexp over all keys
+  lse_m_ref,  # f32 [block_q]  logsumexp over M's keys
+  om_ref,  # [block_q, Dvp] or None: attention normalised over M's keys
+  *,
+  cfg: _Config,
+):
+  """Dense attention over every kv tile; M's share accumulates on the way, under
+  the same running max."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  q_pos = _positions(pl.program_id(0) * bq, bq)
+  q = _load(q_ref, cfg.head_dim)
+
+  def step(j, carry):
+    m, l, acc, l_m, acc_m = carry
+    keys = pl.ds(j * bk, bk)
+    k = _load(k_ref.at[keys, :], cfg.head_dim)
+    v = _load(v_ref.at[keys, :], cfg.v_head_dim)
+    kv_pos = _positions(j * bk, bk)
+    s = _scores(dataclasses.replace(cfg, mask_fn=None), q, k, q_pos, kv_pos, True)
+    m_next = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    correction = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    code = codes_ref[j]
+    in_mask = code != 0
+    if cfg.mask_fn is not None:
+      in_mask = in_mask & ((code == 1) | cfg.mask_fn(q_pos[:, None], kv_pos[None, :]))
+    p_m = jnp.where(in_mask, p, 0.0)
+    l = correction * l + jnp.sum(p, axis=-1)
+    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+    l_m = correction * l_m + jnp.sum(p_m, axis=-1)
+    if om_ref is not None:
+      acc_m = correction[:, None] * acc_m + _dot(p_m.astype(v.dtype), v)
+    return m_next, l, acc, l_m, acc_m
+
+  zeros = jnp.zeros((bq,), jnp.float32)
+  acc0 = jnp.zeros((bq, v_ref.shape[-1]), jnp.float32)
+  init = (jnp.full((bq,), -jnp.inf, jnp.float32), zeros, acc0, zeros, acc0)
+  m, l, acc, l_m, acc_m = jax.lax.fori_loop(0, cfg.num_kv_blocks, step, init)
+  out, lse = common.finalize(m, l, acc)
+  out_m, lse_m = common.finalize(m, l_m, acc_m)
+  _store(o_ref, out, cfg.v_head_dim)
+  lse_ref[...] = lse
+  lse_m_ref[...] = lse_m
+  if om_ref is not None:
+    _store(om_ref, out_m, cfg.v_head_dim)
+
+
 # ---------------------------------------------------------------------------
 # pallas_call plumbing.
 # ---------------------------------------------------------------------------
@@ -482,8 +536,26 @@ def block_sparse_attention_triton(
       dims <= 64, else 8; 2 pipeline stages).
   """
   check_supported(q, k, v, mask, routes)
+  cfg = _config(
+    q,
+    k,
+    v,
+    mask,
+    scale=scale,
+    interpret=interpret,
+    routes=routes,
+    num_warps=num_warps,
+    num_stages=num_stages,
+  )
+  as_int = lambda x: x.astype(jnp.int32)
+  kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
+  q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
+  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+
+
+def _config(q, k, v, mask, *, scale, interpret, routes=None, num_warps=None, num_stages=2):
   bm, hm = mask.kv_count.shape[:2]
-  cfg = _Config(
+  return _Config(
     **common.Tiling.fields_of(mask),
     scale=scale,
     head_dim=q.shape[-1],
@@ -498,7 +570,77 @@ def block_sparse_attention_triton(
     num_warps=num_warps,
     num_stages=num_stages,
   )
-  as_int = lambda x: x.astype(jnp.int32)
-  kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
-  q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
-  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+
+
+def calibrate_triton(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: common.BlockSparseLayout,
+  tile_codes: jax.Array,  # int32 [Bm, Hm, Qb, Kb]: 0 outside the mask, 1 full, 2 partial
+  *,
+  scale: float,
+  masked_output: bool = True,
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """Re-ttention's calibration in one kernel: (out, lse, lse over the mask, out over
+  the mask or None). Every kv tile is visited once; no gradient (sampling only)."""
+  check_supported(q, k, v, mask)
+  cfg = _config(q, k, v, mask, scale=scale, interpret=interpret)
+  return _calibrate(cfg, masked_output, q, k, v, tile_codes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _calibrate(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
+  b, _, hq, _ = q.shape
+  qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
+  sq, sk = qb * cfg.block_q, kb * cfg.block_kv
+  dp, dvp = cfg.padded_dims
+  same, kv_head = (lambda h: h), (lambda h: h // cfg.group)
+  out_specs = [
+    _tile_spec(cfg.block_q, dvp, same),
+    _vector_spec(cfg.block_q, sq),
+    _vector_spec(cfg.block_q, sq),
+  ]
+  out_shape = [
+    jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype),
+    jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+    jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+  ]
+  kernel = _calibrate_kernel
+  if masked_output:
+    out_specs.append(_tile_spec(cfg.block_q, dvp, same))
+    out_shape.append(jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype))
+  else:
+    kernel = functools.partial(_calibrate_kernel, om_ref=None)
+  outs = _call(
+    kernel,
+    cfg,
+    grid=(qb, b, hq),
+    in_specs=[
+      pl.BlockSpec((None, None, None, kb), lambda t, b, h: (*cfg.mask_row(b, h), t, 0)),
+      _tile_spec(cfg.block_q, dp, same),
+      _whole_spec(sk, dp, kv_head),
+      _whole_spec(sk, dvp, kv_head),
+    ],
+    out_specs=out_specs,
+    out_shape=out_shape,
+    name="block_sparse_calibrate",
+  )(tile_codes.astype(jnp.int32), _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
+  out, lse, lse_m = outs[0][:, : cfg.q_len], outs[1][..., : cfg.q_len], outs[2][..., : cfg.q_len]
+  out_m = outs[3][:, : cfg.q_len] if masked_output else None
+  return out, lse, lse_m, out_m
+
+
+def _calibrate_fwd(cfg, masked_output, q, k, v, tile_codes):
+  return _calibrate(cfg, masked_output, q, k, v, tile_codes), None
+
+
+def _calibrate_bwd(cfg, masked_output, residuals, cotangents):
+  raise NotImplementedError(
+    "calibrate_attention has no gradient through the Triton kernel (calibration runs at "
+    "sampling time); use implementation='xla' to differentiate it."
+  )
+
+
+_calibrate.defvjp(_calibrate_fwd, _calibrate_bwd)

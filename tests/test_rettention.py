@@ -1,0 +1,98 @@
+"""Re-ttention's modes: one-pass calibration (dense output, lse over all keys and over
+the mask, O^M) and the row-scaled sparse step, against the reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import testutil
+
+from sparse_attention.ops import block_sparse_attention, masks, reference_attention
+from sparse_attention.ops.rettention import calibrate_attention
+
+Q_LEN, KV_LEN = 100, 90
+
+
+def _masks():
+  geo = dict(block_q=32, block_kv=16)
+  return {
+    "window": masks.sliding_window(Q_LEN, KV_LEN, window=12, **geo),
+    "window_anchors": masks.window_with_anchors(
+      Q_LEN, KV_LEN, window=8, num_anchors=1, offset=2, **geo
+    ),
+    "layout_per_head": masks.from_layout(
+      testutil.random_layout(2, 4, Q_LEN, KV_LEN, 32, 16, 0.3, seed=5),
+      q_len=Q_LEN,
+      kv_len=KV_LEN,
+      **geo,
+    ),
+    "empty_rows": masks.causal(Q_LEN, KV_LEN, offset=-40, **geo),
+  }
+
+
+MASKS = _masks()
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+def test_calibration_matches_reference(name, implementation):
+  q, k, v = testutil.qkv(2, Q_LEN, KV_LEN, 4, 2, 16, 8, seed=len(name))
+  mask = MASKS[name]
+  run = functools.partial(calibrate_attention, q, k, v, mask)
+  got = run(implementation=implementation, interpret=True)
+  ref = run(implementation="reference")
+  for field in ("out", "lse", "lse_masked", "out_masked"):
+    kind = "lse" if field.startswith("lse") else "out"
+    testutil.assert_close(getattr(got, field), getattr(ref, field), jnp.float32, kind, field)
+  testutil.assert_close(got.mass_ratio, ref.mass_ratio, jnp.float32, "out", "mass_ratio")
+  # The shares are probabilities, and rows the mask leaves empty have r = 0.
+  r = np.asarray(got.mass_ratio)
+  assert (r >= 0).all() and (r <= 1 + 1e-6).all()
+
+
+def test_dense_mask_has_all_the_mass_and_bf16():
+  q, k, v = testutil.qkv(1, 64, 64, 2, 2, 16, dtype=jnp.bfloat16)
+  cal = calibrate_attention(q, k, v, masks.dense(64, 64, block_q=16, block_kv=16))
+  np.testing.assert_allclose(np.asarray(cal.mass_ratio), 1.0, rtol=1e-5)
+  testutil.assert_close(cal.out_masked, cal.out, jnp.bfloat16, "out", "O^M = O")
+  assert cal.out.dtype == jnp.bfloat16 and cal.lse.dtype == jnp.float32
+
+
+def test_row_scaled_sparse_step_recovers_the_in_mask_part():
+  """block_sparse_attention(row_scale=r) = r * O^M, and O = r O^M + (1 - r) O^(not M)."""
+  q, k, v = testutil.qkv(2, Q_LEN, KV_LEN, 4, 2, 16, 8, seed=1)
+  mask = MASKS["window_anchors"]
+  cal = calibrate_attention(q, k, v, mask, implementation="reference")
+  scaled = block_sparse_attention(q, k, v, mask, row_scale=cal.mass_ratio)
+  expected = cal.out_masked * jnp.swapaxes(cal.mass_ratio, 1, 2)[..., None]
+  testutil.assert_close(scaled, expected, jnp.float32, "out", "r * O^M")
+  # The complement of the mask carries the rest of the mass.
+  dense = mask.to_dense()
+
+  o_rest = reference_attention(q, k, v, mask=~dense)
+  r = jnp.swapaxes(cal.mass_ratio, 1, 2)[..., None]
+  testutil.assert_close(r * cal.out_masked + (1 - r) * o_rest, cal.out, jnp.float32, "out", "mix")
+
+
+def test_calibration_xla_is_differentiable_and_triton_says_it_is_not():
+  q, k, v = testutil.qkv(1, 32, 32, 2, 2, 16)
+  mask = masks.sliding_window(32, 32, window=4, block_q=16, block_kv=16)
+  grad = jax.grad(lambda q: calibrate_attention(q, k, v, mask, implementation="xla").out.sum())
+  assert np.isfinite(np.asarray(grad(q))).all()
+  with pytest.raises(NotImplementedError, match="no gradient"):
+    jax.grad(
+      lambda q: calibrate_attention(
+        q, k, v, mask, implementation="pallas_triton", interpret=True
+      ).out.sum()
+    )(q)
+
+
+def test_bad_row_scale_raises():
+  q, k, v = testutil.qkv(1, 32, 32, 2, 2, 16)
+  mask = masks.causal(32, 32, block_q=16, block_kv=16)
+  with pytest.raises(ValueError, match="row_scale"):
+    block_sparse_attention(q, k, v, mask, row_scale=jnp.ones((1, 2, 31)))
+  with pytest.raises(ValueError, match="implementation"):
+    calibrate_attention(q, k, v, mask, implementation="cudnn")
