@@ -17,9 +17,10 @@ step then runs `block_sparse_attention(q, k, v, M, row_scale=r)`, which returns
 r_i * O^M_i: the in-mask part of the dense output, at the sparse cost.
 
 Implementations of `calibrate_attention`: "reference" (naive float32), "xla" (query
-chunks, O(chunk x Lk) memory, differentiable), "pallas_triton" (one fused kernel,
-every tile visited once; no gradient: calibration runs at sampling time), None: the
-Triton kernel on GPU, "xla" elsewhere.
+chunks, O(chunk x Lk) memory, differentiable), "pallas_triton" / "pallas_tpu" (one
+fused kernel, every tile visited once; no gradient: calibration runs at sampling time;
+`interpret=True` runs them on a CPU), "pallas" (the current backend's kernel), None: the
+backend's kernel on GPU/TPU when it takes the call, "xla" elsewhere.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ import jax.numpy as jnp
 from sparse_attention.ops import checks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.reference import reference_attention
-from sparse_attention.pallas_kernels.block_sparse import gpu
+from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas_triton")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+# kernel name -> (check_supported(q, k, v, mask), calibrate(q, k, v, mask, codes, ...))
+_KERNELS = {
+  "pallas_triton": (gpu.check_supported, gpu.calibrate_triton),
+  "pallas_tpu": (tpu.check_calibration_supported, tpu.calibrate_tpu),
+}
+_BACKEND_KERNEL = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
 _CHUNK_SCORES = 1 << 22  # score elements per query chunk of the xla path
 
 
@@ -79,9 +86,11 @@ def calibrate_attention(
     q, k, v: `[batch, seq, heads, head_dim]` as for `block_sparse_attention`.
     mask: the sparse BlockMask M whose share of the softmax mass is measured.
     scale: softmax scale, default `head_dim ** -0.5`.
-    implementation: None, "reference", "xla" or "pallas_triton" (module docstring).
+    implementation: None, "reference", "xla", "pallas", "pallas_triton" or "pallas_tpu"
+      (module docstring).
     return_masked_output: also compute O^M (one more p @ v product on M's tiles).
-    interpret: run the Triton kernel in the Pallas interpreter.
+    interpret: run the kernel in the Pallas interpreter (the TPU one in the TPU
+      simulator).
 
   Returns:
     A `Calibration` (out, lse, lse_masked, out_masked) ; `.mass_ratio` gives r.
@@ -90,27 +99,36 @@ def calibrate_attention(
   shape = checks.check_qkv(q, k, v, op)
   checks.check_block_mask(mask, shape, op)
   scale = checks.check_scale(scale, shape, op)
+  backend = jax.default_backend()
   if implementation is None:
-    implementation = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
-    if implementation == "pallas_triton":
+    implementation = _BACKEND_KERNEL.get(backend, "xla")
+    if implementation != "xla":
       try:
-        gpu.check_supported(q, k, v, mask)
+        _KERNELS[implementation][0](q, k, v, mask)
       except ValueError:
-        implementation = "xla"
+        implementation = "xla"  # a call the kernel does not take: still correct
+  elif implementation == "pallas":
+    if backend not in _BACKEND_KERNEL and not interpret:
+      raise ValueError(
+        f"{op}: no Pallas kernel compiles for the {backend!r} backend; pass interpret=True "
+        "to run the GPU kernel in the Pallas interpreter, or use implementation='xla'."
+      )
+    implementation = _BACKEND_KERNEL.get(backend, "pallas_triton")
   if implementation == "reference":
     out, lse = reference_attention(q, k, v, scale=scale, return_lse=True)
     out_m, lse_m = reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
     return Calibration(out, lse, lse_m, out_m if return_masked_output else None)
   if implementation == "xla":
     return _calibrate_xla(q, k, v, mask, scale, return_masked_output)
-  if implementation == "pallas_triton":
+  if implementation in _KERNELS:
+    check, calibrate = _KERNELS[implementation]
     try:
-      gpu.check_supported(q, k, v, mask)
+      check(q, k, v, mask)
     except ValueError as e:
-      raise ValueError(f"{op}: implementation='pallas_triton': {e}") from None
+      raise ValueError(f"{op}: implementation={implementation!r}: {e}") from None
     visited, full = mask.block_layout()
     codes = visited.astype(jnp.int32) + (visited & ~full).astype(jnp.int32)
-    out, lse, lse_m, out_m = gpu.calibrate_triton(
+    out, lse, lse_m, out_m = calibrate(
       q,
       k,
       v,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import testutil
 
-from sparse_attention.ops import block_sparse_attention, masks, reference_attention
+from sparse_attention.ops import block_sparse_attention, masks, reference_attention, rettention
 from sparse_attention.ops.rettention import calibrate_attention
 
 Q_LEN, KV_LEN = 100, 90
@@ -36,7 +36,7 @@ MASKS = _masks()
 
 
 @pytest.mark.parametrize("name", list(MASKS))
-@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton", "pallas_tpu"])
 def test_calibration_matches_reference(name, implementation):
   q, k, v = testutil.qkv(2, Q_LEN, KV_LEN, 4, 2, 16, 8, seed=len(name))
   mask = MASKS[name]
@@ -76,16 +76,15 @@ def test_row_scaled_sparse_step_recovers_the_in_mask_part():
   testutil.assert_close(r * cal.out_masked + (1 - r) * o_rest, cal.out, jnp.float32, "out", "mix")
 
 
-def test_calibration_xla_is_differentiable_and_triton_says_it_is_not():
+@pytest.mark.parametrize("kernel", ["pallas_triton", "pallas_tpu"])
+def test_calibration_xla_is_differentiable_and_kernels_say_they_are_not(kernel):
   q, k, v = testutil.qkv(1, 32, 32, 2, 2, 16)
   mask = masks.sliding_window(32, 32, window=4, block_q=16, block_kv=16)
   grad = jax.grad(lambda q: calibrate_attention(q, k, v, mask, implementation="xla").out.sum())
   assert np.isfinite(np.asarray(grad(q))).all()
   with pytest.raises(NotImplementedError, match="no gradient"):
     jax.grad(
-      lambda q: calibrate_attention(
-        q, k, v, mask, implementation="pallas_triton", interpret=True
-      ).out.sum()
+      lambda q: calibrate_attention(q, k, v, mask, implementation=kernel, interpret=True).out.sum()
     )(q)
 
 
@@ -96,3 +95,26 @@ def test_bad_row_scale_raises():
     block_sparse_attention(q, k, v, mask, row_scale=jnp.ones((1, 2, 31)))
   with pytest.raises(ValueError, match="implementation"):
     calibrate_attention(q, k, v, mask, implementation="cudnn")
+
+
+def test_none_and_pallas_pick_the_backend_kernel(monkeypatch):
+  q, k, v = testutil.qkv(1, 32, 32, 2, 2, 16)
+  mask = masks.causal(32, 32, block_q=16, block_kv=16)
+  ref = calibrate_attention(q, k, v, mask, implementation="reference")
+  # On a CPU, "pallas" needs interpret=True and then runs the GPU kernel interpreted.
+  with pytest.raises(ValueError, match="interpret=True"):
+    calibrate_attention(q, k, v, mask, implementation="pallas")
+  got = calibrate_attention(q, k, v, mask, implementation="pallas", interpret=True)
+  testutil.assert_close(got.out, ref.out, jnp.float32, "out", "pallas on cpu")
+  calls = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setitem(
+    rettention._KERNELS,
+    "pallas_tpu",
+    (
+      rettention.tpu.check_calibration_supported,
+      lambda *a, **kw: calls.append(kw) or (ref.out, ref.lse, ref.lse_masked, ref.out_masked),
+    ),
+  )
+  calibrate_attention(q, k, v, mask)
+  assert len(calls) == 1

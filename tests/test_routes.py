@@ -1,5 +1,6 @@
-"""Token routes (per-query key selection inside the visited tiles): xla path and the
-interpreted Triton kernel against the reference, outputs, lse and gradients."""
+"""Token routes (per-query key selection inside the visited tiles): xla path, the
+interpreted Triton kernel and the TPU kernel in the simulator against the reference,
+outputs, lse and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def _union_mask(routes, block_q, block_kv, q_heads):
   )
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton", "pallas_tpu"])
 @pytest.mark.parametrize("route_heads, kv_heads", [(4, 2), (2, 2), (1, 1)])
 def test_routes_match_reference(implementation, route_heads, kv_heads):
   q, k, v = testutil.qkv(2, L, L, 4, kv_heads, 16, 8, seed=route_heads)
@@ -90,15 +91,11 @@ def test_bad_routes_raise(query_shape, key_shape, match):
     block_sparse_attention(q, k, v, masks.causal(L, L, block_q=32, block_kv=16), routes=routes)
 
 
-def test_tpu_kernel_refuses_routes_and_none_falls_back(monkeypatch):
+def test_none_picks_the_tpu_kernel_with_routes(monkeypatch):
   q, k, v = testutil.qkv(1, L, L, 2, 2, 16)
   mask = masks.causal(L, L, block_q=32, block_kv=16)
   routes = _routes(1, 2, seed=1)
-  with pytest.raises(ValueError, match="routes"):
-    block_sparse_attention(
-      q, k, v, mask, routes=routes, implementation="pallas_tpu", interpret=True
-    )
   from sparse_attention.ops import block_sparse
 
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert block_sparse._resolve(None, False, q, k, v, mask, "op", routes) == "xla"
+  assert block_sparse._resolve(None, False, q, k, v, mask, "op", routes) == "pallas_tpu"

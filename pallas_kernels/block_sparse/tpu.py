@@ -18,15 +18,27 @@ Three `pl.pallas_call`s, tied together by `jax.custom_vjp`:
                                       last (g, t): k/v are never repeated and
                                       no per-query-head partials reach HBM.
 
-The trailing axes (the slots; group and slots for dk/dv) carry accumulators
-and are "arbitrary"; the others are "parallel" (megacore may split them).
+and one more for Re-ttention's calibration (`calibrate_tpu`, no gradient):
 
-Scalar prefetch. A call prefetches its view of the mask to SMEM as two flat
+  calibrate grid (B, Hq, Qb, Kb)      q tile i against EVERY kv tile t (only
+                                      the ragged bounds masked): the full
+                                      online softmax and, under the same
+                                      running max, the share of the mask M
+                                      (tile code 0: outside M, 1: full in M,
+                                      2: partial, apply mask_fn). Gives out,
+                                      lse, lse over M and O^M.
+
+The trailing axes (the slots; group and slots for dk/dv; kv tiles for the
+calibration) carry accumulators and are "arbitrary"; the others are
+"parallel" (megacore may split them).
+
+Scalar prefetch. A call prefetches its view of the mask to SMEM as flat
 int32 arrays (1-D, so SMEM holds no row padding), which the index maps and
 the kernel read:
 
   count  [Bm * Hm * R]          kv_count (q_count for dk/dv); R block rows
   slots  [Bm * Hm * R * Smax]   tile id << 1 | partial bit; Smax = Kmax (Qmax)
+  codes  [Bm * Hm * R * Kb]     the calibration's tile codes (its only prefetch)
 
 Row (b, h, r) is at (b' * Hm + h') * R + r, where b' = 0 if the mask
 broadcasts over the batch (Bm = 1) and h' = 0 if over the heads. The index
@@ -36,7 +48,21 @@ copy for them, while `pl.when(t < count)` skips their compute. Partial tiles
 run a body that evaluates `mask_fn`; full tiles run one that does not.
 SMEM is small (1 MiB per core), so a view larger than `MAX_PREFETCH_WORDS`
 is walked in several calls, each over a range of block rows (q blocks for
-forward / dq, kv blocks for dk/dv) and prefetching only its part.
+forward / dq / calibration, kv blocks for dk/dv) and prefetching only its
+part.
+
+Token routes (MoBA / NSA block selection, `common.TokenRoutes`): inside a
+visited tile, query i of head h sees key j only if key[b, j] is one of
+query[b, h // (Hq // Hr), i, :]. The routes are VMEM blocks whose index maps
+follow the q and kv tiles of the walk (a padding slot re-uses its blocks, as
+for k/v), each the whole of its array's last two dims, so any block size
+tiles: query routes as [R8, block_q] rows of int32 [Br, Hr, Qb, R8, block_q]
+(R padded to R8, a multiple of 8, and the sequence with -1), key routes as a
+[1, block_kv] row of [Br, Kb, 1, block_kv] (padded with -2). A kernel
+compares a query column with the key row R times and ORs: the forward, dq
+and q-major dk/dv transpose the query rows to [block_q, R8] columns;
+kv-major dk/dv (below) transposes the key row to a [block_kv, 1] column
+instead (each one (8, n) int32 transpose per tile, on the XLU).
 
 Layout. The wrapper pads the sequences to block multiples and transposes to
 heads-major [B, H, S, D], so that a block's last two dims are (seq, head_dim)
@@ -57,9 +83,11 @@ of [block_q, block_kv] tiles (Mosaic transposes them).
 
 Limits (`check_supported`): block_q and block_kv multiples of 8 (the sublane
 tiling of every block), unless one block covers the whole sequence, and one
-block row of each mask view must fit in SMEM. float16 runs in float32
-(Mosaic has no float16 vectors). block_kv a multiple of 128 fills the lanes
-of the score tiles and is what runs fast; smaller blocks compile but pad.
+block row of each mask view must fit in SMEM (for the calibration, one row
+of tile codes: `check_calibration_supported`). Token routes add none.
+float16 runs in float32 (Mosaic has no float16 vectors). block_kv a
+multiple of 128 fills the lanes of the score tiles and is what runs fast;
+smaller blocks compile but pad.
 """
 
 from __future__ import annotations
@@ -86,10 +114,10 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-def _words_per_row(count: jax.Array, index: jax.Array) -> int:
-  """SMEM entries one block row of a view costs (over all batches and heads)."""
-  bm, hm = count.shape[:2]
-  return bm * hm * (1 + index.shape[-1])
+def _words_per_row(*arrays: jax.Array) -> int:
+  """SMEM entries one block row of [Bm, Hm, R, ...] arrays costs (over all
+  batches and heads)."""
+  return sum(x.size // x.shape[2] for x in arrays)
 
 
 def check_supported(
@@ -100,13 +128,9 @@ def check_supported(
   Args:
     q, k, v: as for `block_sparse_attention_tpu`; only q's dtype is read.
     mask: a `common.BlockSparseLayout` (an `ops.BlockMask`).
+    routes: token routes or None; routes of any shape are supported.
   """
-  if routes is not None:
-    raise ValueError(
-      "the TPU block-sparse kernel does not take token routes (MoBA/NSA selection) yet; "
-      "use implementation='xla' or the Triton kernel."
-    )
-  del k, v
+  del k, v, routes
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(
       f"the TPU block-sparse kernel supports float32, bfloat16 and float16, got {q.dtype}."
@@ -125,15 +149,28 @@ def check_supported(
     ("max_kv_blocks", mask.kv_count, mask.kv_index),
     ("max_q_blocks", mask.q_count, mask.q_index),
   ):
-    words = _words_per_row(count, index)
-    if words > MAX_PREFETCH_WORDS:
-      raise ValueError(
-        f"the TPU block-sparse kernel prefetches the mask to SMEM, at least one "
-        f"block row at a time (batch/heads {tuple(count.shape[:2])} x (1 + "
-        f"{name}={index.shape[-1]}) = {words} int32 entries), at most "
-        f"{MAX_PREFETCH_WORDS}. Broadcast the mask over batch or heads, or "
-        f"lower {name}."
-      )
+    _check_prefetch(f"1 + {name}={index.shape[-1]}", f"lower {name}", count, index)
+
+
+def check_calibration_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None:
+  """`check_supported` for `calibrate_tpu`, whose prefetch is a row of tile
+  codes per (batch, head) of the mask: Bm x Hm x Kb int32 entries."""
+  check_supported(q, k, v, mask)
+  bm, hm, qb = mask.kv_count.shape
+  codes = jax.ShapeDtypeStruct((bm, hm, qb, -(-mask.kv_len // mask.block_kv)), jnp.int32)
+  _check_prefetch(f"kv blocks={codes.shape[-1]}", "use larger kv blocks", codes)
+
+
+def _check_prefetch(what: str, advice: str, *arrays) -> None:
+  """One block row of the [Bm, Hm, R, ...] `arrays` must fit in SMEM."""
+  words = _words_per_row(*arrays)
+  if words > MAX_PREFETCH_WORDS:
+    bm, hm = arrays[0].shape[:2]
+    raise ValueError(
+      f"the TPU block-sparse kernel prefetches the mask to SMEM, at least one block row "
+      f"at a time (batch/heads {(bm, hm)} x ({what}) = {words} int32 entries), at most "
+      f"{MAX_PREFETCH_WORDS}. Broadcast the mask over batch or heads, or {advice}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +181,9 @@ class _Config(common.Tiling):
   group: int  # query heads per kv head
   mask_batch: bool  # the mask has a batch dim (> 1)
   mask_heads: int  # Hm: 1 (broadcast) or the number of query heads
+  num_routes: int  # R routes per query (0: no token routes)
+  route_group: int  # query heads per route head (Hq // Hr)
+  route_batch: bool  # the routes have a batch dim (> 1)
   interpret: Any  # False or a pltpu.InterpretParams
 
   @property
@@ -153,6 +193,29 @@ class _Config(common.Tiling):
     [block_q, 128] columns, 16x less to copy per tile. Needs block_q to fill
     lanes: a multiple of 128, or one block covering the queries."""
     return self.block_q % LANES == 0 or self.num_q_blocks == 1
+
+  @property
+  def route_rows(self) -> int:
+    """R8: the routes of a query, padded to a multiple of 8 (sublanes)."""
+    return -(-self.num_routes // SUBLANES) * SUBLANES
+
+
+def _config(q, k, mask, *, scale, interpret, routes=None) -> _Config:
+  if interpret is True:
+    interpret = pltpu.InterpretParams()
+  bm, hm = mask.kv_count.shape[:2]
+  return _Config(
+    **common.Tiling.fields_of(mask),
+    scale=float(scale),
+    group=q.shape[2] // k.shape[2],
+    mask_batch=bm > 1,
+    mask_heads=hm,
+    # R = 0 lists no route: padded to one -1 column, which matches nothing.
+    num_routes=0 if routes is None else max(1, routes.query.shape[-1]),
+    route_group=1 if routes is None else q.shape[2] // routes.query.shape[1],
+    route_batch=routes is not None and routes.query.shape[0] > 1,
+    interpret=interpret,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +232,7 @@ class _Rows:
     return (b * cfg.mask_heads + h) * self.size + r
 
 
-def _kv_head(h, group: int):
+def _div(h, group: int):
   """h // group for a program id. jnp's floor division lowers through `sign`,
   whose Mosaic rule asks the local TPU for its generation (so lowering for
   TPU on another host fails); a truncating division does not."""
@@ -187,15 +250,25 @@ def _dot(a: jax.Array, b: jax.Array, dims=_NN) -> jax.Array:
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _scores(cfg: _Config, q, k, i, j, masked: bool, kv_major: bool = False) -> jax.Array:
+def _positions(cfg: _Config, i, j, shape, kv_major: bool = False):
+  """Absolute (query, key) positions, int32 `shape`, in tile (i, j):
+  [block_q, block_kv], or [block_kv, block_q] if kv_major."""
+  q_axis, kv_axis = (1, 0) if kv_major else (0, 1)
+  q_pos = i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
+  kv_pos = j * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, shape, kv_axis)
+  return q_pos, kv_pos
+
+
+def _scores(
+  cfg: _Config, q, k, i, j, masked: bool, kv_major: bool = False, routed=None
+) -> jax.Array:
   """Scaled scores f32 [block_q, block_kv] of q tile i and kv tile j, -inf
-  where hidden: by `mask_fn` if `masked`, and past the ragged tails.
-  kv_major: the transpose, [block_kv, block_q] (k @ q.T)."""
+  where hidden: by `mask_fn` if `masked`, by the routes where `routed` (bool,
+  None: no routes) is False, and past the ragged tails. kv_major: the
+  transpose, [block_kv, block_q] (k @ q.T)."""
   s = _dot(k, q, _NT) if kv_major else _dot(q, k, _NT)
   s = s * cfg.scale
-  q_axis, kv_axis = (1, 0) if kv_major else (0, 1)
-  q_pos = i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-  kv_pos = j * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, s.shape, kv_axis)
+  q_pos, kv_pos = _positions(cfg, i, j, s.shape, kv_major)
   vis = common.visibility(
     cfg.mask_fn if masked else None,
     True,
@@ -205,8 +278,24 @@ def _scores(cfg: _Config, q, k, i, j, masked: bool, kv_major: bool = False) -> j
     kv_len=cfg.kv_len,
     block_q=cfg.block_q,
     block_kv=cfg.block_kv,
+    routed=routed,
   )
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
+
+
+def _routed(cfg: _Config, q_route_ref, kv_route_ref, kv_major: bool = False):
+  """bool [block_q, block_kv] ([block_kv, block_q] if kv_major): the key's
+  route is one of the query's; None without routes."""
+  if q_route_ref is None:
+    return None
+  rows, key = q_route_ref[...], kv_route_ref[...]  # [R8, block_q], [1, block_kv]
+  if kv_major:  # key column [block_kv, 1] vs query rows [1, block_q]
+    key = jnp.broadcast_to(key, (SUBLANES, key.shape[1])).T[:, :1]
+    queries = [rows[r : r + 1, :] for r in range(cfg.num_routes)]
+  else:  # query columns [block_q, 1] vs the key row
+    columns = rows.T
+    queries = [columns[:, r : r + 1] for r in range(cfg.num_routes)]
+  return functools.reduce(jnp.logical_or, [x == key for x in queries])
 
 
 def _when_listed(cfg: _Config, t, count, slot, body) -> None:
@@ -232,13 +321,16 @@ def _lanes(x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# Kernels. Program ids are local to the call's block rows (`rows`).
+# Kernels. Program ids are local to the call's block rows (`rows`). Route refs
+# are None without token routes.
 # ---------------------------------------------------------------------------
 
 
 def _forward_kernel(
   count_ref,  # SMEM int32 [Bm * Hm * rows.size]
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Kmax]
+  q_route_ref,  # int32 [R8, block_q]  routes of these queries (rows)
+  kv_route_ref,  # int32 [1, block_kv]  routes of the keys of tile slots[row, t] >> 1
   q_ref,  # [block_q, D]
   k_ref,  # [block_kv, D]    tile slots[row, t] >> 1
   v_ref,  # [block_kv, Dv]
@@ -261,7 +353,8 @@ def _forward_kernel(
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(j, masked: bool):
-    s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, j, masked)
+    routed = _routed(cfg, q_route_ref, kv_route_ref)
+    s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, j, masked, routed=routed)
     m, l, acc = common.online_softmax_update(
       s, _column(m_ref), _column(l_ref), acc_ref[...], v_ref[...], _dot
     )
@@ -280,6 +373,8 @@ def _forward_kernel(
 def _dq_kernel(
   count_ref,  # SMEM int32 [Bm * Hm * rows.size]
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Kmax]
+  q_route_ref,  # int32 [R8, block_q]
+  kv_route_ref,  # int32 [1, block_kv]
   q_ref,  # [block_q, D]
   k_ref,  # [block_kv, D]
   v_ref,  # [block_kv, Dv]
@@ -301,7 +396,8 @@ def _dq_kernel(
 
   def body(j, masked: bool):
     k = k_ref[...]
-    s = _scores(cfg, q_ref[...], k, rows.start + r, j, masked)
+    routed = _routed(cfg, q_route_ref, kv_route_ref)
+    s = _scores(cfg, q_ref[...], k, rows.start + r, j, masked, routed=routed)
     p = jnp.exp(s - lse_ref[:, :1])
     dp = _dot(do_ref[...], v_ref[...], _NT)
     ds = p * (dp - delta_ref[:, :1])
@@ -318,6 +414,8 @@ def _dq_kernel(
 def _dkdv_kernel(
   count_ref,  # SMEM int32 [Bm * Hm * rows.size]
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Qmax]
+  q_route_ref,  # int32 [R8, block_q]   routes of q tile slots[row, t] >> 1
+  kv_route_ref,  # int32 [1, block_kv]
   q_ref,  # [block_q, D]     query head h * G + g, tile slots[row, t] >> 1
   k_ref,  # [block_kv, D]
   v_ref,  # [block_kv, Dv]
@@ -342,7 +440,8 @@ def _dkdv_kernel(
 
   def body(i, masked: bool):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = _scores(cfg, q, k, i, rows.start + r, masked, kv_major=cfg.kv_major)
+    routed = _routed(cfg, q_route_ref, kv_route_ref, cfg.kv_major)
+    s = _scores(cfg, q, k, i, rows.start + r, masked, cfg.kv_major, routed)
     if cfg.kv_major:  # p, ds: [block_kv, block_q]; every matmul is plain or NT
       p = jnp.exp(s - lse_ref[:1, :])
       dv_acc_ref[...] += _dot(p.astype(do.dtype), do)
@@ -361,6 +460,78 @@ def _dkdv_kernel(
   def _finish():
     dk_ref[...] = (dk_acc_ref[...] * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _calibrate_kernel(
+  codes_ref,  # SMEM int32 [Bm * Hm * rows.size * Kb]: 0 outside M, 1 full in M, 2 partial
+  q_ref,  # [block_q, D]
+  k_ref,  # [block_kv, D]    tile t
+  v_ref,  # [block_kv, Dv]
+  o_ref,  # [block_q, Dv]   attention over all keys
+  lse_ref,  # f32 [block_q, 128]   lse over all keys, lane-broadcast
+  lse_m_ref,  # f32 [block_q, 128]   lse over M's keys
+  *refs,  # om_ref [block_q, Dv] (O^M) if masked_output; scratch m, l, acc, l_m, acc_m (if O^M)
+  cfg: _Config,
+  rows: _Rows,
+  masked_output: bool,
+):
+  """Dense attention over every kv tile; M's share accumulates under the same
+  running max (m_ref), in l_m_ref / acc_m_ref."""
+  if masked_output:
+    om_ref, m_ref, l_ref, acc_ref, l_m_ref, acc_m_ref = refs
+  else:
+    (m_ref, l_ref, acc_ref, l_m_ref), om_ref, acc_m_ref = refs, None, None
+  b, h, r, t = (pl.program_id(a) for a in range(4))
+  kb = cfg.num_kv_blocks
+
+  @pl.when(t == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    for ref in (l_ref, acc_ref, l_m_ref, acc_m_ref):
+      if ref is not None:
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+  v = v_ref[...]
+  s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, t, masked=False)
+  m_prev = _column(m_ref)
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
+  correction = jnp.exp(m_prev - m_safe)
+  p = jnp.exp(s - m_safe[:, None])
+  m_ref[...] = _lanes(m_next)
+  l_ref[...] = _lanes(correction * _column(l_ref) + jnp.sum(p, axis=-1))
+  acc_ref[...] = correction[:, None] * acc_ref[...] + _dot(p.astype(v.dtype), v)
+
+  def share(p_m):  # M's part of this tile's p; None: none of it
+    l_m = correction * _column(l_m_ref)
+    l_m_ref[...] = _lanes(l_m if p_m is None else l_m + jnp.sum(p_m, axis=-1))
+    if acc_m_ref is not None:
+      acc_m = correction[:, None] * acc_m_ref[...]
+      acc_m_ref[...] = acc_m if p_m is None else acc_m + _dot(p_m.astype(v.dtype), v)
+
+  code = codes_ref[rows.flat(cfg, b, h, r) * kb + t]
+  pl.when(code == 0)(lambda: share(None))
+  if cfg.mask_fn is None:  # no partial tiles
+    pl.when(code != 0)(lambda: share(p))
+  else:
+    pl.when(code == 1)(lambda: share(p))
+
+    @pl.when(code == 2)
+    def _partial():
+      q_pos, kv_pos = _positions(cfg, rows.start + r, t, p.shape)
+      share(jnp.where(cfg.mask_fn(q_pos, kv_pos), p, 0.0))
+
+  @pl.when(t == kb - 1)
+  def _finish():
+    m = _column(m_ref)
+    out, lse = common.finalize(m, _column(l_ref), acc_ref[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = _lanes(lse)
+    acc_m = acc_m_ref[...] if masked_output else jnp.zeros((m.shape[0], 1), jnp.float32)
+    out_m, lse_m = common.finalize(m, _column(l_m_ref), acc_m)
+    lse_m_ref[...] = _lanes(lse_m)
+    if masked_output:
+      om_ref[...] = out_m.astype(om_ref.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -391,34 +562,34 @@ def _rows_to_sublanes(x: jax.Array, length: int) -> jax.Array:
   return jnp.broadcast_to(x[:, :, None], (*x.shape[:2], SUBLANES, length))
 
 
-def _walk_rows(view, call) -> list[jax.Array]:
-  """Runs `call(rows, count, slots)` over the block rows of a mask view, in
-  as few pieces as SMEM allows; joins the pieces' outputs along axis 2 (the
-  sequence of [B, H, S, D] arrays).
-
-  view: (count int32 [Bm, Hm, R], index int32 [Bm, Hm, R, Smax],
-  partial bool [Bm, Hm, R, Smax]). `count` and `slots` reach `call` flat, as
-  the kernels prefetch them.
-  """
+def _slots(view) -> tuple[jax.Array, jax.Array]:
+  """(count, slots) of a view (count int32 [Bm, Hm, R], index int32
+  [Bm, Hm, R, Smax], partial bool [Bm, Hm, R, Smax]): slot = id << 1 | partial."""
   count, index, partial = view
-  slots = (index.astype(jnp.int32) << 1) | partial.astype(jnp.int32)
-  total = count.shape[-1]
-  step = max(1, MAX_PREFETCH_WORDS // _words_per_row(count, index))
+  return count, (index.astype(jnp.int32) << 1) | partial.astype(jnp.int32)
+
+
+def _walk_rows(prefetch, call) -> list[jax.Array]:
+  """Runs `call(rows, *flat)` over the block rows of the [Bm, Hm, R, ...]
+  arrays `prefetch`, in as few pieces as SMEM allows (each array reaches
+  `call` flat, its rows `rows` only, as the kernels prefetch it); joins the
+  pieces' outputs along axis 2 (the sequence of [B, H, S, D] arrays)."""
+  total = prefetch[0].shape[2]
+  step = max(1, MAX_PREFETCH_WORDS // _words_per_row(*prefetch))
   flat = lambda x, start, stop: x[:, :, start:stop].astype(jnp.int32).reshape(-1)
   pieces = []
   for start in range(0, total, step):
     stop = min(start + step, total)
-    rows = _Rows(start, stop - start)
-    pieces.append(call(rows, flat(count, start, stop), flat(slots, start, stop)))
+    pieces.append(call(_Rows(start, stop - start), *(flat(x, start, stop) for x in prefetch)))
   joined = zip(*pieces, strict=True)
   return [parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2) for parts in joined]
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, scratch, name: str):
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, scratch, name, prefetch=2):
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
+      num_scalar_prefetch=prefetch,
       grid=grid,
       in_specs=in_specs,
       out_specs=out_specs,
@@ -442,20 +613,62 @@ def _q_walk_specs(cfg: _Config, rows: _Rows, kmax: int):
   """Index maps of the forward-view walk, grid (b, h, r, t):
   (q tile, the call's own output tile, kv tile slots[row, t] >> 1)."""
 
-  def q_tile(b, h, r, t, count_ref, slots_ref):
+  def q_tile(b, h, r, t, *prefetch_refs):
     return b, h, rows.start + r, 0
 
-  def out_tile(b, h, r, t, count_ref, slots_ref):
+  def out_tile(b, h, r, t, *prefetch_refs):
     return b, h, r, 0
 
   def kv_tile(b, h, r, t, count_ref, slots_ref):
     j = slots_ref[rows.flat(cfg, b, h, r) * kmax + t] >> 1
-    return b, _kv_head(h, cfg.group), j, 0
+    return b, _div(h, cfg.group), j, 0
 
   return q_tile, out_tile, kv_tile
 
 
-def _forward(cfg: _Config, q, k, v, kv_view, q_view):
+def _route_arrays(cfg: _Config, routes) -> list:
+  """The token routes as `_route_specs` reads them ([None, None] without),
+  padded with values that match nothing: query routes int32
+  [Br, Hr, Qb, R8, block_q], key routes int32 [Br, Kb, 1, block_kv]."""
+  if routes is None:
+    return [None, None]
+  qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
+  br, hr, _, r = routes.query.shape
+  r8 = cfg.route_rows
+  query = jnp.pad(
+    routes.query.astype(jnp.int32),
+    ((0, 0), (0, 0), (0, qb * cfg.block_q - cfg.q_len), (0, r8 - r)),
+    constant_values=-1,
+  )
+  query = query.reshape(br, hr, qb, cfg.block_q, r8).swapaxes(3, 4)
+  key = jnp.pad(
+    routes.key.astype(jnp.int32), ((0, 0), (0, kb * cfg.block_kv - cfg.kv_len)), constant_values=-2
+  )
+  return [query, key.reshape(br, kb, 1, cfg.block_kv)]
+
+
+def _route_specs(cfg: _Config, q_tile, kv_tile) -> list:
+  """BlockSpecs of the routes of the q tile and the kv tile that the index
+  maps `q_tile` and `kv_tile` name ([None, None] without routes)."""
+  if not cfg.num_routes:
+    return [None, None]
+  batch = lambda b: b if cfg.route_batch else 0
+
+  def query(*ids):
+    b, h, i, _ = q_tile(*ids)
+    return batch(b), _div(h, cfg.route_group), i, 0, 0
+
+  def key(*ids):
+    b, _, j, _ = kv_tile(*ids)
+    return batch(b), j, 0, 0
+
+  return [
+    pl.BlockSpec((None, None, None, cfg.route_rows, cfg.block_q), query),
+    pl.BlockSpec((None, None, 1, cfg.block_kv), key),
+  ]
+
+
+def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   del q_view  # the transposed view serves the backward pass only
   b, _, hq, d = q.shape
   dv = v.shape[-1]
@@ -463,6 +676,7 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view):
   kmax = kv_view[1].shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   q, k, v = _heads_major(q, sq), _heads_major(k, sk), _heads_major(v, sk)
+  route_args = _route_arrays(cfg, routes)
 
   def call(rows: _Rows, count, slots):
     q_tile, out_tile, kv_tile = _q_walk_specs(cfg, rows, kmax)
@@ -470,7 +684,12 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view):
       functools.partial(_forward_kernel, cfg=cfg, rows=rows, kmax=kmax),
       cfg,
       grid=(b, hq, rows.size, kmax),
-      in_specs=[_block(bq, d, q_tile), _block(bk, d, kv_tile), _block(bk, dv, kv_tile)],
+      in_specs=[
+        *_route_specs(cfg, q_tile, kv_tile),
+        _block(bq, d, q_tile),
+        _block(bk, d, kv_tile),
+        _block(bk, dv, kv_tile),
+      ],
       out_specs=[_block(bq, dv, out_tile), _block(bq, LANES, out_tile)],
       out_shape=[
         jax.ShapeDtypeStruct((b, hq, rows.size * bq, dv), q.dtype),
@@ -482,13 +701,13 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view):
         pltpu.VMEM((bq, dv), jnp.float32),
       ],
       name="block_sparse_forward",
-    )(count, slots, q, k, v)
+    )(count, slots, *route_args, q, k, v)
 
-  out, lse = _walk_rows(kv_view, call)
+  out, lse = _walk_rows(_slots(kv_view), call)
   return _seq_major(out, cfg.q_len), lse[:, :, : cfg.q_len, 0]
 
 
-def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
+def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
   b, _, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   sq, sk = cfg.num_q_blocks * cfg.block_q, cfg.num_kv_blocks * cfg.block_kv
@@ -501,6 +720,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
   k, v = _heads_major(k, sk), _heads_major(v, sk)
   tensors = (q, k, v, d_out)
   columns = tuple(_rows_to_lanes(x, sq) for x in stats)  # [B, Hq, Sq_pad, 128]
+  route_args = _route_arrays(cfg, routes)
 
   def dq_call(rows: _Rows, count, slots):
     q_tile, out_tile, kv_tile = _q_walk_specs(cfg, rows, kmax)
@@ -509,6 +729,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       cfg,
       grid=(b, hq, rows.size, kmax),
       in_specs=[
+        *_route_specs(cfg, q_tile, kv_tile),
         _block(bq, d, q_tile),
         _block(bk, d, kv_tile),
         _block(bk, dv, kv_tile),
@@ -520,7 +741,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       out_shape=[jax.ShapeDtypeStruct((b, hq, rows.size * bq, d), q.dtype)],
       scratch=[pltpu.VMEM((bq, d), jnp.float32)],
       name="block_sparse_dq",
-    )(count, slots, *tensors, *columns)
+    )(count, slots, *route_args, *tensors, *columns)
 
   def dkdv_call(rows: _Rows, count, slots):
     # Grid (b, h, r, g, t): kv tile rows.start + r of kv head h; query head
@@ -529,10 +750,10 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       qh = h * cfg.group + g
       return b, qh, slots_ref[rows.flat(cfg, b, qh, r) * qmax + t] >> 1, 0
 
-    def kv_tile(b, h, r, g, t, count_ref, slots_ref):
+    def kv_tile(b, h, r, g, t, *prefetch_refs):
       return b, h, rows.start + r, 0
 
-    def out_tile(b, h, r, g, t, count_ref, slots_ref):
+    def out_tile(b, h, r, g, t, *prefetch_refs):
       return b, h, r, 0
 
     def row_tile(*grid_and_refs):  # lse / delta as [8, block_q] rows
@@ -546,6 +767,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       cfg,
       grid=(b, hkv, rows.size, cfg.group, qmax),
       in_specs=[
+        *_route_specs(cfg, q_tile, kv_tile),
         _block(bq, d, q_tile),
         _block(bk, d, kv_tile),
         _block(bk, dv, kv_tile),
@@ -560,11 +782,11 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, out, lse, d_out, d_lse):
       ],
       scratch=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, dv), jnp.float32)],
       name="block_sparse_dkdv",
-    )(count, slots, *tensors, *rows_or_columns)
+    )(count, slots, *route_args, *tensors, *rows_or_columns)
 
   rows_or_columns = tuple(_rows_to_sublanes(x, sq) for x in stats) if cfg.kv_major else columns
-  (dq,) = _walk_rows(kv_view, dq_call)
-  dk, dv = _walk_rows(q_view, dkdv_call)
+  (dq,) = _walk_rows(_slots(kv_view), dq_call)
+  dk, dv = _walk_rows(_slots(q_view), dkdv_call)
   return _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
 
 
@@ -579,7 +801,7 @@ def block_sparse_attention_tpu(
   *,
   scale: float,
   interpret: Any = False,
-  routes: Any = None,
+  routes: common.TokenRoutes | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -592,25 +814,118 @@ def block_sparse_attention_tpu(
     interpret: False (compile with Mosaic for a TPU), True (the Pallas TPU
       interpreter with `pltpu.InterpretParams()` defaults, on any backend), or
       a `pltpu.InterpretParams` to pass through.
+    routes: optional per-token routes (`common.TokenRoutes`, query int
+      [B|1, Hr, q_len, R], key int [B|1, kv_len]): inside the visited tiles,
+      a query sees only keys whose route it lists.
   """
   check_supported(q, k, v, mask, routes)
   if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
     f32 = lambda x: x.astype(jnp.float32)
     out, lse = block_sparse_attention_tpu(
-      f32(q), f32(k), f32(v), mask, scale=scale, interpret=interpret
+      f32(q), f32(k), f32(v), mask, scale=scale, interpret=interpret, routes=routes
     )
     return out.astype(q.dtype), lse
-  if interpret is True:
-    interpret = pltpu.InterpretParams()
-  bm, hm = mask.kv_count.shape[:2]
-  cfg = _Config(
-    **common.Tiling.fields_of(mask),
-    scale=float(scale),
-    group=q.shape[2] // k.shape[2],
-    mask_batch=bm > 1,
-    mask_heads=hm,
-    interpret=interpret,
-  )
+  cfg = _config(q, k, mask, scale=scale, interpret=interpret, routes=routes)
   kv_view = (mask.kv_count, mask.kv_index, mask.kv_partial)
   q_view = (mask.q_count, mask.q_index, mask.q_partial)
-  return _attention(cfg, q, k, v, kv_view, q_view)
+  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+
+
+# ---------------------------------------------------------------------------
+# Re-ttention's calibration.
+# ---------------------------------------------------------------------------
+
+
+def calibrate_tpu(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: common.BlockSparseLayout,
+  tile_codes: jax.Array,  # int32 [Bm, Hm, Qb, Kb]: 0 outside the mask, 1 full, 2 partial
+  *,
+  scale: float,
+  masked_output: bool = True,
+  interpret: Any = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """Re-ttention's calibration in one kernel: (out, lse, lse over the mask M,
+  out normalised over M or None), as `gpu.calibrate_triton`.
+
+  Every kv tile is visited once (dense; only the ragged bounds are masked).
+  Rows M keeps no key of get lse_masked -inf and O^M 0. No gradient
+  (calibration runs at sampling time). `check_calibration_supported` is run
+  here; `interpret` as for `block_sparse_attention_tpu`.
+  """
+  check_calibration_supported(q, k, v, mask)
+  if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
+    f32 = lambda x: x.astype(jnp.float32)
+    out, lse, lse_m, out_m = calibrate_tpu(
+      f32(q),
+      f32(k),
+      f32(v),
+      mask,
+      tile_codes,
+      scale=scale,
+      masked_output=masked_output,
+      interpret=interpret,
+    )
+    f16 = lambda x: None if x is None else x.astype(q.dtype)
+    return f16(out), lse, lse_m, f16(out_m)
+  cfg = _config(q, k, mask, scale=scale, interpret=interpret)
+  return _calibrate(cfg, masked_output, q, k, v, tile_codes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _calibrate(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
+  b, _, hq, d = q.shape
+  dv = v.shape[-1]
+  kb = cfg.num_kv_blocks
+  sq, sk = cfg.num_q_blocks * cfg.block_q, kb * cfg.block_kv
+  bq, bk = cfg.block_q, cfg.block_kv
+  q, k, v = _heads_major(q, sq), _heads_major(k, sk), _heads_major(v, sk)
+
+  def call(rows: _Rows, codes):
+    def q_tile(b, h, r, t, codes_ref):
+      return b, h, rows.start + r, 0
+
+    def out_tile(b, h, r, t, codes_ref):
+      return b, h, r, 0
+
+    def kv_tile(b, h, r, t, codes_ref):
+      return b, _div(h, cfg.group), t, 0
+
+    out = lambda width, dtype: jax.ShapeDtypeStruct((b, hq, rows.size * bq, width), dtype)
+    stat = jnp.float32
+    outputs = [(dv, q.dtype), (LANES, stat), (LANES, stat)] + [(dv, q.dtype)] * masked_output
+    scratch = [(LANES, stat), (LANES, stat), (dv, stat), (LANES, stat)] + [
+      (dv, stat)
+    ] * masked_output
+    return _call(
+      functools.partial(_calibrate_kernel, cfg=cfg, rows=rows, masked_output=masked_output),
+      cfg,
+      grid=(b, hq, rows.size, kb),
+      in_specs=[_block(bq, d, q_tile), _block(bk, d, kv_tile), _block(bk, dv, kv_tile)],
+      out_specs=[_block(bq, width, out_tile) for width, _ in outputs],
+      out_shape=[out(width, dtype) for width, dtype in outputs],
+      scratch=[pltpu.VMEM((bq, width), dtype) for width, dtype in scratch],
+      name="block_sparse_calibrate",
+      prefetch=1,
+    )(codes, q, k, v)
+
+  out, lse, lse_m, *out_m = _walk_rows([tile_codes], call)
+  out_m = _seq_major(out_m[0], cfg.q_len) if masked_output else None
+  lse, lse_m = lse[:, :, : cfg.q_len, 0], lse_m[:, :, : cfg.q_len, 0]
+  return _seq_major(out, cfg.q_len), lse, lse_m, out_m
+
+
+def _calibrate_fwd(cfg, masked_output, q, k, v, tile_codes):
+  return _calibrate(cfg, masked_output, q, k, v, tile_codes), None
+
+
+def _calibrate_bwd(cfg, masked_output, residuals, cotangents):
+  raise NotImplementedError(
+    "calibrate_attention has no gradient through the TPU kernel (calibration runs at "
+    "sampling time); use implementation='xla' to differentiate it."
+  )
+
+
+_calibrate.defvjp(_calibrate_fwd, _calibrate_bwd)
