@@ -1,0 +1,1169 @@
+"""`nsa_attention`: Native Sparse Attention (NSA, arXiv 2502.11089), given projected inputs.
+
+NSA attends each query through three causal branches, each with its own softmax
+(scale `head_dim ** -0.5` by default, the same in every branch), mixed by gates:
+
+    out[t] = g_cmp[t] * Attn(q_t, K_cmp, V_cmp)      # compressed blocks
+           + g_slc[t] * Attn(q_t, K_slc(t), V_slc(t)) # selected blocks
+           + g_win[t] * Attn(q_t, K_win(t), V_win(t)) # sliding window
+
+Layout (`[batch, seq, heads, head_dim]` like `jax.nn.dot_product_attention`):
+
+* q `[B, Lq, Hq, D]`, k `[B, Lk, Hkv, D]`, v `[B, Lk, Hkv, Dv]`; q head h reads kv
+  head h // (Hq // Hkv) (GQA). Lq <= Lk and the queries are the LAST Lq positions:
+  query row i sits at absolute position t = Lk - Lq + i (training: Lq == Lk; decoding
+  with a KV cache: Lq new tokens).
+* k_cmp `[B, Nc, Hkv, D]`, v_cmp `[B, Nc, Hkv, Dv]`: the compressed keys/values, computed
+  by the model's learnable phi (an MLP with intra-block positions, or `compress_mean`).
+  Compressed block c covers key positions [c*d, c*d + l) (l = block_len, d = stride);
+  Nc = `num_compressed_blocks(Lk, l, d)` = max(0, (Lk - l) // d + 1), the blocks that lie
+  entirely inside Lk.
+* gates `[B, Lq, Hq, 3]` = (g_cmp, g_slc, g_win), already in [0, 1] (the model applies
+  the sigmoid). Output `[B, Lq, Hq, Dv]` in q's dtype.
+
+The branches, exactly (every choice below is ours where the paper leaves room):
+
+* Compression: query t sees compressed block c iff the block is entirely in its past,
+  c*d + l - 1 <= t. A query that sees no block (t < l - 1) gets 0 from this branch.
+* Selection (shared by the Hq // Hkv query heads of a GQA group; computed by
+  `nsa_selection`, the one place the rule lives):
+  1. p_cmp[h, t, c]: the compression branch's softmax probabilities per query head over
+     the visible compressed blocks (0 for the others; all 0 for a query that sees none).
+  2. Fractional-overlap mapping onto selection blocks of length l' (select_len; block j
+     covers [j*l', (j+1)*l'), Ns = ceil(Lk / l'), the last one possibly ragged):
+       p_slc[h, t, j] = sum_c p_cmp[h, t, c] * |[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / l.
+     Each compressed block spreads its probability over the selection blocks it overlaps,
+     in proportion to the overlap (l=32, d=16, l'=64: a block inside one selection block
+     gives it all, a block straddling two gives each half). Any positive l, d, l' work;
+     nothing needs to divide anything.
+  3. Group importance: score[g, t, j] = sum of p_slc[h, t, j] over the heads h of group g.
+  4. Eligible blocks: j*l' <= t (none from the future). Forced blocks, always kept and
+     counted toward n: block 0 (the initial block) and the two local blocks t // l' and
+     t // l' - 1 (when >= 0). The other n - #forced slots go to the eligible blocks with
+     the highest score, ties toward the lower block id (so a query that sees no
+     compressed block, whose scores are all 0, takes the lowest eligible ids). With n >=
+     the number of eligible blocks, all of them are kept.
+  K_slc(t) = the keys of the kept blocks at positions <= t.
+* Sliding window: the w most recent keys, t - w < j <= t.
+
+The top-n choice is discrete: no gradient flows through it (it is a function of q and
+k_cmp, treated as a constant). Everything else is differentiable in q, k, v, k_cmp,
+v_cmp and gates. Selection is computed in float32 from q and k_cmp upcast; ties are
+broken exactly as above, but two *different* compilations of the selection (e.g. under
+another `jit`) may round p_slc differently and so flip a near-tie.
+
+Implementations:
+
+* "reference": each branch as dense attention under a boolean mask `[B, Hq, Lq, L*]`
+  through `ops.reference_attention` (float32, O(Lq * Lk) memory). The oracle.
+* "xla" (the default on CPU): exact and memory-efficient pure JAX; nothing is O(Lq * Lk).
+  Every branch has a `custom_vjp` whose backward pass recomputes the probabilities from
+  the saved logsumexp (flash-attention style), all in float32 accumulation:
+  - compression: a `lax.scan` over query chunks, each against all Nc ~ Lk / d compressed
+    keys;
+  - window: a `lax.scan` over chunks of C queries, each against the contiguous slice of
+    C + w - 1 keys its window spans (`dynamic_slice`, no gather): work ~ Lq * (w + C);
+  - selection: queries in blocks of bq = 32; each (batch, kv head, query block) lists the
+    union of its queries' selected blocks, and each listed (query block, key block)
+    tile is a dense `[bq * G, l']` matmul under the per-element mask "query t selected
+    this block and key <= t", merged by an online softmax. Work = sum of the union sizes
+    * bq * l': ~n * l' per query when neighbouring queries select alike (trained models),
+    never more than block-causal attention (random selections at L = 4096 come close
+    to that); in exchange it runs as matmuls, ~5x the throughput of gathering n * l'
+    keys per query on CPU. The backward pass scatter-adds dK / dV into the key blocks.
+  `nsa_selection` itself runs in query chunks too (memory O(chunk * Nc)).
+* "pallas_triton" / "pallas_tpu" (and "pallas", the platform's one): every branch is one
+  `ops.block_sparse_attention` call on the project's routed block-sparse Pallas kernel
+  (Triton on GPU, Mosaic on TPU; either runs on CPU with interpret=True), forward and
+  backward (the kernels' custom_vjp): only NSA's masks are built here. The selection
+  (`nsa_selection`) and the gated mix stay in XLA. Per branch:
+  - selection: token routes `TokenRoutes(query=ids [B, Hkv, Lq, n] with -1 for invalid
+    slots, key=j // l' [B, Lk])`: route heads Hr = Hkv, so the Hq // Hkv query heads of a
+    group share one selection, as NSA requires; inside a visited tile, query t sees key j
+    iff j's selection block is one of t's. The visited tiles: a `[B, Hkv, Qb, Kb]` layout,
+    scattered on device from the selections (tile (i, kt) is kept iff some query of q
+    tile i selected a block overlapping kv tile kt; O(B * Hkv * Lq * n) updates, never
+    O(Lq * Lk)), repeated over each group's query heads (the mask is per query head) and
+    intersected with `masks.causal(offset=Lk - Lq)` (the own block holds future keys).
+    Tiles: 64 queries (a tile visits the union of its queries' blocks); kv tiles of the
+    largest power of two <= l' (at least 16, at most the cap below), so a power-of-two l'
+    up to the cap is one tile per block; any l' works (a block then spans several tiles
+    and the routes clip it);
+  - window: the static mask `Band(offset - w + 1, offset)` (keys t - w < j <= t), through
+    the same kernel without routes;
+  - compression: the kernel attends the Nc compressed keys under the static element mask
+    `_CompressedVisible` (compressed key c visible to query t iff c*d + l - 1 <= t:
+    monotone, so tiles classify exactly), the same math as the xla path with Nc ~ Lk / d
+    keys; a query that sees no block gets 0 (the kernels' empty-row rule), Nc = 0 skips it.
+  Tiles are powers of two in [16, cap] (the Triton kernel needs powers of two >= 16; the
+  TPU kernel multiples of 8, 128 filling its lanes), cap 64 for Triton and 128 for TPU,
+  shrunk to short sequences. Each branch output is rounded to q's dtype before the f32
+  mix (the xla path mixes f32 branches): bf16 differs from it by ~1 bf16 ulp. A call the
+  kernel cannot take (Triton: head_dim > 256; TPU: a mask view too large for SMEM) raises
+  before anything is computed, or, with implementation=None, runs "xla".
+  Limits: the selection layout is O(B * Hq * Qb * Kb) bools and the tile bound Kmax is
+  the full Kb (the union of a tile's selections has no smaller static bound), so the TPU
+  kernel's SMEM prefetch (B * Hq * (1 + Kb) words per q-tile row) bounds B * Hq * Lk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention.ops import block_mask, checks, element_masks, masks
+from sparse_attention.ops.block_mask import BlockMask
+from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.reference import reference_attention
+from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
+
+__all__ = [
+  "IMPLEMENTATIONS",
+  "compress_mean",
+  "nsa_attention",
+  "nsa_selection",
+  "num_compressed_blocks",
+]
+
+_OP = "nsa_attention"
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Work per loop step of the xla path, in float32 scores: 2**20 (4 MiB) keep a step's
+# temporaries near the cache on CPU (the selection branch takes a quarter of it:
+# measured at L=4096, 2**18..2**22 were within 2x, 2**20 the fastest).
+_CHUNK_ELEMENTS = 1 << 20
+# Queries per tile of the xla selection branch (a tile is [bq * G, l'] scores; a query
+# block visits the union of its queries' selections). Measured on CPU at L=4096, G=4:
+# 32 beat 4, 8, 16 and 64 (fwd and fwd+bwd).
+_SLC_BLOCK_Q = 32
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_int(op: str, name: str, value: Any, minimum: int) -> int:
+  if not _is_int(value) or value < minimum:
+    raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def _check_array(op: str, name: str, x: Any, rank: int, layout: str) -> None:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise ValueError(f"{op}: {name} must be an array {layout}, got {type(x).__name__}.")
+  if x.ndim != rank:
+    raise ValueError(f"{op}: {name} must have rank {rank}, {layout}, got shape {tuple(x.shape)}.")
+  if not any(x.dtype == d for d in checks.SUPPORTED_DTYPES):
+    raise ValueError(f"{op}: {name} has dtype {x.dtype}; expected float32, bfloat16 or float16.")
+
+
+def _check_compression(op: str, block_len: Any, stride: Any) -> tuple[int, int]:
+  block_len = _check_int(op, "block_len", block_len, 1)
+  stride = _check_int(op, "stride", stride, 1)
+  if stride > block_len:
+    raise ValueError(
+      f"{op}: stride ({stride}) must be <= block_len ({block_len}): compressed blocks "
+      "must leave no key uncovered."
+    )
+  return block_len, stride
+
+
+def num_compressed_blocks(lk: int, block_len: int, stride: int) -> int:
+  """Nc: the compressed blocks [c*stride, c*stride + block_len) that lie inside lk keys."""
+  lk = _check_int("num_compressed_blocks", "lk", lk, 0)
+  block_len, stride = _check_compression("num_compressed_blocks", block_len, stride)
+  return max(0, (lk - block_len) // stride + 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _overlap(nc: int, ns: int, block_len: int, stride: int, select_len: int) -> np.ndarray:
+  """float32[Nc, Ns]: |[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / l, the p_cmp -> p_slc map."""
+  start = np.arange(nc)[:, None] * stride
+  lo = np.arange(ns)[None, :] * select_len
+  inter = np.minimum(start + block_len, lo + select_len) - np.maximum(start, lo)
+  return (np.maximum(inter, 0) / block_len).astype(np.float32)
+
+
+def _chunk_rows(x: jax.Array, axis: int, chunk: int) -> jax.Array:
+  """Pads `axis` to a multiple of `chunk` and splits it: [..., n*C, ...] -> [n, ..., C, ...]."""
+  n = x.shape[axis]
+  nq = -(-n // chunk)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, nq * chunk - n)
+  x = jnp.pad(x, pad)
+  x = x.reshape(x.shape[:axis] + (nq, chunk) + x.shape[axis + 1 :])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _unchunk_queries(x: jax.Array, q_len: int) -> jax.Array:
+  """[nq, B, Hkv, C, G, X] -> [B, Lq, Hkv * G, X]."""
+  nq, b, hkv, c, g, d = x.shape
+  return x.transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * c, hkv * g, d)[:, :q_len]
+
+
+# -------------------------------------------------------------------------- selection
+
+
+@dataclasses.dataclass(frozen=True)
+class _SelectionConfig:
+  lk: int
+  block_len: int
+  stride: int
+  select_len: int
+  num_select: int
+  scale: float
+  chunk: int
+
+  @property
+  def num_compressed(self) -> int:
+    return max(0, (self.lk - self.block_len) // self.stride + 1)
+
+  @property
+  def num_selection_blocks(self) -> int:
+    return -(-self.lk // self.select_len)
+
+
+def _select_chunk(
+  cfg: _SelectionConfig,
+  q_c: jax.Array,  # f32 [B, C, Hkv, G, D]
+  t: jax.Array,  # int32 [C], absolute query positions
+  k_cmp: jax.Array,  # f32 [B, Nc, Hkv, D]
+) -> tuple[jax.Array, jax.Array]:
+  """Block ids and validity int32/bool [B, Hkv, C, n] for one chunk of queries."""
+  b, c, hkv, _, _ = q_c.shape
+  nc, ns, n, lsel = cfg.num_compressed, cfg.num_selection_blocks, cfg.num_select, cfg.select_len
+  if nc > 0:
+    s = jnp.einsum("bchgd,bnhd->bhgcn", q_c, k_cmp, precision=_HIGHEST) * cfg.scale
+    visible = (jnp.arange(nc) * cfg.stride + cfg.block_len - 1)[None, :] <= t[:, None]
+    s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, G, C, Nc]
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p_cmp = e / jnp.where(total > 0, total, 1.0)  # rows that see nothing: all 0
+    overlap = jnp.asarray(_overlap(nc, ns, cfg.block_len, cfg.stride, lsel))
+    score = jnp.einsum("bhgcn,nj->bhcj", p_cmp, overlap, precision=_HIGHEST)
+  else:
+    score = jnp.zeros((b, hkv, c, ns), jnp.float32)
+  j = jnp.arange(ns)[None, :]
+  own = (t // lsel)[:, None]
+  eligible = j * lsel <= t[:, None]  # [C, Ns]
+  forced = eligible & ((j == 0) | (j == own) | (j == own - 1))
+  prio = jnp.where(forced, jnp.inf, jnp.where(eligible, score, -jnp.inf))
+  if ns < n:  # fewer blocks than slots: the extra slots stay invalid
+    prio = jnp.pad(prio, [(0, 0)] * 3 + [(0, n - ns)], constant_values=-jnp.inf)
+  top, idx = jax.lax.top_k(prio, n)  # ties: lower index first
+  chosen = top > -jnp.inf
+  ids = jnp.sort(jnp.where(chosen, idx, jnp.iinfo(jnp.int32).max), axis=-1)
+  count = jnp.sum(chosen, axis=-1, keepdims=True)  # >= 1: block 0 is always eligible
+  valid = jnp.arange(n) < count
+  last = jnp.take_along_axis(ids, count - 1, axis=-1)
+  return jnp.where(valid, ids, last).astype(jnp.int32), valid
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _selection(cfg: _SelectionConfig, q: jax.Array, k_cmp: jax.Array):
+  b, lq, hq, d = q.shape
+  hkv = k_cmp.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, lq, hkv, hq // hkv, d)
+  kc = k_cmp.astype(jnp.float32)
+  q_chunks = _chunk_rows(qg, 1, cfg.chunk)  # [nq, B, C, Hkv, G, D]
+  offset = cfg.lk - lq
+
+  def one(args):
+    i, q_c = args
+    t = offset + i * cfg.chunk + jnp.arange(cfg.chunk, dtype=jnp.int32)
+    return _select_chunk(cfg, q_c, jnp.minimum(t, cfg.lk - 1), kc)
+
+  nq = q_chunks.shape[0]
+  ids, valid = jax.lax.map(one, (jnp.arange(nq, dtype=jnp.int32), q_chunks))
+  # [nq, B, Hkv, C, n] -> [B, Hkv, Lq, n]
+  fix = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, hkv, -1, cfg.num_select)[:, :, :lq]
+  return fix(ids), fix(valid)
+
+
+def nsa_selection(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k_cmp: jax.Array,  # [batch, Nc, kv_heads, head_dim]
+  *,
+  lk: int,
+  block_len: int,
+  stride: int,
+  select_len: int,
+  num_select: int,
+  scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The selected blocks of NSA's selection branch, shared by each GQA group.
+
+  See the module docstring for the exact rule (compression probabilities, fractional
+  overlap mapping, group sum, forced initial + 2 local blocks, top-n, ties toward the
+  lower id). The queries are the last `q_len` of `lk` positions. No gradient: the
+  result is integer.
+
+  Args:
+    q: the queries `[B, Lq, Hq, D]`.
+    k_cmp: the compressed keys `[B, Nc, Hkv, D]`, Nc = num_compressed_blocks(lk, ...).
+    lk: the number of keys (positions 0 .. lk - 1); lk >= Lq.
+    block_len, stride: l and d of the compressed blocks [c*d, c*d + l).
+    select_len: l', the length of the selection blocks [j*l', (j+1)*l').
+    num_select: n >= 3, the blocks kept per (group, query), forced ones included.
+    scale: the compression softmax scale, default `head_dim ** -0.5`.
+
+  Returns:
+    `(block_ids, valid)`: int32 and bool `[B, Hkv, Lq, n]`. The ids ascend; slots past
+    the kept blocks (n > the eligible blocks) are invalid and repeat the last valid id.
+  """
+  op = "nsa_selection"
+  _check_array(op, "q", q, 4, "[batch, q_len, q_heads, head_dim]")
+  _check_array(op, "k_cmp", k_cmp, 4, "[batch, Nc, kv_heads, head_dim]")
+  cfg = _selection_config(
+    op, q.shape, k_cmp.shape, lk, block_len, stride, select_len, num_select, scale
+  )
+  return _selection(cfg, q, k_cmp)
+
+
+def _selection_config(
+  op, q_shape, kc_shape, lk, block_len, stride, select_len, num_select, scale
+) -> _SelectionConfig:
+  lk = _check_int(op, "lk", lk, 1)
+  block_len, stride = _check_compression(op, block_len, stride)
+  select_len = _check_int(op, "select_len", select_len, 1)
+  num_select = _check_int(op, "num_select", num_select, 3)  # initial + 2 local blocks
+  b, lq, hq, d = q_shape
+  nc = max(0, (lk - block_len) // stride + 1)
+  if min(b, lq, hq, d) == 0:
+    raise ValueError(f"{op}: empty q {tuple(q_shape)}.")
+  if lq > lk:
+    raise ValueError(
+      f"{op}: q has {lq} positions (dim 1) but there are only {lk} keys; the queries are "
+      "the last q_len of the kv_len positions, so q_len <= kv_len."
+    )
+  hkv = kc_shape[2]
+  if hkv == 0 or hq % hkv:
+    raise ValueError(
+      f"{op}: k_cmp must be [batch, Nc, kv_heads, head_dim] with kv_heads dividing the "
+      f"{hq} q heads (GQA), got {tuple(kc_shape)}."
+    )
+  expected = (b, nc, hkv, d)
+  if tuple(kc_shape) != expected:
+    raise ValueError(
+      f"{op}: k_cmp must be [batch, Nc, kv_heads, head_dim] = {expected} with Nc = "
+      f"num_compressed_blocks(kv_len={lk}, block_len={block_len}, stride={stride}) = {nc}, "
+      f"got {tuple(kc_shape)}."
+    )
+  shape = checks.AttentionShape(b, lq, lk, hq, hkv, d, d)
+  scale = checks.check_scale(scale, shape, op)
+  # Queries per chunk: ~_CHUNK_ELEMENTS compression scores.
+  chunk = max(1, min(lq, _CHUNK_ELEMENTS // max(1, b * hq * max(nc, 1))))
+  return _SelectionConfig(lk, block_len, stride, select_len, num_select, scale, chunk)
+
+
+def compress_mean(k: jax.Array, *, block_len: int, stride: int) -> jax.Array:
+  """Mean pooling as NSA's compression phi: `[B, Lk, H, D] -> [B, Nc, H, D]`.
+
+  Compressed row c is the mean of rows [c*stride, c*stride + block_len); Nc =
+  num_compressed_blocks(Lk, block_len, stride) (0 when Lk < block_len). Accumulated in
+  float32, returned in k's dtype. Works for keys and values alike.
+  """
+  op = "compress_mean"
+  _check_array(op, "k", k, 4, "[batch, seq, heads, head_dim]")
+  nc = num_compressed_blocks(k.shape[1], block_len, stride)
+  rows = np.arange(nc)[:, None] * stride + np.arange(block_len)[None, :]  # [Nc, l]
+  pooled = jnp.mean(k.astype(jnp.float32)[:, rows], axis=2)  # [B, Nc, H, D]
+  return pooled.astype(k.dtype)
+
+
+# -------------------------------------------------------------------------- reference
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static facts of one nsa_attention call."""
+
+  q_len: int
+  kv_len: int
+  block_len: int
+  stride: int
+  select_len: int
+  num_select: int
+  window: int
+  scale: float
+  chunk_elements: int  # xla path: work per loop step (float32 elements)
+  slc_block_q: int  # xla path: queries per selection tile
+
+  @property
+  def offset(self) -> int:
+    return self.kv_len - self.q_len
+
+  @property
+  def num_compressed(self) -> int:
+    return max(0, (self.kv_len - self.block_len) // self.stride + 1)
+
+  @property
+  def num_selection_blocks(self) -> int:
+    return -(-self.kv_len // self.select_len)
+
+
+def _positions(cfg: _Config) -> jax.Array:
+  """int32 [Lq]: the absolute positions of the queries."""
+  return cfg.offset + jnp.arange(cfg.q_len, dtype=jnp.int32)
+
+
+def _selected_block_mask(cfg: _Config, ids: jax.Array, valid: jax.Array) -> jax.Array:
+  """bool [B, Hkv, Lq, Ns]: which selection blocks each (group, query) keeps."""
+  hot = ids[..., None] == jnp.arange(cfg.num_selection_blocks)
+  return jnp.any(hot & valid[..., None], axis=-2)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nsa_reference(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+  b, lq, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  f32 = lambda x: x.astype(jnp.float32)
+  t = _positions(cfg)[:, None]  # [Lq, 1]
+  key = jnp.arange(cfg.kv_len)[None, :]  # [1, Lk]
+  attend = functools.partial(reference_attention, f32(q), scale=cfg.scale)
+  nc = cfg.num_compressed
+  if nc > 0:
+    cmp_end = jnp.arange(nc)[None, :] * cfg.stride + cfg.block_len - 1
+    o_cmp = attend(f32(k_cmp), f32(v_cmp), mask=(cmp_end <= t)[None, None])
+  else:
+    o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
+  blocks = _selected_block_mask(cfg, ids, valid)  # [B, Hkv, Lq, Ns]
+  slc = blocks[..., key[0] // cfg.select_len] & (key <= t)  # [B, Hkv, Lq, Lk]
+  slc = jnp.broadcast_to(slc[:, :, None], (b, hkv, hq // hkv, lq, cfg.kv_len))
+  o_slc = attend(f32(k), f32(v), mask=slc.reshape(b, hq, lq, cfg.kv_len))
+  win = (key <= t) & (key > t - cfg.window)
+  o_win = attend(f32(k), f32(v), mask=win[None, None])
+  return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
+
+
+def _mix(dtype, gates, o_cmp, o_slc, o_win):
+  """(gated sum, branches), all in `dtype`; the sum is taken in float32."""
+  g = gates.astype(jnp.float32)[..., None]  # [B, Lq, Hq, 3, 1]
+  out = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+  return out.astype(dtype), tuple(o.astype(dtype) for o in (o_cmp, o_slc, o_win))
+
+
+# -------------------------------------------------------------------------------- xla
+#
+# Compression and window: "shared-key" branches. A chunk of C queries reads one key set
+# (all Nc compressed keys; or the C + w - 1 keys its window spans, a contiguous slice):
+# a `lax.scan` over query chunks, scores [B, Hkv, C, G, K], exact per-chunk softmax.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of a shared-key branch (hashable: the custom_vjp's nondiff arg)."""
+
+  kind: str  # "cmp" or "win"
+  cfg: _Config
+  chunk: int  # queries per loop step
+
+  @property
+  def window(self) -> int:
+    return min(self.cfg.window, self.cfg.kv_len)
+
+  @property
+  def num_keys(self) -> int:
+    """K, the keys each chunk reads."""
+    if self.kind == "cmp":
+      return self.cfg.num_compressed
+    return self.chunk + self.window - 1
+
+
+def _plan(kind: str, cfg: _Config, b: int, hq: int) -> _Plan:
+  """Chooses the chunk: about `cfg.chunk_elements` scores per step."""
+  keys = cfg.num_compressed if kind == "cmp" else min(cfg.window, cfg.kv_len) + 32
+  chunk = max(1, min(cfg.q_len, cfg.chunk_elements // max(1, b * hq * keys)))
+  if kind == "win":  # the C - 1 extra keys a window chunk reads stay small against w
+    chunk = min(chunk, max(16, cfg.window // 4))
+  return _Plan(kind, cfg, chunk)
+
+
+def _sources(plan: _Plan, k: jax.Array) -> jax.Array:
+  """k/v `[B, L, Hkv, X]` -> `[B, Hkv, L', X]`, the layout chunks are sliced from."""
+  cfg = plan.cfg
+  k = jnp.moveaxis(k, 2, 1)
+  if plan.kind == "cmp":
+    return k
+  # Window: w - 1 zero keys in front (positions < 0), the padded queries' keys behind.
+  back = -(-cfg.q_len // plan.chunk) * plan.chunk - cfg.q_len
+  return jnp.pad(k, ((0, 0), (0, 0), (plan.window - 1, back), (0, 0)))
+
+
+def _from_sources(plan: _Plan, dk: jax.Array, length: int) -> jax.Array:
+  """Inverse of `_sources` for gradients: -> `[B, L, Hkv, X]`."""
+  if plan.kind == "win":
+    dk = dk[:, :, plan.window - 1 : plan.window - 1 + length]
+  return jnp.moveaxis(dk, 1, 2)
+
+
+def _fetch(plan: _Plan, i: jax.Array, k_src: jax.Array, v_src: jax.Array):
+  """Keys `[B, Hkv, K, D]`, values, visibility bool `[C, K]` and slice start of chunk i."""
+  cfg, c = plan.cfg, plan.chunk
+  row = i * c + jnp.arange(c, dtype=jnp.int32)
+  t = (cfg.offset + row)[:, None]  # [C, 1] absolute query positions
+  real = (row < cfg.q_len)[:, None]  # padded queries see nothing
+  if plan.kind == "cmp":
+    ends = jnp.arange(cfg.num_compressed) * cfg.stride + cfg.block_len - 1
+    return k_src, v_src, (ends[None, :] <= t) & real, None
+  start = cfg.offset + i * c  # in padded coordinates: absolute position t0 - w + 1
+  pos = start - (plan.window - 1) + jnp.arange(plan.num_keys)[None, :]
+  visible = (pos <= t) & (pos > t - plan.window) & (pos >= 0) & real
+  k_c = jax.lax.dynamic_slice_in_dim(k_src, start, plan.num_keys, axis=2)
+  v_c = jax.lax.dynamic_slice_in_dim(v_src, start, plan.num_keys, axis=2)
+  return k_c, v_c, visible, start
+
+
+def _split_heads(x: jax.Array, hkv: int) -> jax.Array:
+  """[B, L, Hq, X] -> [B, L, Hkv, G, X]."""
+  b, l, h, d = x.shape
+  return x.reshape(b, l, hkv, h // hkv, d)
+
+
+def _shared_forward(plan: _Plan, q, k, v):
+  hkv = k.shape[2]
+  k_src, v_src = _sources(plan, k), _sources(plan, v)
+  q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)  # [nq, B, C, Hkv, G, D]
+  f32 = jnp.float32
+
+  def step(_, xs):
+    i, q_c = xs
+    k_c, v_c, visible, _ = _fetch(plan, i, k_src, v_src)
+    s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
+    s = jnp.where(visible[:, None], s, -jnp.inf)  # [B, Hkv, C, G, K]
+    m = jnp.max(s, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    l = jnp.sum(p, axis=-1)  # [B, Hkv, C, G]
+    nonempty = l > 0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    # (Dot outputs stay in [batch dims, lhs dims, rhs dims] order: XLA:CPU has no
+    # bf16 x bf16 -> f32 dot with a transposed output.)
+    o = jnp.einsum("bhcgk,bhkd->bhcgd", p.astype(v_c.dtype), v_c, preferred_element_type=f32)
+    o = o / l_safe[..., None]  # [B, Hkv, C, G, Dv]
+    return None, (o, jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf))
+
+  nq = q_chunks.shape[0]
+  _, (o, lse) = jax.lax.scan(step, None, (jnp.arange(nq, dtype=jnp.int32), q_chunks))
+  return _unchunk_queries(o, plan.cfg.q_len), lse  # f32 [B, Lq, Hq, Dv], [nq, B, Hkv, C, G]
+
+
+def _shared_backward(plan: _Plan, q, k, v, out, lse, d_out):
+  hkv = k.shape[2]
+  k_src, v_src = _sources(plan, k), _sources(plan, v)
+  q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)
+  do = _split_heads(d_out, hkv)
+  # delta = sum_d dO * O, the softmax-Jacobian term: [nq, B, C, Hkv, G].
+  delta = _chunk_rows(jnp.sum(do * _split_heads(out, hkv), axis=-1), 1, plan.chunk)
+  do_chunks = _chunk_rows(do.astype(v.dtype), 1, plan.chunk)
+  f32 = jnp.float32
+
+  def add(acc, start, d_c):
+    if plan.kind == "cmp":
+      return acc + d_c
+    old = jax.lax.dynamic_slice_in_dim(acc, start, plan.num_keys, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(acc, old + d_c, start, axis=2)
+
+  def step(carry, xs):
+    dk_acc, dv_acc = carry
+    i, q_c, do_c, delta_c, lse_c = xs
+    k_c, v_c, visible, start = _fetch(plan, i, k_src, v_src)
+    s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
+    lse_safe = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)
+    p = jnp.where(visible[:, None], jnp.exp(s - lse_safe[..., None]), 0.0)
+    dp = jnp.einsum("bchgd,bhkd->bhcgk", do_c, v_c, preferred_element_type=f32)
+    ds = p * (dp - jnp.moveaxis(delta_c, 1, 2)[..., None]) * plan.cfg.scale
+    ds = ds.astype(q_c.dtype)
+    dq_c = jnp.einsum("bhcgk,bhkd->bhcgd", ds, k_c, preferred_element_type=f32)
+    dk_c = jnp.einsum("bhcgk,bchgd->bhkd", ds, q_c, preferred_element_type=f32)
+    dv_c = jnp.einsum("bhcgk,bchgd->bhkd", p.astype(do_c.dtype), do_c, preferred_element_type=f32)
+    return (add(dk_acc, start, dk_c), add(dv_acc, start, dv_c)), dq_c
+
+  nq = q_chunks.shape[0]
+  init = (jnp.zeros(k_src.shape, f32), jnp.zeros(v_src.shape, f32))
+  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, do_chunks, delta, lse)
+  (dk, dv), dq = jax.lax.scan(step, init, xs)
+  dq = _unchunk_queries(dq, plan.cfg.q_len).astype(q.dtype)
+  dk = _from_sources(plan, dk, k.shape[1]).astype(k.dtype)
+  dv = _from_sources(plan, dv, v.shape[1]).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _shared_branch(plan: _Plan, q, k, v):
+  """The compression or window branch: f32 `[B, Lq, Hq, Dv]`."""
+  return _shared_forward(plan, q, k, v)[0]
+
+
+def _shared_fwd(plan: _Plan, q, k, v):
+  out, lse = _shared_forward(plan, q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _shared_bwd(plan: _Plan, residuals, d_out):
+  return _shared_backward(plan, *residuals, d_out)
+
+
+_shared_branch.defvjp(_shared_fwd, _shared_bwd)
+
+
+# Selection: the kept (query block, selection block) tiles. Queries are cut into blocks
+# of bq (`_Config.slc_block_q`), a *row* being one (batch, kv head, query block) with its
+# bq * G query-head rows. A row lists the union of its queries' selected blocks
+# (ascending; at most min(Ns, bq * n)), and each listed tile is a dense [bq * G, l'] score
+# matrix under the per-element mask "query t selected block j, key <= t". Work is
+# sum(union sizes) * bq * l', in matmuls, never more than block-causal attention; the
+# alternative, gathering n * l' keys per query, is memory-bound (4x slower on CPU).
+# A `lax.scan` walks chunks of Rc rows; within a chunk a `while_loop` walks the slots
+# 0 .. max(count) - 1, slot s holding each row's s-th tile, with a flash-attention online
+# softmax per row: no scatter in the forward pass, and in the backward pass only dK/dV
+# are scattered into the key blocks.
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlcPlan:
+  """Static facts of the selection walk (hashable: the custom_vjp's nondiff arg)."""
+
+  cfg: _Config
+  block_q: int  # bq, queries per row
+  num_q_blocks: int  # Qb
+  max_tiles: int  # Kmax, the longest row list
+  rows_per_step: int  # Rc
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return self.cfg.num_selection_blocks
+
+
+def _slc_plan(cfg: _Config, b: int, hkv: int, g: int) -> _SlcPlan:
+  bq = max(1, min(cfg.slc_block_q, cfg.q_len))
+  qb = -(-cfg.q_len // bq)
+  max_tiles = min(cfg.num_selection_blocks, bq * cfg.num_select)
+  tile = bq * g * cfg.select_len
+  rows = max(1, min(b * hkv * qb, cfg.chunk_elements // (4 * tile)))
+  return _SlcPlan(cfg, bq, qb, max_tiles, rows)
+
+
+def _slc_rows(plan: _SlcPlan, x: jax.Array, hkv: int) -> jax.Array:
+  """Query-side [B, Lq, Hq, X] -> rows [B * Hkv * Qb, bq * G, X]."""
+  b, _, _, d = x.shape
+  x = _chunk_rows(_split_heads(x, hkv), 1, plan.block_q)  # [Qb, B, bq, Hkv, G, X]
+  return x.transpose(1, 3, 0, 2, 4, 5).reshape(b * hkv * plan.num_q_blocks, -1, d)
+
+
+def _slc_from_rows(plan: _SlcPlan, x: jax.Array, b: int, hkv: int) -> jax.Array:
+  """Inverse of `_slc_rows`: -> [B, Lq, Hq, X]."""
+  x = x.reshape(b, hkv, plan.num_q_blocks, plan.block_q, -1, x.shape[-1])
+  x = x.transpose(0, 2, 3, 1, 4, 5).reshape(b, plan.num_q_blocks * plan.block_q, -1, x.shape[-1])
+  return x[:, : plan.cfg.q_len]
+
+
+def _kv_rows(plan: _SlcPlan, x: jax.Array) -> jax.Array:
+  """Key-side [B, Lk, Hkv, X] -> blocks [B * Hkv * Ns, l', X] (zero-padded tail)."""
+  b, lk, h, d = x.shape
+  ns, lsel = plan.num_kv_blocks, plan.cfg.select_len
+  x = jnp.pad(x, ((0, 0), (0, ns * lsel - lk), (0, 0), (0, 0)))
+  return x.reshape(b, ns, lsel, h, d).transpose(0, 3, 1, 2, 4).reshape(b * h * ns, lsel, d)
+
+
+def _kv_from_rows(plan: _SlcPlan, x: jax.Array, b: int, h: int) -> jax.Array:
+  """Inverse of `_kv_rows`: -> [B, Lk, Hkv, X]."""
+  ns, lsel = plan.num_kv_blocks, plan.cfg.select_len
+  x = x.reshape(b, h, ns, lsel, x.shape[-1]).transpose(0, 2, 3, 1, 4)
+  return x.reshape(b, ns * lsel, h, x.shape[-1])[:, : plan.cfg.kv_len]
+
+
+def _row_lists(plan: _SlcPlan, ids: jax.Array, valid: jax.Array):
+  """Per row, chunked by Rc: (row ids, tile lists, counts, the queries' selections).
+
+  Shapes `[nR, Rc]`, `[nR, Rc, Kmax]`, `[nR, Rc]`, `[nR, Rc, bq, n]` (x2); padded rows
+  list nothing.
+  """
+  b, hkv, _, n = ids.shape
+  bq, ns = plan.block_q, plan.num_kv_blocks
+  rows = b * hkv * plan.num_q_blocks
+  as_rows = lambda x: _chunk_rows(x, 2, bq).transpose(1, 2, 0, 3, 4).reshape(rows, bq, n)
+  ids_r, valid_r = as_rows(ids), as_rows(valid)  # padded queries: invalid
+  row = jnp.broadcast_to(jnp.arange(rows)[:, None, None], ids_r.shape)
+  layout = jnp.zeros((rows, ns), bool).at[row, ids_r].max(valid_r)  # the union, [R, Ns]
+  tiles = jnp.sort(jnp.where(layout, jnp.arange(ns), ns), axis=-1)[:, : plan.max_tiles]
+  count = jnp.sum(layout, axis=-1, dtype=jnp.int32)
+  by_step = lambda x: _chunk_rows(x, 0, plan.rows_per_step)
+  row_ids = jnp.arange(rows, dtype=jnp.int32)
+  return tuple(map(by_step, (row_ids, tiles.astype(jnp.int32), count, ids_r, valid_r)))
+
+
+def _slot(plan: _SlcPlan, slot, row, tiles, count, ids_r, valid_r):
+  """Key-block rows [Rc] and visibility bool [Rc, bq, 1, l'] of each row's slot-th tile."""
+  cfg, bq, ns = plan.cfg, plan.block_q, plan.num_kv_blocks
+  listed = slot < count  # [Rc]
+  j = jnp.where(listed, jax.lax.dynamic_index_in_dim(tiles, slot, 1, keepdims=False), 0)
+  qblock = row % plan.num_q_blocks
+  kv_row = (row // plan.num_q_blocks) * ns + j
+  chose = jnp.any((ids_r == j[:, None, None]) & valid_r, axis=-1) & listed[:, None]  # [Rc, bq]
+  t = cfg.offset + qblock[:, None] * bq + jnp.arange(bq)  # [Rc, bq] absolute positions
+  key = j[:, None] * cfg.select_len + jnp.arange(cfg.select_len)  # [Rc, l']
+  visible = chose[..., None] & (key[:, None, :] <= t[..., None])
+  return kv_row, visible[:, :, None, :]
+
+
+def _tile_scores(plan: _SlcPlan, q_t, k_t, visible):
+  """q_t [Rc, bq * G, D], k_t [Rc, l', D] -> masked f32 [Rc, bq * G, l']."""
+  s = jnp.einsum("rqd,rkd->rqk", q_t, k_t, preferred_element_type=jnp.float32)
+  s = s.reshape(s.shape[0], plan.block_q, -1, s.shape[-1]) * plan.cfg.scale
+  return jnp.where(visible, s, -jnp.inf).reshape(q_t.shape[0], q_t.shape[1], -1)
+
+
+def _slc_forward(plan: _SlcPlan, q, k, v, ids, valid):
+  b, _, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  q_rows = _chunk_rows(_slc_rows(plan, q, hkv), 0, plan.rows_per_step)  # [nR, Rc, W, D]
+  k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)  # [B * Hkv * Ns, l', D]
+  lists = _row_lists(plan, ids, valid)
+  rc, width = q_rows.shape[1:3]
+  f32 = jnp.float32
+
+  def rows_step(_, xs):
+    q_c, lists_c = xs[0], xs[1:]
+
+    def body(carry):
+      slot, m, l, o = carry
+      kv_row, visible = _slot(plan, slot, *lists_c)
+      s = _tile_scores(plan, q_c, k_rows[kv_row], visible)  # [Rc, W, l']
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      alpha = jnp.exp(m - m_ref)
+      p = jnp.exp(s - m_ref[..., None])
+      v_t = v_rows[kv_row]
+      pv = jnp.einsum("rqk,rkd->rqd", p.astype(v_t.dtype), v_t, preferred_element_type=f32)
+      return slot + 1, m_new, l * alpha + jnp.sum(p, axis=-1), o * alpha[..., None] + pv
+
+    init = (
+      jnp.int32(0),
+      jnp.full((rc, width), -jnp.inf, f32),
+      jnp.zeros((rc, width), f32),
+      jnp.zeros((rc, width, dv), f32),
+    )
+    steps = jnp.max(lists_c[2])
+    _, m, l, o = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
+    nonempty = l > 0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    return None, (o / l_safe[..., None], jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf))
+
+  _, (o, lse) = jax.lax.scan(rows_step, None, (q_rows, *lists))
+  out = _slc_from_rows(plan, o.reshape(-1, width, dv)[: b * hkv * plan.num_q_blocks], b, hkv)
+  return out, lse  # f32 [B, Lq, Hq, Dv], [nR, Rc, W]
+
+
+def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, out, lse, d_out):
+  b, _, hq, _ = q.shape
+  hkv = k.shape[2]
+  by_step = lambda x: _chunk_rows(_slc_rows(plan, x, hkv), 0, plan.rows_per_step)
+  q_rows = by_step(q)  # [nR, Rc, W, D]
+  do_rows = by_step(d_out.astype(v.dtype))
+  delta = by_step(jnp.sum(d_out * out, axis=-1, keepdims=True))[..., 0]  # [nR, Rc, W]
+  k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)
+  lists = _row_lists(plan, ids, valid)
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  f32 = jnp.float32
+
+  def rows_step(carry, xs):
+    q_c, do_c, delta_c, lse_c, lists_c = xs[0], xs[1], xs[2], xs[3], xs[4:]
+
+    def body(carry):
+      slot, dq, dk, dv = carry
+      kv_row, visible = _slot(plan, slot, *lists_c)
+      k_t, v_t = k_rows[kv_row], v_rows[kv_row]
+      s = _tile_scores(plan, q_c, k_t, visible)
+      p = jnp.exp(s - lse_c[..., None])  # [Rc, W, l'], 0 where hidden
+      dp = jnp.einsum("rqd,rkd->rqk", do_c, v_t, preferred_element_type=f32)
+      ds = (p * (dp - delta_c[..., None]) * plan.cfg.scale).astype(q_c.dtype)
+      dq = dq + jnp.einsum("rqk,rkd->rqd", ds, k_t, preferred_element_type=f32)
+      dk = dk.at[kv_row].add(jnp.einsum("rqk,rqd->rkd", ds, q_c, preferred_element_type=f32))
+      pv = p.astype(do_c.dtype)
+      dv = dv.at[kv_row].add(jnp.einsum("rqk,rqd->rkd", pv, do_c, preferred_element_type=f32))
+      return slot + 1, dq, dk, dv
+
+    steps = jnp.max(lists_c[2])
+    init = (jnp.int32(0), jnp.zeros(q_c.shape, f32), *carry)
+    _, dq, dk, dv = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
+    return (dk, dv), dq
+
+  init = (jnp.zeros(k_rows.shape, f32), jnp.zeros(v_rows.shape, f32))
+  (dk, dv), dq = jax.lax.scan(rows_step, init, (q_rows, do_rows, delta, lse, *lists))
+  dq = dq.reshape(-1, *dq.shape[2:])[: b * hkv * plan.num_q_blocks]
+  dq = _slc_from_rows(plan, dq, b, hkv).astype(q.dtype)
+  dk = _kv_from_rows(plan, dk, b, hkv).astype(k.dtype)
+  dv = _kv_from_rows(plan, dv, b, hkv).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _slc_branch(plan: _SlcPlan, q, k, v, ids, valid):
+  """The selection branch: f32 `[B, Lq, Hq, Dv]`."""
+  return _slc_forward(plan, q, k, v, ids, valid)[0]
+
+
+def _slc_fwd(plan: _SlcPlan, q, k, v, ids, valid):
+  out, lse = _slc_forward(plan, q, k, v, ids, valid)
+  return out, (q, k, v, ids, valid, out, lse)
+
+
+def _slc_bwd(plan: _SlcPlan, residuals, d_out):
+  q, k, v, ids, valid, out, lse = residuals
+  return (*_slc_backward(plan, q, k, v, ids, valid, out, lse, d_out), None, None)
+
+
+_slc_branch.defvjp(_slc_fwd, _slc_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+  b, lq, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  if cfg.num_compressed > 0:
+    o_cmp = _shared_branch(_plan("cmp", cfg, b, hq), q, k_cmp, v_cmp)
+  else:
+    o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
+  o_slc = _slc_branch(_slc_plan(cfg, b, hkv, hq // hkv), q, k, v, ids, valid)
+  o_win = _shared_branch(_plan("win", cfg, b, hq), q, k, v)
+  return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
+
+
+# ----------------------------------------------------------------------------- pallas
+#
+# Every branch is one `block_sparse_attention` call on a Pallas kernel (forward and the
+# backward kernels of its custom_vjp); what is NSA's own is only the masks (see the module
+# docstring for the design). Tiles are powers of two in [16, cap]: the Triton kernel needs
+# that, the TPU kernel needs multiples of 8 (128 fills its lanes: its cap).
+
+# The kernel each "pallas" backend runs, and its (check_supported, tile cap).
+_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
+_KERNELS = {
+  "pallas_triton": (gpu.check_supported, 64),
+  "pallas_tpu": (tpu.check_supported, 128),
+}
+# Query tile of the selection branch (a tile visits the union of its queries' blocks, so
+# it stays small whatever the kernel's cap).
+_SLC_KERNEL_BLOCK_Q = 64
+
+
+def _pow2_tile(length: int, cap: int) -> int:
+  """The least power of two >= length, clipped to [16, cap]."""
+  return max(16, min(cap, 1 << max(0, length - 1).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelPlan:
+  """Static facts of the Pallas path (hashable: a jit static argument)."""
+
+  cfg: _Config
+  kernel: str  # "pallas_triton" or "pallas_tpu"
+  interpret: bool
+  block_q: int  # compression and window branches
+  window_kv: int
+  cmp_kv: int
+  slc_block_q: int
+  slc_kv: int
+
+
+def _kernel_plan(cfg: _Config, kernel: str, interpret: bool) -> _KernelPlan:
+  cap = _KERNELS[kernel][1]
+  floor_sel = 1 << (cfg.select_len.bit_length() - 1)  # kv tiles no longer than a block
+  return _KernelPlan(
+    cfg,
+    kernel,
+    interpret,
+    block_q=_pow2_tile(cfg.q_len, cap),
+    window_kv=_pow2_tile(cfg.kv_len, cap),
+    cmp_kv=_pow2_tile(max(1, cfg.num_compressed), cap),
+    slc_block_q=_pow2_tile(cfg.q_len, min(cap, _SLC_KERNEL_BLOCK_Q)),
+    slc_kv=_pow2_tile(min(cfg.kv_len, floor_sel), cap),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompressedVisible:
+  """Element mask of the compression branch: query row i (position offset + i) sees
+  compressed key c iff its block ends in the query's past, c*stride + block_len - 1 <=
+  offset + i; `lag` = block_len - 1 - offset. Monotone (up in i, down in c), so a tile's
+  corners classify it exactly."""
+
+  stride: int
+  lag: int
+
+  def __call__(self, q_idx, kv_idx):
+    return kv_idx * self.stride + self.lag <= q_idx
+
+  def classify(self, q_lo, q_hi, kv_lo, kv_hi):
+    return kv_lo * self.stride + self.lag <= q_hi, kv_hi * self.stride + self.lag <= q_lo
+
+
+def _static_mask(fn: Any, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockMask:
+  """A BlockMask exactly equal to the predicate `fn`, laid out on the host (O(Qb * Kb))."""
+  any_, all_ = block_mask.classify_tiles(fn, q_len, kv_len, block_q, block_kv)
+  return block_mask.from_block_layout(
+    any_[None, None],
+    all_[None, None],
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    mask_fn=fn,
+    mask_fn_exact=True,
+  )
+
+
+def _compressed_mask(plan: _KernelPlan) -> BlockMask:
+  cfg = plan.cfg
+  fn = _CompressedVisible(cfg.stride, cfg.block_len - 1 - cfg.offset)
+  return _static_mask(fn, cfg.q_len, cfg.num_compressed, plan.block_q, plan.cmp_kv)
+
+
+def _window_mask(plan: _KernelPlan) -> BlockMask:
+  """Keys t - w < j <= t of query row i (t = offset + i): j - i in [offset - w + 1, offset]."""
+  cfg = plan.cfg
+  fn = element_masks.Band(cfg.offset - cfg.window + 1, cfg.offset)
+  return _static_mask(fn, cfg.q_len, cfg.kv_len, plan.block_q, plan.window_kv)
+
+
+def _selection_mask(
+  plan: _KernelPlan,
+  ids: jax.Array,  # int32 [B, Hkv, Lq, n]
+  valid: jax.Array,  # bool [B, Hkv, Lq, n]
+  q_heads: int,
+) -> tuple[BlockMask, TokenRoutes]:
+  """The selection branch's tiles (on device) and its token routes.
+
+  Tiles: layout[b, h, i, kt] = some query of q tile i selected (for kv head h) a block
+  overlapping kv tile kt, scattered from the selections (O(B * Hkv * Lq * n) updates into
+  O(B * Hkv * Qb * Kb), never O(Lq * Lk)), repeated over the group's query heads and
+  intersected with causal. Routes: query routes = the selected ids (-1 where invalid),
+  Hr = Hkv, so a group shares them; key j's route is its block, j // select_len
+  (`[B, Lk]`: the query routes have a batch dim, so the key routes must too).
+  """
+  cfg = plan.cfg
+  b, hkv, lq, _ = ids.shape
+  bq, bk, lsel = plan.slc_block_q, plan.slc_kv, cfg.select_len
+  qb, kb = -(-lq // bq), -(-cfg.kv_len // bk)
+  first = ids * lsel // bk  # [B, Hkv, Lq, n]: the first and last kv tile of each block
+  last = (jnp.minimum((ids + 1) * lsel, cfg.kv_len) - 1) // bk
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = jnp.arange(hkv)[None, :, None, None]
+  qi = (jnp.arange(lq) // bq)[None, None, :, None]
+  layout = jnp.zeros((b, hkv, qb, kb), bool)
+  for step in range((lsel - 1) // bk + 2):  # static: the most tiles a block can touch
+    tile = first + step
+    tile = jnp.where(valid & (tile <= last), tile, kb)  # kb: out of range, dropped
+    layout = layout.at[bi, hi, qi, tile].set(True, mode="drop")
+  layout = jnp.repeat(layout, q_heads // hkv, axis=1)  # [B, Hq, Qb, Kb]
+  geo = dict(block_q=bq, block_kv=bk, q_len=lq, kv_len=cfg.kv_len)
+  mask = masks.intersection(
+    masks.causal(lq, cfg.kv_len, block_q=bq, block_kv=bk, offset=cfg.offset),
+    masks.from_layout(layout, **geo),
+  )
+  routes = TokenRoutes(
+    jnp.where(valid, ids, -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
+    jnp.broadcast_to(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel, (b, cfg.kv_len)),
+  )
+  return mask, routes
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_problem(plan: _KernelPlan, b: int, hq: int, hkv: int, d: int, dv: int, dtype) -> str:
+  """Why the kernel cannot run this call ("" if it can), from the shapes alone."""
+  check = _KERNELS[plan.kernel][0]
+  cfg, sds = plan.cfg, jax.ShapeDtypeStruct
+  q = sds((b, cfg.q_len, hq, d), dtype)
+  kv = lambda length: (sds((b, length, hkv, d), dtype), sds((b, length, hkv, dv), dtype))
+  sel = (sds((b, hkv, cfg.q_len, cfg.num_select), jnp.int32),) * 2
+  slc_mask, routes = jax.eval_shape(lambda i, ok: _selection_mask(plan, i, ok, hq), *sel)
+  calls = [(*kv(cfg.kv_len), slc_mask, routes), (*kv(cfg.kv_len), _window_mask(plan), None)]
+  if cfg.num_compressed > 0:
+    calls.append((*kv(cfg.num_compressed), _compressed_mask(plan), None))
+  for k, v, mask, rt in calls:
+    try:
+      check(q, k, v, mask, rt)
+    except ValueError as e:
+      return str(e)
+  return ""
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nsa_pallas(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+  cfg = plan.cfg
+  b, lq, hq, _ = q.shape
+  attend = functools.partial(
+    block_sparse_attention, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret
+  )
+  if cfg.num_compressed > 0:
+    o_cmp = attend(q, k_cmp, v_cmp, _compressed_mask(plan))  # [B, Lq, Hq, Dv]
+  else:
+    o_cmp = jnp.zeros((b, lq, hq, v.shape[3]), q.dtype)
+  slc_mask, routes = _selection_mask(plan, ids, valid, hq)
+  o_slc = attend(q, k, v, slc_mask, routes=routes)
+  o_win = attend(q, k, v, _window_mask(plan))
+  return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
+
+
+# ---------------------------------------------------------------------------------- op
+
+# The pure-JAX implementations: fn(cfg, q, k, v, k_cmp, v_cmp, gates, ids, valid) ->
+# (out, branches). The kernels ("pallas_*", `_KERNELS`) run `_nsa_pallas`.
+_PURE = {"reference": _nsa_reference, "xla": _nsa_xla}
+IMPLEMENTATIONS = (*_PURE, "pallas", *_KERNELS)
+
+
+def _resolve(implementation: Any, interpret: bool, cfg: _Config, q, k, v) -> str:
+  """The concrete implementation: "reference", "xla" or a kernel name."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  backend = jax.default_backend()
+  native = _BACKEND_KERNEL.get(backend)
+  shapes = (q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype)
+  if implementation is None:  # the platform's kernel if it takes the call, else xla
+    if native is None or _kernel_problem(_kernel_plan(cfg, native, False), *shapes):
+      return "xla"
+    return native
+  if implementation == "pallas":
+    if native is None and not interpret:
+      raise ValueError(
+        f"{_OP}: no Pallas kernel compiles for the {backend!r} backend; pass interpret=True "
+        "to run the GPU kernel in the Pallas interpreter, or use implementation='xla'."
+      )
+    implementation = native or "pallas_triton"
+  if implementation in _KERNELS:
+    problem = _kernel_problem(_kernel_plan(cfg, implementation, interpret), *shapes)
+    if problem:
+      raise ValueError(f"{_OP}: implementation={implementation!r}: {problem}")
+  return implementation
+
+
+def nsa_attention(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  k_cmp: jax.Array,  # [batch, Nc, kv_heads, head_dim]
+  v_cmp: jax.Array,  # [batch, Nc, kv_heads, v_head_dim]
+  gates: jax.Array,  # [batch, q_len, q_heads, 3]
+  *,
+  block_len: int = 32,
+  stride: int = 16,
+  select_len: int = 64,
+  num_select: int = 16,
+  window: int = 512,
+  scale: float | None = None,
+  implementation: str | None = None,
+  interpret: bool = False,
+  return_branches: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """Native Sparse Attention: gated compressed + selected + sliding-window attention.
+
+  The exact semantics (block geometry, overlap mapping, forced blocks, ties, queries
+  that see no compressed block) are in the module docstring.
+
+  Args:
+    q: `[B, Lq, Hq, D]`, the queries at the last Lq of the Lk positions.
+    k, v: `[B, Lk, Hkv, D]`, `[B, Lk, Hkv, Dv]`; Hkv divides Hq (GQA), Lq <= Lk.
+    k_cmp, v_cmp: the compressed keys/values `[B, Nc, Hkv, D]`, `[B, Nc, Hkv, Dv]`,
+      Nc = num_compressed_blocks(Lk, block_len, stride); compressed block c summarizes
+      keys [c*stride, c*stride + block_len) (e.g. `compress_mean`).
+    gates: `[B, Lq, Hq, 3]`, the (compression, selection, window) gates in [0, 1].
+    block_len, stride: l and d of the compressed blocks; 1 <= d <= l.
+    select_len: l', the selection block length (any positive int).
+    num_select: n >= 3, the selection blocks kept per (group, query), including the
+      forced initial block and the 2 local blocks.
+    window: w >= 1, the sliding window (keys t - w < j <= t).
+    scale: softmax scale of every branch (and of the selection scores), default
+      `head_dim ** -0.5`.
+    implementation: None: "pallas" on GPU/TPU backends when the kernel takes the call,
+      else "xla" (always on CPU). "reference" (dense masks, the float32 oracle), "xla"
+      (exact, memory-efficient pure JAX), "pallas" (the platform's kernel; on CPU only
+      with interpret=True, which runs the Triton kernel interpreted), "pallas_triton" /
+      "pallas_tpu" (that kernel, whatever the platform; interpret=True off its hardware).
+    interpret: run the Pallas kernels in the interpreter (tests, CPU); unused by
+      "reference" and "xla".
+    return_branches: also return the three ungated branch outputs.
+
+  Returns:
+    `[B, Lq, Hq, Dv]` in q's dtype; with return_branches, `(out, (o_cmp, o_slc,
+    o_win))`, each `[B, Lq, Hq, Dv]` in q's dtype.
+
+  Raises:
+    ValueError: on a bad shape, dtype, geometry or implementation, naming the argument,
+      before anything is computed.
+  """
+  cfg = _check_inputs(
+    q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale
+  )
+  if not isinstance(interpret, bool):
+    raise ValueError(f"{_OP}: interpret must be a bool, got {interpret!r}.")
+  impl = _resolve(implementation, interpret, cfg, q, k, v)
+  ids, valid = nsa_selection(
+    q,
+    k_cmp,
+    lk=cfg.kv_len,
+    block_len=block_len,
+    stride=stride,
+    select_len=select_len,
+    num_select=num_select,
+    scale=cfg.scale,
+  )
+  ids, valid = jax.lax.stop_gradient(ids), jax.lax.stop_gradient(valid)
+  arrays = (q, k, v, k_cmp, v_cmp, gates, ids, valid)
+  if impl in _KERNELS:
+    out, branches = _nsa_pallas(_kernel_plan(cfg, impl, interpret), *arrays)
+  else:
+    out, branches = _PURE[impl](cfg, *arrays)
+  return (out, branches) if return_branches else out
+
+
+def _check_inputs(
+  q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale
+) -> _Config:
+  shape = checks.check_qkv(q, k, v, _OP)
+  block_len, stride = _check_compression(_OP, block_len, stride)
+  select_len = _check_int(_OP, "select_len", select_len, 1)
+  num_select = _check_int(_OP, "num_select", num_select, 3)  # initial + 2 local blocks
+  window = _check_int(_OP, "window", window, 1)
+  b, lq, lk, hq, hkv = shape.batch, shape.q_len, shape.kv_len, shape.q_heads, shape.kv_heads
+  d, dv = shape.head_dim, shape.v_head_dim
+  if lq > lk:
+    raise ValueError(
+      f"{_OP}: q has {lq} positions (dim 1) but k only {lk}; the queries are the last "
+      "q_len of the kv_len positions, so q_len <= kv_len."
+    )
+  nc = max(0, (lk - block_len) // stride + 1)
+  for name, x, last in (("k_cmp", k_cmp, d), ("v_cmp", v_cmp, dv)):
+    layout = f"[batch, Nc, kv_heads, {'head_dim' if name == 'k_cmp' else 'v_head_dim'}]"
+    _check_array(_OP, name, x, 4, layout)
+    expected = (b, nc, hkv, last)
+    if tuple(x.shape) != expected:
+      raise ValueError(
+        f"{_OP}: {name} must be {layout} = {expected} (Nc = num_compressed_blocks("
+        f"kv_len={lk}, block_len={block_len}, stride={stride}) = {nc}), got "
+        f"{tuple(x.shape)}."
+      )
+    if x.dtype != q.dtype:
+      raise ValueError(f"{_OP}: {name} has dtype {x.dtype}; expected q's dtype {q.dtype}.")
+  _check_array(_OP, "gates", gates, 4, "[batch, q_len, q_heads, 3]")
+  if tuple(gates.shape) != (b, lq, hq, 3):
+    raise ValueError(
+      f"{_OP}: gates must be [batch, q_len, q_heads, 3] = {(b, lq, hq, 3)} (cmp, slc, win), "
+      f"got {tuple(gates.shape)}."
+    )
+  scale = checks.check_scale(scale, shape, _OP)
+  return _Config(
+    lq, lk, block_len, stride, select_len, num_select, window, scale, _CHUNK_ELEMENTS, _SLC_BLOCK_Q
+  )
