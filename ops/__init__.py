@@ -1,4 +1,4 @@
-"""Public API: block masks, reference attention, block-sparse and HiLo attention.
+"""Public API: block masks, reference attention, block-sparse, HiLo, MoBA and NSA attention.
 
 Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 (None picks the best available for the platform, as
@@ -9,6 +9,8 @@ from sparse_attention.ops import masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.hilo import hilo_attention
+from sparse_attention.ops.moba import moba_attention
+from sparse_attention.ops.nsa import nsa_attention
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
@@ -21,5 +23,7 @@ __all__ = [
   "calibrate_attention",
   "hilo_attention",
   "masks",
+  "moba_attention",
+  "nsa_attention",
   "reference_attention",
 ]

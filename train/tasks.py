@@ -6,11 +6,14 @@ batch into (mean loss, metric sums). Metric sums add up over batches and devices
 "mask" (padding of the last batch) that weights every example once.
 
   classification  images -> LITv2 (HiLo attention); metrics: loss, accuracy
+  lm              byte text -> decoder-only LM (dense / sliding / MoBA / NSA attention);
+                  metrics: loss (mean next-token cross entropy), perplexity
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +23,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sparse_attention.models import litv2
+from sparse_attention.models import litv2, lm
 
 LITV2_PRESETS: dict[str, Callable[..., litv2.LITv2Config]] = {
   "litv2_tiny": litv2.litv2_tiny,
@@ -94,6 +97,82 @@ def _summarize_classification(sums: dict[str, float]) -> dict[str, float]:
   return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
 
 
+# ---------------------------------------------------------------------------------------
+# Language modelling.
+
+LM_PRESETS: dict[str, Callable[..., lm.LMConfig]] = {"lm_tiny": lm.lm_tiny, "lm_1b": lm.lm_1b}
+# config.model fields passed to the LMConfig under the same names.
+LM_FIELDS = (
+  "attention",
+  "window",
+  "moba_chunk",
+  "moba_topk",
+  "nsa_block_len",
+  "nsa_stride",
+  "nsa_select_len",
+  "nsa_num_select",
+  "nsa_window",
+  "nsa_compress",
+)
+
+
+def _lm_config(config: ml_collections.ConfigDict, vocab_size: int | None) -> lm.LMConfig:
+  """The LMConfig of `config.model` (preset + fields); errors name config.model fields."""
+  m = config.model
+  if m.name not in LM_PRESETS:
+    raise ValueError(
+      f"config.model.name must be one of {sorted(LM_PRESETS)} for the lm task, got {m.name!r}."
+    )
+  if m.get("attention") not in lm.ATTENTIONS:
+    raise ValueError(
+      f"config.model.attention must be one of {lm.ATTENTIONS} for the lm task, got "
+      f"{m.get('attention')!r}."
+    )
+  overrides = {name: m[name] for name in LM_FIELDS if name in m}
+  overrides["implementation"] = m.get("implementation") or None
+  preset = LM_PRESETS[m.name]()
+  if vocab_size is not None:
+    overrides["vocab_size"] = vocab_size
+  seq_len = config.data.get("seq_len")
+  if isinstance(seq_len, int) and seq_len > preset.max_len:
+    overrides["max_len"] = seq_len  # RoPE has no table: only the limit moves
+  try:
+    return LM_PRESETS[m.name](**overrides)
+  except lm.LMConfigError as e:
+    raise ValueError(f"config.model.{e.field} {e.detail}") from None
+
+
+def _check_lm(config: ml_collections.ConfigDict) -> None:
+  if config.data.kind not in ("text", "npz"):
+    raise ValueError(
+      f"config.data.kind must be 'text' (or 'npz' with a token stream) for the lm task, got "
+      f"{config.data.kind!r}."
+    )
+  _lm_config(config, None)
+
+
+def _build_lm(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rngs):
+  return lm.LM(_lm_config(config, datasets.vocab_size), rngs=rngs)
+
+
+def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
+  """Mean next-token cross entropy over the target tokens (eval: of the masked-in examples)."""
+  del dtype  # the token ids are ints; the trainer has cast the parameters
+  logits = model(batch["inputs"])  # [B, L, vocab] float32
+  targets = batch["targets"]  # [B, L]
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+  weight = batch.get("mask", jnp.ones(targets.shape[:1], bool)).astype(jnp.float32)  # [B]
+  weight = jnp.broadcast_to(weight[:, None], targets.shape)
+  loss_sum = jnp.sum(per_token * weight)
+  count = jnp.sum(weight)
+  return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count}
+
+
+def _summarize_lm(sums: dict[str, float]) -> dict[str, float]:
+  loss = sums["loss_sum"] / max(sums["count"], 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+
+
 TASKS = {
   "classification": Task(
     name="classification",
@@ -104,6 +183,16 @@ TASKS = {
     loss=_classification_loss,
     summarize=_summarize_classification,
     examples=lambda batch: batch["label"].shape[0],
+  ),
+  "lm": Task(
+    name="lm",
+    unit="tokens",
+    data_kind="text",
+    check=_check_lm,
+    build_model=_build_lm,
+    loss=_lm_loss,
+    summarize=_summarize_lm,
+    examples=lambda batch: batch["inputs"].size,
   ),
 }
 

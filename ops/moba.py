@@ -1,0 +1,925 @@
+"""`moba_attention`: MoBA (Mixture of Block Attention, Moonshot AI, 2025).
+
+Semantics (those of Moonshot's reference `moba_attn_varlen_naive`, which users
+compare against), per sequence of length L and chunk size C:
+
+* The keys are cut into nb = ceil(L / C) consecutive blocks ("chunks") of C
+  keys; a ragged last block holds the remaining L - (nb - 1) * C keys.
+* kbar_j, the gate key of block j, is the mean of its (real) keys, computed in
+  float32 and rounded to k's dtype as the reference does (`k.mean()` in k's
+  dtype), then used in float32.
+* gate[h, t, j] = q_t . kbar_j in float32, unscaled (GQA: query head h gates on
+  the mean keys of its kv head h // (Hq / Hkv)).
+* Query t (in block i) keeps its own block i always, plus the topk - 1 blocks
+  j < i with the largest gate: the top min(topk, i + 1) blocks of the
+  reference, whose gate puts -inf on future blocks and +inf on the own block.
+  Ties are broken toward the lower block id (the older block).
+* Output: ONE softmax with scale D^-0.5 (or `scale`) over the union of the
+  kept keys, causal inside the own block (key s <= t). topk = 1 is attention
+  within the own chunk only. The selection is discrete: no gradient flows
+  through the gate (as in the reference); outputs are differentiable in q, k, v
+  through the attention.
+
+Layout (like `jax.nn.dot_product_attention`): q `[B, Lq, Hq, D]`, k
+`[B, Lk, Hkv, D]`, v `[B, Lk, Hkv, Dv]`, Lq <= Lk. The queries are the LAST Lq
+positions of the sequence: query t sits at position Lk - Lq + t (training:
+Lq == Lk; KV-cached decoding: Lq new tokens, Lk = cache + new). Output
+`[B, Lq, Hq, Dv]` in q's dtype; lse float32 `[B, Hq, Lq]`, natural log.
+
+Packed sequences: `segment_ids` int `[B, Lk]` (the queries use the last Lq
+entries). A segment is a maximal run of equal consecutive ids; each is its own
+sequence: its chunks start at its first token (the last one may be ragged),
+and neither gating nor attention crosses segments. Two runs with the same id
+separated by another id are two segments.
+
+Block ids: chunks are numbered in position order over the whole row,
+restarting the C-grid at every segment start, so `chunk_ids(segment_ids,
+Lk, C)` gives each key position its absolute chunk id; chunk c covers the
+positions whose id is c (a contiguous run of at most C keys). Without segments
+chunk c is positions [c*C, (c+1)*C). Ids are < `num_chunks(Lk, C, segmented)`:
+ceil(Lk / C) without segments, Lk with them (a static bound: every key could
+be its own segment).
+
+Implementations: "reference" (the kept blocks expanded to a boolean
+`[B, Hq, Lq, Lk]` mask for `reference_attention`), "xla" (memory-efficient,
+exact, see `_moba_xla`) and the Pallas paths below; all take the selection from
+`moba_selection` (`_select`), so the semantics live in one place.
+`implementation=None` runs "xla" on CPU and the backend's kernel on GPU / TPU
+(falling back to "xla" for a call the kernel does not take).
+
+Pallas ("pallas": the backend's kernel; "pallas_triton", "pallas_tpu"; both run
+on CPU with interpret=True). MoBA runs on the routed block-sparse kernels
+(`ops.block_sparse_attention` with `TokenRoutes`), exactly:
+
+* Routing stays in XLA: `_select` computes the gates, the top-k and the kept
+  chunk ids, memory O(B * Hq * Lq * topk) (plus the gate matrix of
+  `_past_gates`). It is a dense top-k over all past chunks per query, which a
+  flash-style kernel cannot fuse cheaply (it would need every chunk's gate before
+  the first kv tile), and it is small next to the attention (Lk / C gate keys
+  per query).
+  The selection has no gradient, as in the reference.
+* Token routes (exact per pair): query routes = the kept chunk ids
+  `[B, Hq, Lq, topk]` (-1 in padding slots), key routes = `chunk_ids(...)` of
+  each key `[B, Lk]`. Key j is visible to query i iff its chunk is one of i's;
+  chunk ids are unique per segment, so routes also keep segments apart.
+* The tiles visited (a `BlockMask`, block_q x block_kv tiles, default 64 x 64
+  clipped to the lengths): per (batch, q head, q tile) the union of the kv tiles
+  that hold a key of a chunk some query of the tile kept, computed on device as
+  a difference array over kv tiles (scatter-add + cumsum, O(B * Hq * Qb * Kb),
+  never O(Lq * Lk)); intersected with the causal mask (offset Lk - Lq), so the
+  causal element mask runs on diagonal tiles only. Kmax (max_kv_blocks) is a
+  static bound from the geometry (`_max_kv_blocks`), Qmax is Qb.
+* Cost: every visited tile is computed in full (block_q x block_kv scores),
+  the routes only mask pairs out. A tile is visited if ANY of its block_q
+  queries kept ANY chunk touching it, so work grows with how differently
+  neighbouring queries select: with chunk_size < block_kv a tile mixes selected
+  and unselected chunks, and with random (untrained) queries the union of a q
+  tile's selections approaches all past chunks (block-causal attention). The
+  "xla" path's work is exactly proportional to the kept keys instead; the
+  kernels win when neighbouring queries agree (trained models) and on the
+  FLOP rate of a fused kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from sparse_attention.ops import checks, element_masks
+from sparse_attention.ops.block_mask import BlockMask, classify_tiles, from_block_layout
+from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.reference import reference_attention
+from sparse_attention.pallas_kernels.block_sparse import common, gpu, tpu
+
+_OP = "moba_attention"
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Queries per tile of the gate computation: a tile's queries span at most
+# _GATE_TILE consecutive chunk ids, so each tile multiplies against a window of
+# nb - 1 + _GATE_TILE - 1 gate keys (16: about 2x the strictly needed gate work,
+# negligible next to the attention).
+_GATE_TILE = 16
+# xla path: query rows per (kv block, rows) tile, and score elements per loop
+# step (2**20 f32 scores, 4 MiB: cache-sized temporaries on CPU).
+_TILE_ROWS = 128
+_STEP_SCORES = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Chunks and selection: the semantics, shared by every implementation.
+# ---------------------------------------------------------------------------
+
+
+def num_chunks(kv_len: int, chunk_size: int, segmented: bool) -> int:
+  """Static upper bound (exclusive) of the chunk ids of a row of kv_len keys."""
+  return kv_len if segmented else -(-kv_len // chunk_size)
+
+
+def _chunking(
+  segment_ids: jax.Array | None, kv_len: int, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+  """(chunk id, id of the segment's first chunk), int32 `[B|1, kv_len]` each."""
+  pos = jnp.arange(kv_len, dtype=jnp.int32)
+  if segment_ids is None:
+    ids = (pos // chunk_size)[None]
+    return ids, jnp.zeros_like(ids)
+  seg = segment_ids.astype(jnp.int32)  # [batch, kv_len]
+  starts = jnp.concatenate(
+    [jnp.ones_like(seg[:, :1], dtype=bool), seg[:, 1:] != seg[:, :-1]], axis=1
+  )
+  seg_start = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)  # segment's first position
+  new_chunk = (pos - seg_start) % chunk_size == 0
+  ids = jnp.cumsum(new_chunk, axis=1, dtype=jnp.int32) - 1
+  first = jax.lax.cummax(jnp.where(starts, ids, 0), axis=1)
+  return ids, first
+
+
+def chunk_ids(segment_ids: jax.Array | None, kv_len: int, chunk_size: int) -> jax.Array:
+  """The absolute chunk id of every key position, int32 `[B|1, kv_len]`.
+
+  Without segments: `pos // chunk_size` (batch dim 1). With segment_ids
+  `[B, kv_len]`: chunks restart at every segment start (a position whose id
+  differs from its predecessor's) and are numbered consecutively along the row,
+  so ids ascend with position and each chunk is a contiguous run of at most
+  chunk_size positions inside one segment. Ids are < `num_chunks(kv_len,
+  chunk_size, segmented=segment_ids is not None)`.
+  """
+  return _chunking(segment_ids, kv_len, chunk_size)[0]
+
+
+def _gate_keys(k: jax.Array, ids: jax.Array, nc: int) -> jax.Array:
+  """The mean key of every chunk, float32 `[B, nc, Hkv, D]` (0 for unused ids)."""
+  b, lk = k.shape[:2]
+  ids = jnp.broadcast_to(ids, (b, lk))
+  rows = jnp.arange(b)[:, None]
+  sums = jnp.zeros((b, nc) + k.shape[2:], jnp.float32).at[rows, ids].add(k.astype(jnp.float32))
+  counts = jnp.zeros((b, nc), jnp.float32).at[rows, ids].add(1.0)
+  mean = sums / jnp.maximum(counts, 1.0)[:, :, None, None]
+  # The reference averages in k's dtype (`k.mean()`), then gates in float32.
+  return mean.astype(k.dtype).astype(jnp.float32)
+
+
+def _past_gates(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  kbar: jax.Array,  # [batch, nc, kv_heads, head_dim] f32
+  q_ids: jax.Array,  # [batch, q_len] int32
+  num_past: int,
+) -> jax.Array:
+  """gate[b, h, t, r] = q_t . kbar[id(t) - num_past + r], f32 `[B, Hq, Lq, num_past]`.
+
+  Candidates r are the num_past chunks before the query's own chunk (ids below
+  0 read zero keys; the caller masks them). Queries are tiled by _GATE_TILE:
+  ids ascend by at most one per position, so a tile starting at chunk c0 needs
+  only the gate keys c0 - num_past .. c0 + tile - 2, one matmul per tile.
+  """
+  b, lq, hq, d = q.shape
+  hkv = kbar.shape[2]
+  g = hq // hkv
+  tile = min(_GATE_TILE, lq)
+  n_tiles = -(-lq // tile)
+  pad = n_tiles * tile - lq
+  width = num_past + tile - 1
+  qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qf = qf.reshape(b, n_tiles, tile, hkv, g, d)
+  ids = jnp.pad(q_ids, ((0, 0), (0, pad)), mode="edge").reshape(b, n_tiles, tile)
+  c0 = ids[:, :, 0]  # [batch, n_tiles]
+  # kbar_pad[i] = kbar[i - num_past]: window w of a tile is chunk c0 - num_past + w.
+  kbar_pad = jnp.pad(kbar, ((0, 0), (num_past, tile), (0, 0), (0, 0)))
+  win = c0[:, :, None] + jnp.arange(width, dtype=jnp.int32)  # [batch, n_tiles, width]
+  kwin = kbar_pad[jnp.arange(b)[:, None, None], win]  # [batch, n_tiles, width, Hkv, D]
+  gate = jnp.einsum("bntkgd,bnwkd->bkgntw", qf, kwin, precision=_HIGHEST)
+  # Query t's candidates r sit at window position (id(t) - c0) + r.
+  idx = (ids - c0[:, :, None])[..., None] + jnp.arange(num_past, dtype=jnp.int32)
+  gate = jnp.take_along_axis(gate, idx[:, None, None], axis=-1)  # [b, hkv, g, nt, tile, P]
+  return gate.reshape(b, hq, n_tiles * tile, num_past)[:, :, :lq]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "topk"))
+def _select(q, k, chunk_size, topk, segment_ids):
+  """(block_ids, valid, key chunk ids [B|1, Lk]); inputs validated."""
+  lq, lk = q.shape[1], k.shape[1]
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+  ids, first = _chunking(segment_ids, lk, chunk_size)
+  nc = num_chunks(lk, chunk_size, segment_ids is not None)
+  b, hq = q.shape[0], q.shape[2]
+  q_ids = jnp.broadcast_to(ids[:, lk - lq :], (b, lq))  # [batch, q_len]
+  q_first = jnp.broadcast_to(first[:, lk - lq :], (b, lq))
+  own = jnp.broadcast_to(q_ids[:, None, :, None], (b, hq, lq, 1))
+  # Candidates: the nb - 1 chunks before the own one (a segment has at most nb
+  # chunks); valid if inside the query's segment.
+  num_past = -(-lk // chunk_size) - 1
+  kk = min(topk - 1, num_past)
+  if kk > 0:
+    gate = _past_gates(q, _gate_keys(k, ids, nc), q_ids, num_past)  # [b, hq, lq, P]
+    local = (q_ids - q_first)[:, None, :, None]  # own chunk's index in its segment
+    r = jnp.arange(num_past, dtype=jnp.int32)
+    gate = jnp.where(r >= num_past - local, gate, -jnp.inf)
+    # lax.top_k returns equal values lowest index first: ties go to older blocks.
+    _, r_sel = jax.lax.top_k(gate, kk)  # [b, hq, lq, kk]
+    ok = r_sel >= num_past - local
+    past = own - num_past + r_sel
+    big = jnp.iinfo(jnp.int32).max
+    keys = jnp.sort(jnp.concatenate([jnp.where(ok, past, big), own], axis=-1), axis=-1)
+    valid = keys != big
+    block_ids = jnp.where(valid, keys, own)  # padding repeats the last valid id (own)
+  else:
+    block_ids, valid = own, jnp.ones_like(own, dtype=bool)
+  if block_ids.shape[-1] < topk:  # topk > nb: pad
+    extra = topk - block_ids.shape[-1]
+    block_ids = jnp.concatenate([block_ids, jnp.broadcast_to(own, own.shape[:3] + (extra,))], -1)
+    valid = jnp.concatenate([valid, jnp.zeros(own.shape[:3] + (extra,), bool)], -1)
+  return block_ids.astype(jnp.int32), valid, ids
+
+
+def moba_selection(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  *,
+  chunk_size: int,
+  topk: int,
+  segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The key blocks each query keeps under MoBA's gate (see the module docstring).
+
+  Args:
+    q: `[batch, q_len, q_heads, head_dim]`, the last q_len positions.
+    k: `[batch, kv_len, kv_heads, head_dim]`; kv heads divide q heads.
+    chunk_size: C, keys per block (>= 1).
+    topk: blocks kept per query, the own block included (>= 1).
+    segment_ids: optional integer `[batch, kv_len]` (see `chunk_ids`).
+
+  Returns:
+    `(block_ids, valid)`, int32 and bool `[batch, q_heads, q_len, topk]`: the
+    kept absolute chunk ids (`chunk_ids`) in ascending order, the own block
+    last among the valid ones; padding slots (valid False, when fewer than topk
+    blocks are visible) repeat the last valid id. No gradient (discrete).
+
+  Raises:
+    ValueError: on bad shapes, dtypes or arguments, naming the argument.
+  """
+  op = "moba_selection"
+  shape = checks.check_qkv(q, k, k, op)
+  _check_moba_args(shape, chunk_size, topk, segment_ids, op)
+  block_ids, valid, _ = _select(q, k, chunk_size, topk, segment_ids)
+  return block_ids, valid
+
+
+def _check_moba_args(shape: checks.AttentionShape, chunk_size, topk, segment_ids, op: str):
+  for name, x in (("chunk_size", chunk_size), ("topk", topk)):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+      raise ValueError(f"{op}: {name} must be a Python int >= 1, got {x!r}.")
+  if shape.q_len > shape.kv_len:
+    raise ValueError(
+      f"{op}: q_len ({shape.q_len}) must be <= kv_len ({shape.kv_len}): the queries are "
+      "the last q_len positions of the sequence."
+    )
+  if segment_ids is not None:
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+      raise ValueError(
+        f"{op}: segment_ids must be an integer array or None, got {type(segment_ids).__name__}."
+      )
+    if tuple(segment_ids.shape) != (shape.batch, shape.kv_len):
+      raise ValueError(
+        f"{op}: segment_ids must have shape [batch, kv_len] = ({shape.batch}, "
+        f"{shape.kv_len}), got {tuple(segment_ids.shape)}."
+      )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"{op}: segment_ids must be integer (int32), got {segment_ids.dtype}.")
+
+
+# ---------------------------------------------------------------------------
+# "reference": the kept blocks as a dense boolean mask.
+# ---------------------------------------------------------------------------
+
+
+_STATIC = ("chunk_size", "topk", "scale", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _moba_reference(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret):
+  del interpret
+  lq, lk = q.shape[1], k.shape[1]
+  block_ids, valid, ids = _select(q, k, chunk_size, topk, segment_ids)
+  key_ids = ids[:, None, None, :]  # [batch|1, 1, 1, kv_len]
+  mask = jnp.zeros(block_ids.shape[:3] + (lk,), bool)  # [batch, q_heads, q_len, kv_len]
+  for s in range(topk):
+    mask |= valid[..., s, None] & (block_ids[..., s, None] == key_ids)
+  q_pos = lk - lq + jnp.arange(lq)
+  mask &= jnp.arange(lk)[None, :] <= q_pos[:, None]  # causal (inside the own block)
+  return reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+
+
+# ---------------------------------------------------------------------------
+# "xla": block-major tiles of (one kv chunk, the query rows that kept it).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of one xla call (hashable: the custom_vjp's static argument)."""
+
+  scale: float
+  chunk_size: int
+  topk: int
+  rows: int  # query rows per tile
+  tiles_per_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tile:
+  """`tiles_per_step` tiles of one loop step."""
+
+  row: jax.Array  # int32[S, R]: query row (b * Hq + h) * Lq + t
+  slot: jax.Array  # int32[S, R]: output slot (row * topk + s), n3 for padding
+  kv: jax.Array  # int32[S]: kv row b * Hkv + hkv
+  pos: jax.Array  # int32[S, C]: key positions start .. start + C - 1
+  visible: jax.Array  # bool[S, R, C]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+  """The tiles: (one kv chunk, up to `rows` query rows that kept it) each."""
+
+  key_ids: jax.Array  # int32[B, Lk + C]: chunk id of each key position, -1 past Lk
+  perm: jax.Array  # int32[n3]: (query row, slot) pairs sorted by (batch, kv head, chunk)
+  kv: jax.Array  # int32[T]: each tile's kv row, b * Hkv + kv head
+  chunk: jax.Array  # int32[T]: its chunk id
+  start: jax.Array  # int32[T]: the chunk's first key position
+  first: jax.Array  # int32[T]: its first pair's index in perm
+  rows: jax.Array  # int32[T]: its number of pairs (0: an unused tile)
+  num_tiles: jax.Array  # int32[]: tiles in use
+
+  def tree_flatten(self):
+    return dataclasses.astuple(self), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+
+jax.tree_util.register_pytree_node_class(_Schedule)
+
+
+def _schedule(block_ids, valid, key_ids, kv_heads: int, nc: int, plan: _Plan, max_tiles: int):
+  """Sorts the (query row, slot) pairs by group (batch, kv head, chunk) and
+  cuts each group into tiles of `rows` pairs (at most `max_tiles` in all)."""
+  b, hq, _, _ = block_ids.shape
+  lk, rows = key_ids.shape[1], plan.rows
+  bk = jnp.arange(b)[:, None] * kv_heads + jnp.arange(hq)[None, :] // (hq // kv_heads)
+  ng = b * kv_heads * nc
+  grp = jnp.where(valid, bk[:, :, None, None] * nc + block_ids, ng).reshape(-1)
+  perm = jnp.argsort(grp, stable=True).astype(jnp.int32)
+  counts = jnp.zeros(ng + 1, jnp.int32).at[grp].add(1)[:ng]
+  first = jnp.cumsum(counts, dtype=jnp.int32) - counts
+  n_tiles = (counts + rows - 1) // rows
+  tile_end = jnp.cumsum(n_tiles, dtype=jnp.int32)
+  tile_begin = tile_end - n_tiles
+  # Tile w belongs to the last group that begins at or before it (empty groups
+  # begin where the next one does and lose the max).
+  g_ids = jnp.arange(ng, dtype=jnp.int32)
+  tile_grp = jnp.zeros(max_tiles, jnp.int32).at[tile_begin].max(g_ids, mode="drop")
+  tile_grp = jax.lax.cummax(tile_grp, axis=0)
+  local = (jnp.arange(max_tiles, dtype=jnp.int32) - tile_begin[tile_grp]) * rows
+  used = jnp.arange(max_tiles) < tile_end[-1]
+  chunk = tile_grp % nc
+  kv = tile_grp // nc
+  # Each chunk's first key position (lk for unused ids).
+  pos = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32), (b, lk))
+  starts = jnp.full((b, nc), lk, jnp.int32).at[jnp.arange(b)[:, None], key_ids].min(pos)
+  return _Schedule(
+    key_ids=jnp.pad(key_ids, ((0, 0), (0, plan.chunk_size)), constant_values=-1),
+    perm=perm,
+    kv=kv,
+    chunk=chunk,
+    start=starts[kv // kv_heads, chunk],
+    first=first[tile_grp] + local,
+    rows=jnp.where(used, jnp.clip(counts[tile_grp] - local, 0, rows), 0),
+    num_tiles=tile_end[-1],
+  )
+
+
+def _tile(plan: _Plan, step, q_shape, kv_heads, sc: _Schedule) -> _Tile:
+  b, lq, hq, _ = q_shape
+  s_, r_, c_ = plan.tiles_per_step, plan.rows, plan.chunk_size
+  n3 = b * hq * lq * plan.topk
+  w = jnp.minimum(step * s_ + jnp.arange(s_, dtype=jnp.int32), sc.kv.shape[0] - 1)
+  r = jnp.arange(r_, dtype=jnp.int32)
+  ok = r < sc.rows[w][:, None]  # [S, R]
+  pair = sc.perm[jnp.minimum(sc.first[w][:, None] + r, n3 - 1)]
+  row = pair // plan.topk
+  kv, chunk = sc.kv[w], sc.chunk[w]
+  pos = sc.start[w][:, None] + jnp.arange(c_, dtype=jnp.int32)  # [S, C]
+  in_chunk = sc.key_ids[(kv // kv_heads)[:, None], pos] == chunk[:, None]
+  q_pos = sc.key_ids.shape[1] - c_ - lq + row % lq  # [S, R]
+  visible = ok[:, :, None] & in_chunk[:, None, :] & (pos[:, None, :] <= q_pos[:, :, None])
+  return _Tile(row=row, slot=jnp.where(ok, pair, n3), kv=kv, pos=pos, visible=visible)
+
+
+def _kv_rows(x: jax.Array, pad: int) -> jax.Array:
+  """[B, L, H, D] -> [B*H, L + pad, D], zero-padded."""
+  b, l, h, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  return x.transpose(0, 2, 1, 3).reshape(b * h, l + pad, d)
+
+
+def _windows(x: jax.Array, rows: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+  """x[rows[i], starts[i] : starts[i] + size] for each i: [S, size, D]."""
+  d = x.shape[-1]
+  take = lambda r, s: jax.lax.dynamic_slice(x, (r, s, 0), (1, size, d))[0]
+  return jax.vmap(take)(rows, starts)
+
+
+def _q_rows(x: jax.Array) -> jax.Array:
+  """[B, L, H, D] -> [B*H*L, D]."""
+  b, l, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h * l, d)
+
+
+def _num_steps(plan: _Plan, sc: _Schedule) -> jax.Array:
+  return (sc.num_tiles + plan.tiles_per_step - 1) // plan.tiles_per_step
+
+
+def _forward(plan: _Plan, q, k, v, sc: _Schedule):
+  b, lq, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  n3 = b * hq * lq * plan.topk
+  q_rows = _q_rows(q)  # [B*Hq*Lq, D]
+  k_rows = _kv_rows(k, plan.chunk_size)  # [B*Hkv, Lk + C, D]
+  v_rows = _kv_rows(v, plan.chunk_size)  # [B*Hkv, Lk + C, Dv]
+
+  def body(carry):
+    step, m_acc, l_acc, o_acc = carry
+    t = _tile(plan, step, q.shape, hkv, sc)
+    k_t = _windows(k_rows, t.kv, t.pos[:, 0], plan.chunk_size)  # [S, C, D]
+    v_t = _windows(v_rows, t.kv, t.pos[:, 0], plan.chunk_size)  # [S, C, Dv]
+    s = jnp.einsum("srd,scd->src", q_rows[t.row], k_t, preferred_element_type=jnp.float32)
+    s = jnp.where(t.visible, s * plan.scale, -jnp.inf)
+    m = jnp.max(s, axis=-1)  # [S, R]
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
+    o = jnp.einsum("src,scd->srd", p.astype(v.dtype), v_t, preferred_element_type=jnp.float32)
+    m_acc = m_acc.at[t.slot].set(m, mode="drop")
+    l_acc = l_acc.at[t.slot].set(jnp.sum(p, axis=-1), mode="drop")
+    o_acc = o_acc.at[t.slot].set(o, mode="drop")
+    return step + 1, m_acc, l_acc, o_acc
+
+  init = (
+    jnp.int32(0),
+    jnp.full((n3,), -jnp.inf, jnp.float32),
+    jnp.zeros((n3,), jnp.float32),
+    jnp.zeros((n3, dv), jnp.float32),
+  )
+  steps = _num_steps(plan, sc)
+  _, m_acc, l_acc, o_acc = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+  # Merge the topk per-block parts of every query (the LSE merge).
+  m_acc = m_acc.reshape(b, hq, lq, plan.topk)
+  m_max = jnp.max(m_acc, axis=-1, keepdims=True)
+  m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
+  w = jnp.exp(m_acc - m_max)  # 0 for unused slots
+  l_sum = jnp.sum(l_acc.reshape(w.shape) * w, axis=-1)  # [B, Hq, Lq]
+  o_sum = jnp.sum(o_acc.reshape(w.shape + (dv,)) * w[..., None], axis=-2)
+  nonempty = l_sum > 0
+  l_safe = jnp.where(nonempty, l_sum, 1.0)
+  out = (o_sum / l_safe[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+  lse = jnp.where(nonempty, m_max[..., 0] + jnp.log(l_safe), -jnp.inf)
+  return out, lse
+
+
+def _backward(plan: _Plan, q, k, v, sc: _Schedule, out, lse, d_out, d_lse):
+  b, lq, hq, _ = q.shape
+  hkv = k.shape[2]
+  c_ = plan.chunk_size
+  q_rows, do_rows = _q_rows(q), _q_rows(d_out)
+  k_rows, v_rows = _kv_rows(k, c_), _kv_rows(v, c_)
+  # delta = rowsum(dO * O) - dlse: d lse / d s = p enters ds exactly as -delta.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = (delta.transpose(0, 2, 1) - d_lse).reshape(-1)  # [B*Hq*Lq]
+  lse_rows = lse.reshape(-1)
+  f32 = jnp.float32
+
+  def body(carry):
+    step, dq, dk, dv = carry
+    t = _tile(plan, step, q.shape, hkv, sc)
+    k_t = _windows(k_rows, t.kv, t.pos[:, 0], c_)
+    v_t = _windows(v_rows, t.kv, t.pos[:, 0], c_)
+    q_t, do_t = q_rows[t.row], do_rows[t.row]  # [S, R, D], [S, R, Dv]
+    s = jnp.einsum("srd,scd->src", q_t, k_t, preferred_element_type=f32) * plan.scale
+    p = jnp.where(t.visible, jnp.exp(s - lse_rows[t.row][..., None]), 0.0)
+    dp = jnp.einsum("srd,scd->src", do_t, v_t, preferred_element_type=f32)
+    ds = p * (dp - delta[t.row][..., None]) * plan.scale
+    ds_in = ds.astype(q.dtype)
+    dq = dq.at[t.row].add(jnp.einsum("src,scd->srd", ds_in, k_t, preferred_element_type=f32))
+    kv = t.kv[:, None]
+    dk = dk.at[kv, t.pos].add(jnp.einsum("src,srd->scd", ds_in, q_t, preferred_element_type=f32))
+    dv = dv.at[kv, t.pos].add(
+      jnp.einsum("src,srd->scd", p.astype(d_out.dtype), do_t, preferred_element_type=f32)
+    )
+    return step + 1, dq, dk, dv
+
+  init = (
+    jnp.int32(0),
+    jnp.zeros(q_rows.shape, f32),
+    jnp.zeros(k_rows.shape, f32),
+    jnp.zeros(v_rows.shape, f32),
+  )
+  steps = _num_steps(plan, sc)
+  _, dq, dk, dv = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+  lk = k.shape[1]
+  dq = dq.reshape(b, hq, lq, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+  dk = dk.reshape(b, hkv, lk + c_, -1)[:, :, :lk].transpose(0, 2, 1, 3).astype(k.dtype)
+  dv = dv.reshape(b, hkv, lk + c_, -1)[:, :, :lk].transpose(0, 2, 1, 3).astype(v.dtype)
+  return dq, dk, dv
+
+
+_attention = common.attention_with_vjp(_forward, _backward)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _moba_xla(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret):
+  """Memory-efficient exact MoBA in plain JAX; `(out, lse)`.
+
+  1. `moba_selection` gives every (query row, slot) pair a kv chunk. The pairs
+     are sorted by (batch, kv head, chunk) and each chunk's pairs are cut into
+     tiles of `rows` query rows (GQA heads of a group share their kv head's
+     tiles), so a tile is one dense [rows, C] score matrix against ONE key
+     window (the chunk's C positions from its start). Work is proportional to
+     the kept keys (Lq * Hq * topk * C) plus < rows padding rows per chunk.
+  2. A `while_loop` over the tiles (a dynamic trip count, `tiles_per_step` at
+     a time) computes each pair's partial softmax (max, sum, unnormalised
+     p @ v), masked per element: key in the chunk (segments, ragged tail) and
+     causal (the own block). It is stored in the pair's slot, so memory is
+     O(B * Hq * Lq * topk * Dv) plus one step's scores, never Lq x Lk.
+  3. The topk parts of each query are LSE-merged: one softmax over the union.
+  4. `jax.custom_vjp`: the backward pass walks the same tiles, recomputes
+     p = exp(s - lse), and scatter-adds dQ per query row and dK, dV per key
+     window (GQA groups add into the shared kv head).
+  """
+  del interpret
+  b, lq, hq, _ = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  block_ids, valid, ids = _select(q, k, chunk_size, topk, segment_ids)
+  nc = num_chunks(lk, chunk_size, segment_ids is not None)
+  rows = min(_TILE_ROWS, -(-lq * (hq // hkv) // 8) * 8)  # a chunk has <= Lq * G pairs
+  n3 = b * hq * lq * topk
+  max_tiles = -(-n3 // rows) + min(b * hkv * nc, n3)
+  per_step = max(1, min(_STEP_SCORES // (rows * chunk_size), max_tiles))
+  plan = _Plan(
+    scale=scale,
+    chunk_size=chunk_size,
+    topk=topk,
+    rows=rows,
+    tiles_per_step=per_step,
+  )
+  key_ids = jnp.broadcast_to(ids, (b, lk))
+  sched = _schedule(block_ids, valid, key_ids, hkv, nc, plan, max_tiles)
+  return _attention(plan, q, k, v, sched)
+
+
+# ---------------------------------------------------------------------------
+# "pallas": the routed block-sparse kernels (Triton on GPU, Mosaic on TPU).
+# ---------------------------------------------------------------------------
+
+_KERNELS = ("pallas_triton", "pallas_tpu")
+_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
+# Default tile sizes of the Pallas paths (clipped to the lengths, see _block_sizes).
+_BLOCK_Q = 64
+_BLOCK_KV = 64
+
+
+def _block_sizes(
+  kernel: str, q_len: int, kv_len: int, block_q: int | None, block_kv: int | None
+) -> tuple[int, int]:
+  """(block_q, block_kv): the user's, else 64 clipped to the lengths in the kernel's
+  granularity (Triton: powers of two >= 16; TPU: multiples of 8)."""
+
+  def pick(user: int | None, default: int, length: int) -> int:
+    if user is not None:
+      return user
+    if kernel == "pallas_triton":
+      return max(gpu.MIN_BLOCK, min(default, pl.next_power_of_2(length)))
+    return min(default, -(-length // tpu.SUBLANES) * tpu.SUBLANES)
+
+  return pick(block_q, _BLOCK_Q, q_len), pick(block_kv, _BLOCK_KV, kv_len)
+
+
+def _max_kv_blocks(
+  q_len: int, kv_len: int, chunk_size: int, topk: int, block_q: int, block_kv: int
+) -> int:
+  """A static bound on the kv tiles one q tile visits (the BlockMask's Kmax).
+
+  A q tile's bq queries span bq consecutive positions; their own chunks (causal)
+  lie in the bq + C - 1 positions ending at the tile's last query: at most
+  (bq + C - 2) // bk + 2 tiles. Each of the at most bq * (topk - 1) other
+  chunks is <= C consecutive keys: (C - 1) // bk + 2 tiles. Never more than the
+  causal row holds.
+  """
+  any_, _ = classify_tiles(
+    element_masks.Band(None, kv_len - q_len), q_len, kv_len, block_q, block_kv
+  )
+  causal_max = max(1, int(any_.sum(-1).max()))
+  own = (block_q + chunk_size - 2) // block_kv + 2
+  past = block_q * (topk - 1) * ((chunk_size - 1) // block_kv + 2)
+  return min(causal_max, own + past)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """The static facts of the BlockMask a Pallas call will build: what the kernels'
+  `check_supported` reads, so an unsupported call is refused before any work."""
+
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  batch: int
+  heads: int
+  max_kv_blocks: int
+
+  def _spec(self, *shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((self.batch, self.heads, *shape), jnp.int32)
+
+  @property
+  def kv_count(self) -> jax.ShapeDtypeStruct:
+    return self._spec(-(-self.q_len // self.block_q))
+
+  @property
+  def kv_index(self) -> jax.ShapeDtypeStruct:
+    return self._spec(-(-self.q_len // self.block_q), self.max_kv_blocks)
+
+  @property
+  def q_count(self) -> jax.ShapeDtypeStruct:
+    return self._spec(-(-self.kv_len // self.block_kv))
+
+  @property
+  def q_index(self) -> jax.ShapeDtypeStruct:
+    qb = -(-self.q_len // self.block_q)
+    return self._spec(-(-self.kv_len // self.block_kv), qb)
+
+
+def _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv) -> _Geometry:
+  """The tiles of a Pallas call (`_check_kernel` checks them against the kernel)."""
+  b, lq, hq, _ = q.shape
+  lk = k.shape[1]
+  bq, bk = _block_sizes(kernel, lq, lk, block_q, block_kv)
+  kmax = _max_kv_blocks(lq, lk, chunk_size, topk, bq, bk)
+  return _Geometry(bq, bk, lq, lk, b, hq, kmax)
+
+
+def _check_kernel(kernel: str, geo: _Geometry, q, k, v) -> None:
+  check = gpu.check_supported if kernel == "pallas_triton" else tpu.check_supported
+  try:
+    check(q, k, v, geo)
+  except ValueError as e:
+    raise ValueError(f"{_OP}: implementation={kernel!r}: {e}") from None
+
+
+def _visited_tiles(
+  block_ids: jax.Array,  # int32 [B, Hq, Lq, topk]
+  valid: jax.Array,  # bool [B, Hq, Lq, topk]
+  ids: jax.Array,  # int32 [B|1, Lk]: chunk id of each key
+  *,
+  chunk_size: int,
+  segmented: bool,
+  geo: _Geometry,
+) -> jax.Array:  # bool [B, Hq, Qb, Kb]
+  """Tiles holding a key of a chunk that some query of the q tile selected.
+
+  Every selected chunk is a run of keys [first, last], i.e. the kv tiles
+  first // bk .. last // bk; the union over a q tile's queries is a difference
+  array (+1 at the first tile, -1 after the last, scatter-added per selection)
+  and a cumulative sum over the kv tiles: O(B * Hq * Lq * topk) updates into
+  O(B * Hq * Qb * Kb), never anything Lq x Lk.
+  """
+  b, hq, lq, _ = block_ids.shape
+  lk, bk = geo.kv_len, geo.block_kv
+  qb, kb = -(-lq // geo.block_q), -(-lk // bk)
+  if segmented:  # chunks restart at segment starts: look their ends up
+    nc = num_chunks(lk, chunk_size, True)
+    rows = jnp.arange(ids.shape[0])[:, None]
+    pos = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32), ids.shape)
+    first = jnp.full((ids.shape[0], nc), lk, jnp.int32).at[rows, ids].min(pos)
+    last = jnp.zeros((ids.shape[0], nc), jnp.int32).at[rows, ids].max(pos)
+    row = jnp.arange(b)[:, None, None, None] % ids.shape[0]
+    lo, hi = first[row, block_ids] // bk, last[row, block_ids] // bk
+  else:
+    lo = block_ids * chunk_size // bk
+    hi = (jnp.minimum((block_ids + 1) * chunk_size, lk) - 1) // bk
+  weight = valid.astype(jnp.int32)  # padding slots add nothing
+  bi = jnp.arange(b)[:, None, None, None]
+  hi_ = jnp.arange(hq)[None, :, None, None]
+  qt = (jnp.arange(lq, dtype=jnp.int32) // geo.block_q)[None, None, :, None]
+  diff = jnp.zeros((b, hq, qb, kb + 1), jnp.int32)
+  diff = diff.at[bi, hi_, qt, lo].add(weight).at[bi, hi_, qt, hi + 1].add(-weight)
+  return jnp.cumsum(diff[..., :kb], axis=-1) > 0
+
+
+def _pallas_inputs(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  *,
+  chunk_size: int,
+  topk: int,
+  segment_ids: jax.Array | None,
+  geo: _Geometry,
+) -> tuple[BlockMask, common.TokenRoutes]:
+  """The BlockMask (tiles to visit) and TokenRoutes (pairs inside them) that run
+  MoBA on the routed block-sparse kernels. No gradient (discrete)."""
+  b, lq, _, _ = q.shape
+  lk = k.shape[1]
+  block_ids, valid, ids = _select(q, k, chunk_size, topk, segment_ids)
+  visited = _visited_tiles(
+    block_ids, valid, ids, chunk_size=chunk_size, segmented=segment_ids is not None, geo=geo
+  )
+  # Intersected with the causal mask (the queries are the last Lq positions:
+  # offset Lk - Lq): tiles wholly in the future go, tiles wholly in the past
+  # are full, and the causal element mask runs on the diagonal tiles only.
+  band = element_masks.Band(None, lk - lq)
+  any_, all_ = classify_tiles(band, lq, lk, geo.block_q, geo.block_kv)
+  mask = from_block_layout(
+    visited & any_,
+    all_,
+    block_q=geo.block_q,
+    block_kv=geo.block_kv,
+    q_len=lq,
+    kv_len=lk,
+    mask_fn=band,
+    mask_fn_exact=False,
+    max_kv_blocks=geo.max_kv_blocks,
+    max_q_blocks=-(-lq // geo.block_q),
+  )
+  routes = common.TokenRoutes(
+    query=jnp.where(valid, block_ids, -1),  # [B, Hq, Lq, topk], -1: padding
+    key=jnp.broadcast_to(ids, (b, lk)),  # [B, Lk]: each key's chunk id
+  )
+  return mask, routes
+
+
+_PALLAS_STATIC = ("chunk_size", "topk", "scale", "interpret", "kernel", "geo")
+
+
+@functools.partial(jax.jit, static_argnames=_PALLAS_STATIC)
+def _moba_pallas(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret, kernel, geo):
+  """MoBA through the routed block-sparse kernel `kernel`; `(out, lse)`.
+
+  Gradients come from the kernel's custom_vjp (its Pallas backward kernels);
+  the mask and routes are integer metadata without cotangents.
+  """
+  mask, routes = _pallas_inputs(
+    q, k, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids, geo=geo
+  )
+  return block_sparse_attention(
+    q,
+    k,
+    v,
+    mask,
+    scale=scale,
+    implementation=kernel,
+    interpret=interpret,
+    routes=routes,
+    return_lse=True,
+  )
+
+
+# ---------------------------------------------------------------------------
+# The op.
+# ---------------------------------------------------------------------------
+
+# implementation name -> fn(q, k, v, *, chunk_size, topk, segment_ids, scale,
+# interpret) -> (out, lse); the Pallas names go through `_moba_pallas`.
+_IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+  "reference": _moba_reference,
+  "xla": _moba_xla,
+}
+IMPLEMENTATIONS = ("reference", "xla", "pallas", *_KERNELS)
+
+
+def _check_block(name: str, value: Any) -> None:
+  if value is not None and (
+    isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+  ):
+    raise ValueError(f"{_OP}: {name} must be None or a Python int >= 1, got {value!r}.")
+
+
+def _resolve(implementation: Any, interpret: bool, q, k, v, chunk_size, topk, block_q, block_kv):
+  """(implementation to run, its tile geometry or None for "reference"/"xla")."""
+  backend = jax.default_backend()
+  if implementation is None:
+    kernel = _BACKEND_KERNEL.get(backend)
+    if kernel is None:  # CPU: the xla path is the fast one
+      return "xla", None
+    geo = _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv)
+    try:
+      _check_kernel(kernel, geo, q, k, v)
+    except ValueError:
+      return "xla", None  # a call the kernel does not take: still exact, slower
+    return kernel, geo
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
+    )
+  if implementation in _IMPLEMENTATIONS:
+    return implementation, None
+  kernel = implementation
+  if implementation == "pallas":
+    kernel = _BACKEND_KERNEL.get(backend)
+    if kernel is None:
+      if not interpret:
+        raise ValueError(
+          f"{_OP}: implementation='pallas': no Pallas kernel compiles for the {backend!r} "
+          "backend; pass interpret=True to run the GPU kernel in the Pallas interpreter, "
+          "or use implementation='xla'."
+        )
+      kernel = "pallas_triton"
+  geo = _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv)
+  _check_kernel(kernel, geo, q, k, v)
+  return kernel, geo
+
+
+def moba_attention(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  *,
+  chunk_size: int,
+  topk: int,
+  segment_ids: jax.Array | None = None,
+  scale: float | None = None,
+  implementation: str | None = None,
+  return_lse: bool = False,
+  interpret: bool = False,
+  block_q: int | None = None,
+  block_kv: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """MoBA attention: each query attends to its own chunk (causal) and the
+  topk - 1 past chunks whose mean key scores highest against it.
+
+  Args:
+    q: `[batch, q_len, q_heads, head_dim]`: the LAST q_len positions of the
+      sequence (q_len == kv_len for training; fewer when decoding with a cache).
+    k: `[batch, kv_len, kv_heads, head_dim]`; kv heads divide q heads (GQA:
+      q head h reads kv head h // (q_heads // kv_heads)).
+    v: `[batch, kv_len, kv_heads, v_head_dim]`; v_head_dim may differ.
+      q, k, v share one dtype: float32, bfloat16 or float16.
+    chunk_size: C, keys per block (>= 1; need not divide kv_len).
+    topk: blocks kept per query, the own block included (>= 1).
+    segment_ids: optional integer `[batch, kv_len]` for packed sequences (the
+      queries use the last q_len entries); each run of equal ids is its own
+      sequence. See the module docstring.
+    scale: softmax scale, default `head_dim ** -0.5` (the gate is unscaled).
+    implementation: None: "xla" on CPU; on GPU / TPU the backend's Pallas
+      kernel when it supports the call, else "xla". "reference" (dense boolean
+      mask + `reference_attention`, float32, O(Lq * Lk) memory); "xla" (exact,
+      memory O(Lq * topk * (C + Dv)) per head, work proportional to the kept
+      keys); "pallas" (the backend's kernel; on CPU only with interpret=True,
+      which interprets the Triton kernel); "pallas_triton" / "pallas_tpu"
+      (that kernel on any backend, with interpret=True off its hardware). The
+      Pallas paths visit whole tiles; see the module docstring for their cost.
+    return_lse: also return the natural-log logsumexp, float32
+      `[batch, q_heads, q_len]`.
+    interpret: run a Pallas kernel in the interpreter (tests, CPU); ignored by
+      "reference" and "xla".
+    block_q, block_kv: tile sizes of the Pallas paths (default 64 each, clipped
+      to the lengths: Triton needs powers of two >= 16, the TPU kernel multiples
+      of 8 unless one block covers the sequence); ignored by "reference" and
+      "xla".
+
+  Returns:
+    `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse).
+    Differentiable in q, k, v; the block selection gets no gradient.
+
+  Raises:
+    ValueError: on bad shapes, dtypes, arguments or implementation (or tile
+      sizes a requested kernel does not support), naming the argument, before
+      anything is computed.
+  """
+  shape = checks.check_qkv(q, k, v, _OP)
+  _check_moba_args(shape, chunk_size, topk, segment_ids, _OP)
+  scale = checks.check_scale(scale, shape, _OP)
+  _check_block("block_q", block_q)
+  _check_block("block_kv", block_kv)
+  chunk_size, topk = int(chunk_size), int(topk)
+  block_q = None if block_q is None else int(block_q)
+  block_kv = None if block_kv is None else int(block_kv)
+  impl, geo = _resolve(implementation, interpret, q, k, v, chunk_size, topk, block_q, block_kv)
+  kw = dict(
+    chunk_size=chunk_size, topk=topk, segment_ids=segment_ids, scale=scale, interpret=interpret
+  )
+  if geo is None:
+    out, lse = _IMPLEMENTATIONS[impl](q, k, v, **kw)
+  else:
+    out, lse = _moba_pallas(q, k, v, kernel=impl, geo=geo, **kw)
+  return (out, lse) if return_lse else out
+
+
+__all__ = [
+  "IMPLEMENTATIONS",
+  "chunk_ids",
+  "moba_attention",
+  "moba_selection",
+  "num_chunks",
+]

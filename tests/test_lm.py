@@ -1,0 +1,228 @@
+"""The decoder-only LM: cached decoding equals the full forward for every attention kind,
+generation, packed sequences, training through the trainer, config errors, lm_1b's size."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from sparse_attention.models import lm
+from sparse_attention.train import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "lm_text.py")
+
+# Tiny shapes where blocks complete while decoding 40 tokens: MoBA 5 chunks of 8 (top 2),
+# NSA compressed blocks 8/4 (a new one every 4 tokens), 5 selection blocks of 8 (top 3:
+# the top-n choice matters from position 24 on), windows of 6 and 8 keys.
+SMALL = lm.LMConfig(
+  vocab_size=64,
+  dim=32,
+  depth=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_hidden=64,
+  max_len=40,
+  window=6,
+  moba_chunk=8,
+  moba_topk=2,
+  nsa_block_len=8,
+  nsa_stride=4,
+  nsa_select_len=8,
+  nsa_num_select=3,
+  nsa_window=8,
+  nsa_compress_hidden=16,
+  block_size=16,
+)
+KINDS = ("dense", "sliding", "moba", "nsa")
+
+
+def _model(**overrides) -> lm.LM:
+  return lm.LM(dataclasses.replace(SMALL, **overrides), rngs=nnx.Rngs(0))
+
+
+@jax.jit
+def _forward(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
+
+
+@jax.jit
+def _prefill_then_steps(graphdef, state, prompt, rest):
+  """Logits of the prompt (one decode call) then of each of `rest`'s tokens, one by one."""
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(prompt.shape[0], prompt.shape[1] + rest.shape[1])
+  first, cache = model.decode(prompt, cache)
+
+  def step(cache, token):
+    logits, cache = model.decode(token[:, None], cache)
+    return cache, logits[:, 0]
+
+  cache, logits = jax.lax.scan(step, cache, rest.T)  # [n, B, V]
+  return jnp.concatenate([first, logits.transpose(1, 0, 2)], axis=1), cache.length
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decoding_equals_the_full_forward(kind):
+  model = _model(attention=kind)
+  tokens = jax.random.randint(jax.random.key(1), (2, SMALL.max_len), 0, SMALL.vocab_size)
+  graphdef, state = nnx.split(model)
+  full = _forward(graphdef, state, tokens)  # [B, L, V]
+  cached, length = _prefill_then_steps(graphdef, state, tokens[:, :5], tokens[:, 5:])
+  assert full.dtype == cached.dtype == jnp.float32 and int(length) == SMALL.max_len
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
+  if kind in ("sliding", "moba"):  # same parameters as dense: late positions must differ
+    dense = _forward(*nnx.split(_model(attention="dense")), tokens)
+    np.testing.assert_allclose(dense[:, :6], full[:, :6], atol=2e-5, rtol=2e-5)
+    assert not np.allclose(dense[:, -8:], full[:, -8:], atol=1e-3)
+
+
+def test_decode_checks_the_cache_room():
+  model = _model()
+  cache = dataclasses.replace(model.init_cache(1, 8), length=jnp.int32(5))
+  with pytest.raises(ValueError, match="do not fit the cache"):
+    model.decode(jnp.zeros((1, 4), jnp.int32), cache)
+
+
+def test_generate_greedy_follows_the_argmax():
+  model = _model(attention="moba", depth=1)
+  prompt = jax.random.randint(jax.random.key(2), (2, 6), 0, SMALL.vocab_size)
+  out = model.generate(prompt, 12, rng=jax.random.key(0), temperature=0.0)
+  assert out.shape == (2, 18) and out.dtype == jnp.int32
+  np.testing.assert_array_equal(out[:, :6], prompt)
+  # Teacher forcing on the generated sequence: each new token is the argmax there.
+  logits = _forward(*nnx.split(model), out[:, :-1])
+  np.testing.assert_array_equal(out[:, 6:], jnp.argmax(logits[:, 5:], axis=-1))
+
+
+def test_sampling_keeps_the_top_k():
+  model = _model(depth=1)
+  prompt = jnp.zeros((64, 1), jnp.int32)
+  out = model.generate(prompt, 1, rng=jax.random.key(3), temperature=2.0, top_k=3)
+  top3 = jax.lax.top_k(_forward(*nnx.split(model), prompt)[:, 0], 3)[1]  # [64, 3]
+  assert bool(jnp.all(jnp.any(out[:, 1:] == top3, axis=-1)))
+  assert len(set(np.asarray(out[:, 1]).tolist())) > 1  # it samples
+
+
+@pytest.mark.parametrize("kind", ["dense", "moba"])
+def test_packed_segments_are_independent_sequences(kind):
+  graphdef, state = nnx.split(_model(attention=kind, depth=1))
+  tokens = jax.random.randint(jax.random.key(4), (2, 15), 0, SMALL.vocab_size)
+  segments = jnp.asarray([[3] * 15 + [5] * 15], jnp.int32)
+  packed = _forward_segments(graphdef, state, tokens.reshape(1, 30), segments)
+  alone = _forward(graphdef, state, tokens)  # [2, 15, V]
+  np.testing.assert_allclose(packed.reshape(alone.shape), alone, atol=2e-5, rtol=2e-5)
+
+
+@jax.jit
+def _forward_segments(graphdef, state, tokens, segments):
+  return nnx.merge(graphdef, state)(tokens, segments)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+  "overrides, field",
+  [
+    ({"num_kv_heads": 3}, "num_kv_heads"),
+    ({"head_dim": 7}, "head_dim"),
+    ({"attention": "flash"}, "attention"),
+    ({"moba_topk": 0}, "moba_topk"),
+    ({"nsa_stride": 32}, "nsa_stride"),
+    ({"nsa_num_select": 2}, "nsa_num_select"),
+    ({"window": 0}, "window"),
+    ({"implementation": "cudnn", "attention": "moba"}, "implementation"),
+    ({"dtype": "int8"}, "dtype"),
+  ],
+)
+def test_lm_config_errors_name_the_field(overrides, field):
+  with pytest.raises(ValueError, match=rf"LMConfig\.{field} "):
+    lm.lm_tiny(**overrides)
+
+
+def load_config(*overrides: str):
+  """The config as `train/main.py` parses it, with command-line overrides."""
+  argv = ["prog", f"--config={CONFIG}", *overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
+@pytest.mark.parametrize(
+  "override, match",
+  [
+    ("--config.model.name=lm_7b", "config.model.name"),
+    ("--config.model.attention=hilo", "config.model.attention"),
+    ("--config.model.moba_topk=0", "config.model.moba_topk"),
+    ("--config.model.nsa_stride=64", "config.model.nsa_stride"),
+    ("--config.model.implementation=triton", "config.model.implementation"),
+    ("--config.data.kind=digits", "config.data.kind"),
+  ],
+)
+def test_lm_task_config_errors_name_the_field(override, match):
+  trainer.check_config(load_config())
+  with pytest.raises(ValueError, match=match):
+    trainer.check_config(load_config(override))
+
+
+def test_lm_1b_parameter_count_without_compute():
+  config = lm.lm_1b()
+  model = nnx.eval_shape(lambda: lm.LM(config, rngs=nnx.Rngs(0)))
+  c = config
+  attn = c.dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  per_block = attn + 3 * c.dim * c.mlp_hidden + 2 * c.dim
+  expected = c.depth * per_block + 2 * c.vocab_size * c.dim + c.dim
+  assert lm.num_parameters(model) == expected
+  assert 1.0e9 < expected < 1.2e9
+  assert (c.num_heads, c.num_kv_heads, c.max_len) == (16, 8, 8192)
+  nsa = nnx.eval_shape(lambda: lm.LM(lm.lm_1b(attention="nsa"), rngs=nnx.Rngs(0)))
+  assert 0 < lm.num_parameters(nsa) - expected < 0.06 * expected  # phi MLPs and gates
+
+
+# ----------------------------------------------------------------------------- training
+
+FAST = [
+  "--config.data.seq_len=64",
+  "--config.data.max_bytes=65536",
+  "--config.data.eval_fraction=0.05",
+  "--config.data.test_fraction=0.05",
+  "--config.batch_size=8",
+  "--config.eval_batch_size=64",
+  "--config.steps=8",
+  "--config.log_every=1",
+  "--config.eval_every=100",
+  "--config.checkpoint_every=100",
+  "--config.optimizer.warmup_steps=2",
+  "--config.optimizer.learning_rate=5e-3",
+  # Sizes for 64-token windows: blocks are selected, not all kept.
+  "--config.model.window=16",
+  "--config.model.moba_chunk=8",
+  "--config.model.moba_topk=3",
+  "--config.model.nsa_block_len=8",
+  "--config.model.nsa_stride=4",
+  "--config.model.nsa_select_len=8",
+  "--config.model.nsa_num_select=3",
+  "--config.model.nsa_window=16",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_the_loss(tmp_path, kind):
+  config = load_config(*FAST, f"--config.model.attention={kind}")
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert len(losses) == 8 and all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 1.0, losses
+  for split in ("eval", "test"):
+    assert final[split]["loss"] < losses[0]
+    np.testing.assert_allclose(final[split]["perplexity"], np.exp(final[split]["loss"]), rtol=1e-6)
