@@ -22,9 +22,9 @@ Made for ONE call on the lent GPU (the `device` tool), e.g.
    tile's union of selections, which the kernel visits, approaches all past chunks)
    and "clustered" (queries share a random direction per 256 positions plus noise:
    neighbours select alike, as in trained models). The "tiles" column is the fraction
-   of the causal tiles the kernel visits. Unless --skip=nsa, an NSA row (default
-   paper hyper-parameters l=32, d=16, l'=64, n=16, w=512; mean-pooled compression) if `nsa_attention` accepts
-   implementation="pallas"; left out when it raises ValueError.
+   of the causal tiles the kernel visits. Unless --skip=nsa, an NSA row (the paper's
+   l=32, d=16, l'=64, n=16, w=512; mean-pooled compression) if `nsa_attention`
+   accepts implementation="pallas"; left out when it raises ValueError.
 3. A table (times, ratios vs cuDNN) printed and written under --out_dir (default
    bench/results) as hierarchical_gpu_<card>_<date>.md.
 
