@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from sparse_attention.models import litv2, lm
+from sparse_attention.train import diffusion
 
 LITV2_PRESETS: dict[str, Callable[..., litv2.LITv2Config]] = {
   "litv2_tiny": litv2.litv2_tiny,
@@ -193,6 +194,16 @@ TASKS = {
     loss=_lm_loss,
     summarize=_summarize_lm,
     examples=lambda batch: batch["inputs"].size,
+  ),
+  "diffusion": Task(
+    name="diffusion",
+    unit="images",
+    data_kind="image",
+    check=diffusion.check,
+    build_model=diffusion.build,
+    loss=diffusion.loss,
+    summarize=diffusion.summarize,
+    examples=diffusion.examples,
   ),
 }
 

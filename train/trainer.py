@@ -362,3 +362,48 @@ def _sum_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
 def _fmt(values: dict[str, float]) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def restore_model(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  step: int | None = None,
+  datasets: Any = None,
+) -> tuple[nnx.Module, int]:
+  """The model a training run left in `workdir`, in eval mode, and its step.
+
+  Works for any task of train/tasks.py (e.g. a DiT to sample from, a LITv2 classifier).
+  `config` must be the run's config (the workdir does not store it); the model is built
+  with the task's `build_model` and its parameters and other state (RNG streams,
+  BatchNorm statistics) are read from the checkpoint `step` (default: the newest).
+
+  Args:
+    config: the training config of the run.
+    workdir: the run's --workdir.
+    step: which checkpoint (default: the newest).
+    datasets: `data.make_datasets(config)` if already loaded (shapes, class count).
+
+  Returns:
+    (model, step).
+  """
+  task = tasks.get(config.task)
+  if datasets is None:
+    datasets = data.make_datasets(config)
+  model = task.build_model(config, datasets, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, _ = optim.make(config.optimizer, config.steps)
+  like = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest}
+  like["opt_state"] = tx.init(params)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"restore_model: no checkpoint in {ckpt.directory}.")
+    step = steps[-1] if step is None else step
+    state, _ = ckpt.restore(step, like)
+  finally:
+    ckpt.close()
+  model = nnx.merge(graph, state["params"], state["rest"])
+  model.eval()
+  return model, int(step)
