@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import jax
@@ -115,3 +116,24 @@ def jitted_forward(layer: nnx.Module, height: int, width: int):
   graphdef, state = nnx.split(layer)
   fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, height, width))
   return fn, state
+
+
+START = time.perf_counter()  # when the benchmark process imported this module
+
+
+def elapsed() -> float:
+  """Seconds since the benchmark started (this module's import)."""
+  return time.perf_counter() - START
+
+
+def attempt(what: str, fn: Callable, *args):
+  """fn(*args), or None after printing why it failed: one failing measurement (a peer
+  missing, an out-of-memory) must not end a one-call GPU run. BENCH_TRACEBACK=1 in the
+  environment prints the traceback too."""
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001 - see the docstring
+    print(f"  [{what}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    if os.environ.get("BENCH_TRACEBACK"):
+      traceback.print_exc()
+    return None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 
 import benchutil
 import jax
@@ -49,23 +48,6 @@ _INTERPRET = flags.DEFINE_bool("interpret", False, "Interpret the kernels (CPU d
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cuda", "Device for flex_attention.")
 _SKIP = flags.DEFINE_list("skip", [], "Peers to skip: cudnn, mha, flex, check, backward.")
 _CHECK_LEN = flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness check.")
-
-START = time.perf_counter()
-
-
-def elapsed() -> float:
-  return time.perf_counter() - START
-
-
-def attempt(what: str, fn, *args):
-  """fn(*args), or None after printing why it failed."""
-  try:
-    return fn(*args)
-  except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
-    print(f"  [{what}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    if os.environ.get("BENCH_TRACEBACK"):
-      traceback.print_exc()
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -128,7 +110,7 @@ def correctness() -> list[str]:
     q = benchutil.random_qkv(2, n, 4, 128, dtype, seed=1)[0]
     _, k, v = benchutil.random_qkv(2, n, 2, 128, dtype, seed=2)
     for name, mask in cases.items():
-      ok = attempt(f"check {name}", check_case, name, mask, q, k, v, tol)
+      ok = benchutil.attempt(f"check {name}", check_case, name, mask, q, k, v, tol)
       rows.append(f"| {name} | {jnp.dtype(dtype).name} | {'pass' if ok else 'FAIL'} |")
   return rows
 
@@ -255,11 +237,15 @@ def time_case(seq: int, heads: int, rows: list[list[str]], notes: list[str]) -> 
       cudnn = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=c, implementation="cudnn"
       )
-      base["cudnn", causal] = attempt("cudnn", time_jax, jax.jit(cudnn), q, k, v)
+      base["cudnn", causal] = benchutil.attempt("cudnn", time_jax, jax.jit(cudnn), q, k, v)
       if backward:
-        base["cudnn_bwd", causal] = attempt("cudnn fwd+bwd", time_jax, fwd_bwd(cudnn), q, k, v)
+        base["cudnn_bwd", causal] = benchutil.attempt(
+          "cudnn fwd+bwd", time_jax, fwd_bwd(cudnn), q, k, v
+        )
     if "mha" not in skip:
-      base["mha", causal] = attempt("pallas mha", time_jax, _pallas_mha(causal, d), q, k, v)
+      base["mha", causal] = benchutil.attempt(
+        "pallas mha", time_jax, _pallas_mha(causal, d), q, k, v
+      )
   for causal in (False, True):
     f = flops(1, heads, seq, d, 0.5 if causal else 1.0)
     label = "causal" if causal else "full"
@@ -283,10 +269,10 @@ def time_case(seq: int, heads: int, rows: list[list[str]], notes: list[str]) -> 
         ]
       )
 
-  build = attempt("mask build", mask_build_seconds, seq, heads)
+  build = benchutil.attempt("mask build", mask_build_seconds, seq, heads)
   cases = [(float(x), False) for x in _DENSITIES.value] + [(None, True)]
   for density, causal in cases:
-    if elapsed() > _BUDGET.value:
+    if benchutil.elapsed() > _BUDGET.value:
       notes.append(f"stopped at {seq}x{heads} before {density or 'causal'}: budget reached")
       return
     if causal:
@@ -298,13 +284,15 @@ def time_case(seq: int, heads: int, rows: list[list[str]], notes: list[str]) -> 
       label, dens = "random", float(layout.mean())
     f = flops(1, heads, seq, d, dens)
     fwd = lambda q, k, v, m: ours(q, k, v, m)[0]
-    t = attempt("ours fwd", time_jax, jax.jit(fwd), q, k, v, mask)
-    t_b = attempt("ours fwd+bwd", time_jax, fwd_bwd(fwd), q, k, v, mask) if backward else None
+    t = benchutil.attempt("ours fwd", time_jax, jax.jit(fwd), q, k, v, mask)
+    t_b = (
+      benchutil.attempt("ours fwd+bwd", time_jax, fwd_bwd(fwd), q, k, v, mask) if backward else None
+    )
     tf = tf_b = None
     if "flex" not in skip:
-      tf = attempt("flex fwd", torch_flex, layout, causal, q, k, v, False)
+      tf = benchutil.attempt("flex fwd", torch_flex, layout, causal, q, k, v, False)
       if backward:
-        tf_b = attempt("flex fwd+bwd", torch_flex, layout, causal, q, k, v, True)
+        tf_b = benchutil.attempt("flex fwd+bwd", torch_flex, layout, causal, q, k, v, True)
     dense_t = base.get(("cudnn", causal))
     rows.append(
       [
@@ -363,7 +351,7 @@ def main(argv):
   notes: list[str] = []
   for case in _SEQS.value:
     seq, heads = (int(x) for x in case.split(":"))
-    attempt(f"case {case}", time_case, seq, heads, rows, notes)
+    benchutil.attempt(f"case {case}", time_case, seq, heads, rows, notes)
   header = [
     "seq x heads",
     "what",
@@ -393,7 +381,7 @@ def main(argv):
   path = os.path.join(out_dir, f"block_sparse_gpu_{card}_{benchutil.today()}.md")
   with open(path, "w") as f:
     f.write(text)
-  print(f"written to {path}; {elapsed():.0f} s")
+  print(f"written to {path}; {benchutil.elapsed():.0f} s")
 
 
 if __name__ == "__main__":

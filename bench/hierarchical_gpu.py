@@ -38,8 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
-import traceback
 
 import benchutil
 import jax
@@ -68,7 +66,6 @@ _DRY_RUN = flags.DEFINE_bool(
   "dry_run", False, "CPU dry run: interpreted kernels, tiny shapes, no cuDNN."
 )
 
-START = time.perf_counter()
 CLUSTER = 256  # positions sharing a query direction in the "clustered" inputs
 
 
@@ -119,21 +116,6 @@ def settings() -> Settings:
     skip=frozenset(_SKIP.value),
     interpret=False,
   )
-
-
-def elapsed() -> float:
-  return time.perf_counter() - START
-
-
-def attempt(what: str, fn, *args):
-  """fn(*args), or None after printing why it failed."""
-  try:
-    return fn(*args)
-  except Exception as e:  # noqa: BLE001 - one measurement failing must not end the run
-    print(f"  [{what}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    if os.environ.get("BENCH_TRACEBACK"):
-      traceback.print_exc()
-    return None
 
 
 def moba_fn(s: Settings, implementation: str, chunk_size: int, topk: int, **kw):
@@ -212,7 +194,9 @@ def correctness(s: Settings) -> list[str]:
       case = dict(case)
       lq = case.pop("lq")
       q = benchutil.random_qkv(2, lq, 4, d, dtype, seed=1)[0]
-      ok = attempt(f"check {name}", functools.partial(check_case, **case), s, name, q, k, v, tol)
+      ok = benchutil.attempt(
+        f"check {name}", functools.partial(check_case, **case), s, name, q, k, v, tol
+      )
       rows.append(f"| {name} | {jnp.dtype(dtype).name} | {'pass' if ok else 'FAIL'} |")
   return rows
 
@@ -287,7 +271,7 @@ def row(case, what, config, inputs, tiles, t, t_b, base):
 
 
 def over_budget(notes: list[str], what: str) -> bool:
-  if elapsed() > _BUDGET.value:
+  if benchutil.elapsed() > _BUDGET.value:
     notes.append(f"skipped {what}: budget of {_BUDGET.value:.0f} s reached")
     print(f"  skipped {what}: budget reached", flush=True)
     return True
@@ -304,9 +288,9 @@ def time_case(s: Settings, seq: int, heads: int, rows: list[list[str]], notes: l
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"
     )
-    base["fwd"] = attempt("cudnn", time_jax, s, jax.jit(cudnn), q, k, v)
+    base["fwd"] = benchutil.attempt("cudnn", time_jax, s, jax.jit(cudnn), q, k, v)
     if backward:
-      base["bwd"] = attempt("cudnn fwd+bwd", time_jax, s, fwd_bwd(cudnn), q, k, v)
+      base["bwd"] = benchutil.attempt("cudnn fwd+bwd", time_jax, s, fwd_bwd(cudnn), q, k, v)
     rows.append(
       row(case, "cuDNN dense causal", "", "", "1.000", base["fwd"], base.get("bwd"), base)
     )
@@ -320,7 +304,7 @@ def time_case(s: Settings, seq: int, heads: int, rows: list[list[str]], notes: l
       q, k, v = make_inputs(kind, seq, heads, s)
       if "selection" not in skip:
         select = jax.jit(lambda q, k, c=chunk, t=topk: moba_selection(q, k, chunk_size=c, topk=t))
-        t = attempt("selection", time_jax, s, select, q, k)
+        t = benchutil.attempt("selection", time_jax, s, select, q, k)
         rows.append(row(case, "moba selection only", config, kind, "", t, None, base))
         print(" | ".join(rows[-1]), flush=True)
       for impl in ("xla", "pallas"):
@@ -328,13 +312,13 @@ def time_case(s: Settings, seq: int, heads: int, rows: list[list[str]], notes: l
           continue
         attend = moba_fn(s, impl, chunk, topk)
         fwd = lambda q, k, v, a=attend: a(q, k, v)[0]
-        t = attempt(f"moba {impl} fwd", time_jax, s, jax.jit(fwd), q, k, v)
+        t = benchutil.attempt(f"moba {impl} fwd", time_jax, s, jax.jit(fwd), q, k, v)
         t_b = None
         if backward:
-          t_b = attempt(f"moba {impl} fwd+bwd", time_jax, s, fwd_bwd(fwd), q, k, v)
+          t_b = benchutil.attempt(f"moba {impl} fwd+bwd", time_jax, s, fwd_bwd(fwd), q, k, v)
         tiles = ""
         if impl == "pallas":
-          frac = attempt("tile density", visited_fraction, s, q, k, chunk, topk)
+          frac = benchutil.attempt("tile density", visited_fraction, s, q, k, chunk, topk)
           tiles = "" if frac is None else f"{frac:.3f}"
         rows.append(row(case, f"moba {impl}", config, kind, tiles, t, t_b, base))
         print(" | ".join(rows[-1]), flush=True)
@@ -374,10 +358,10 @@ def time_nsa(s: Settings, case, seq, heads, rows, notes, base) -> None:
     notes.append(f"NSA left out: nsa_attention has no Pallas path ({str(e)[:120]})")
     print(f"  NSA left out: {str(e)[:200]}", flush=True)
     return
-  t = attempt("nsa pallas fwd", time_jax, s, jax.jit(attend), q, k, v)
+  t = benchutil.attempt("nsa pallas fwd", time_jax, s, jax.jit(attend), q, k, v)
   t_b = None
   if "backward" not in s.skip:
-    t_b = attempt("nsa pallas fwd+bwd", time_jax, s, fwd_bwd(attend), q, k, v)
+    t_b = benchutil.attempt("nsa pallas fwd+bwd", time_jax, s, fwd_bwd(attend), q, k, v)
   config = f"l={block_len}, d={stride}, l'=64, n=16, w=512"
   rows.append(row(case, "NSA pallas", config, "random", "", t, t_b, base))
   print(" | ".join(rows[-1]), flush=True)
@@ -403,7 +387,7 @@ def main(argv):
   rows: list[list[str]] = []
   notes: list[str] = []
   for seq, heads in s.seqs:
-    attempt(f"case {seq}x{heads}", time_case, s, seq, heads, rows, notes)
+    benchutil.attempt(f"case {seq}x{heads}", time_case, s, seq, heads, rows, notes)
   header = [
     "seq x heads",
     "what",
@@ -430,14 +414,14 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   print("\n" + text)
   if s.interpret and not _OUT_DIR.value:
-    print(f"dry run: nothing written; {elapsed():.0f} s")
+    print(f"dry run: nothing written; {benchutil.elapsed():.0f} s")
     return
   card = jax.devices()[0].device_kind.replace(" ", "_")
   out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(__file__), "results")
   path = os.path.join(out_dir, f"hierarchical_gpu_{card}_{benchutil.today()}.md")
   with open(path, "w") as f:
     f.write(text)
-  print(f"written to {path}; {elapsed():.0f} s")
+  print(f"written to {path}; {benchutil.elapsed():.0f} s")
 
 
 if __name__ == "__main__":

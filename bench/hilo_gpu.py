@@ -45,14 +45,6 @@ _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cuda", "Device for the PyTo
 _SKIP = flags.DEFINE_list("skip", [], "Skip: cudnn, torch, litv2, xla, pallas.")
 
 
-def attempt(what: str, fn, *args):
-  try:
-    return fn(*args)
-  except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
-    print(f"  [{what}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    return None
-
-
 def cast_params(module: nnx.Module, dtype) -> None:
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   nnx.update(module, jax.tree.map(cast, nnx.state(module)))
@@ -199,22 +191,24 @@ def main(argv):
         interpret=_INTERPRET.value,
       )
       cast_params(layer, jnp.bfloat16)
-      err = attempt(f"check {impl}", check_against_reference, layer, x, height, width)
+      err = benchutil.attempt(f"check {impl}", check_against_reference, layer, x, height, width)
       if err is not None:
         notes.append(f"{case}: HiLo {impl} vs reference op, max relative error {err:.1e}")
-      times[impl] = attempt(f"HiLo {impl}", time_layer, layer, x, height, width)
+      times[impl] = benchutil.attempt(f"HiLo {impl}", time_layer, layer, x, height, width)
     if "cudnn" not in skip:
       msa = benchutil.MSA(dim, heads, implementation="cudnn", rngs=rngs)
       cast_params(msa, jnp.bfloat16)
-      times["msa"] = attempt("MSA cudnn", time_layer, msa, x, height, width)
+      times["msa"] = benchutil.attempt("MSA cudnn", time_layer, msa, x, height, width)
     if "torch" not in skip:
       for compiled in (False, True):
         key = "torch_compiled" if compiled else "torch"
-        times[key] = attempt(key, torch_hilo_seconds, batch, height, width, dim, heads, compiled)
+        times[key] = benchutil.attempt(
+          key, torch_hilo_seconds, batch, height, width, dim, heads, compiled
+        )
     rows.append(_row(case, times))
     print(" | ".join(rows[-1]), flush=True)
   if "litv2" not in skip:
-    ips = attempt("LITv2-S", litv2_images_per_second)
+    ips = benchutil.attempt("LITv2-S", litv2_images_per_second)
     if ips is not None:
       notes.append(f"LITv2-S forward, batch 64, 224x224, bf16: {ips:,.0f} images/s")
   header = [

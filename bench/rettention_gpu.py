@@ -39,8 +39,6 @@ least 90% vs cuDNN dense (the paper reports > 92% on an H100 for the sparse step
 from __future__ import annotations
 
 import os
-import time
-import traceback
 
 import benchutil
 import jax
@@ -67,19 +65,7 @@ _DRY_RUN = flags.DEFINE_bool(
   "dry_run", False, "Tiny CPU run: 512 tokens, 2 heads of 64, tiles of 32, xla / interpreted."
 )
 
-START = time.perf_counter()
 MODES = ("dense", "sparse", "rettention", "calibrate")
-
-
-def attempt(what: str, fn, *args):
-  """fn(*args), or None after printing why it failed."""
-  try:
-    return fn(*args)
-  except Exception as e:  # noqa: BLE001 - one failing measurement must not end the run
-    print(f"  [{what}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-    if os.environ.get("BENCH_TRACEBACK"):
-      traceback.print_exc()
-    return None
 
 
 class Setup:
@@ -175,7 +161,9 @@ def op_times(setup: Setup, seq: int) -> dict[str, float | None]:
       interpret=setup.interpret,
     ),
   }
-  return {m: attempt(f"op {m} {seq}", seconds, setup, jax.jit(fns[m]), q, k, v) for m in MODES}
+  return {
+    m: benchutil.attempt(f"op {m} {seq}", seconds, setup, jax.jit(fns[m]), q, k, v) for m in MODES
+  }
 
 
 def layer_times(setup: Setup, seq: int) -> dict[str, float | None]:
@@ -203,7 +191,9 @@ def layer_times(setup: Setup, seq: int) -> dict[str, float | None]:
 
     return jax.jit(f)
 
-  return {m: attempt(f"layer {m} {seq}", seconds, setup, run(m), state, x, cache) for m in MODES}
+  return {
+    m: benchutil.attempt(f"layer {m} {seq}", seconds, setup, run(m), state, x, cache) for m in MODES
+  }
 
 
 def schedule_counts(spec: str) -> tuple[int, dict[str, int]]:
@@ -230,7 +220,7 @@ def main(argv):
   ]
   if "check" not in set(_SKIP.value):
     print("1. kernels vs reference", flush=True)
-    checks = attempt("check", correctness, setup) or ["| check | | FAILED to run |"]
+    checks = benchutil.attempt("check", correctness, setup) or ["| check | | FAILED to run |"]
     lines += [
       "## Kernels vs the float32 reference (bf16, small shape)",
       "",
@@ -327,7 +317,7 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   print("\n" + text, flush=True)
   if setup.dry and not _OUT_DIR.value:
-    print(f"dry run: nothing written; {time.perf_counter() - START:.0f} s")
+    print(f"dry run: nothing written; {benchutil.elapsed():.0f} s")
     return
   card = jax.devices()[0].device_kind.replace(" ", "_")
   out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -335,7 +325,7 @@ def main(argv):
   path = os.path.join(out_dir, f"rettention_gpu_{card}_{benchutil.today()}.md")
   with open(path, "w") as f:
     f.write(text)
-  print(f"written to {path}; {time.perf_counter() - START:.0f} s")
+  print(f"written to {path}; {benchutil.elapsed():.0f} s")
 
 
 if __name__ == "__main__":

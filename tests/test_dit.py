@@ -3,22 +3,18 @@
 dense, the sampler's schedule and determinism, and a short training run."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+import testutil
 from flax import nnx
-from ml_collections import config_flags
 
 from sparse_attention.models import dit
 from sparse_attention.ops import masks
 from sparse_attention.train import checkpoint, diffusion, trainer
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = str(ROOT / "configs" / "dit_digits.py")
 # 16x16 images, patch 2: 64 tokens; tiles of 8 -> 8 kv tiles, a 1-tile window is 1/8.
 SMALL = dict(image_size=16, hidden_size=32, depth=2, num_heads=2, freq_dim=32)
 N = 64
@@ -245,11 +241,7 @@ def test_sampler_is_deterministic_and_modes_compare():
 
 
 def load_config(*overrides: str):
-  argv = ["prog", f"--config={CONFIG}", *overrides]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return holder.value
+  return testutil.load_config("dit_digits", *overrides)
 
 
 FAST = [

@@ -3,21 +3,16 @@ generation, packed sequences, training through the trainer, config errors, lm_1b
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+import testutil
 from flax import nnx
-from ml_collections import config_flags
 
 from sparse_attention.models import lm
 from sparse_attention.train import trainer
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = str(ROOT / "configs" / "lm_text.py")
 
 # Tiny shapes where blocks complete while decoding 40 tokens: MoBA 5 chunks of 8 (top 2),
 # NSA compressed blocks 8/4 (a new one every 4 tokens), 5 selection blocks of 8 (top 3:
@@ -149,12 +144,7 @@ def test_lm_config_errors_name_the_field(overrides, field):
 
 
 def load_config(*overrides: str):
-  """The config as `train/main.py` parses it, with command-line overrides."""
-  argv = ["prog", f"--config={CONFIG}", *overrides]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return holder.value
+  return testutil.load_config("lm_text", *overrides)
 
 
 @pytest.mark.parametrize(

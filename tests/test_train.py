@@ -12,8 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
+import testutil
 
 from sparse_attention.train import checkpoint, summary, trainer
 
@@ -31,12 +30,7 @@ FAST = [
 
 
 def load_config(*overrides: str):
-  """The config as `train/main.py` parses it, with command-line overrides."""
-  argv = ["prog", f"--config={CONFIG}", *overrides]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return holder.value
+  return testutil.load_config("litv2_digits", *overrides)
 
 
 def test_config_file_and_overrides():

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from sparse_attention.ops import block_sparse_attention, masks
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Max |a - b| allowed, relative to max(1, max |reference|), per input dtype.
 # bf16 has an 8-bit mantissa (~4e-3 relative); scores and probabilities are
@@ -219,3 +225,13 @@ def mask_cases(
       masks.from_layout(layout(2, 1, 0.6, seed=2), **g),
     ),
   }
+
+
+def load_config(name: str, *overrides: str):
+  """configs/<name>.py as `train/main.py` parses it, with command-line overrides
+  (e.g. "--config.steps=4")."""
+  argv = ["prog", f"--config={ROOT / 'configs' / name}.py", *overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  values(argv)
+  return holder.value
