@@ -137,3 +137,15 @@ def attempt(what: str, fn: Callable, *args):
     if os.environ.get("BENCH_TRACEBACK"):
       traceback.print_exc()
     return None
+
+
+def fwd_bwd(attend: Callable) -> Callable:
+  """jit of d/d(q, k, v) sum(out) for `attend(q, k, v, *rest)` (out, or (out, ...)):
+  what a training step's attention costs, forward + backward."""
+
+  def loss(q, k, v, *rest):
+    out = attend(q, k, v, *rest)
+    out = out[0] if isinstance(out, tuple) else out
+    return jnp.sum(out.astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

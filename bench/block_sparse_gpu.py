@@ -128,17 +128,6 @@ def time_jax(fn, *args) -> float:
   return benchutil.median_seconds(fn, *args, repeats=_REPEATS.value, warmup=2)
 
 
-def fwd_bwd(attend):
-  """jit of d/d(q,k,v) sum(out * ct): forward + backward."""
-
-  def loss(q, k, v, *rest):
-    out = attend(q, k, v, *rest)
-    out = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(out.astype(jnp.float32))
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
 def torch_flex(layout: np.ndarray | None, causal: bool, q, k, v, backward: bool):
   """Seconds per torch flex_attention call on the same tiles (compiled)."""
   import torch
@@ -240,7 +229,7 @@ def time_case(seq: int, heads: int, rows: list[list[str]], notes: list[str]) -> 
       base["cudnn", causal] = benchutil.attempt("cudnn", time_jax, jax.jit(cudnn), q, k, v)
       if backward:
         base["cudnn_bwd", causal] = benchutil.attempt(
-          "cudnn fwd+bwd", time_jax, fwd_bwd(cudnn), q, k, v
+          "cudnn fwd+bwd", time_jax, benchutil.fwd_bwd(cudnn), q, k, v
         )
     if "mha" not in skip:
       base["mha", causal] = benchutil.attempt(
@@ -286,7 +275,9 @@ def time_case(seq: int, heads: int, rows: list[list[str]], notes: list[str]) -> 
     fwd = lambda q, k, v, m: ours(q, k, v, m)[0]
     t = benchutil.attempt("ours fwd", time_jax, jax.jit(fwd), q, k, v, mask)
     t_b = (
-      benchutil.attempt("ours fwd+bwd", time_jax, fwd_bwd(fwd), q, k, v, mask) if backward else None
+      benchutil.attempt("ours fwd+bwd", time_jax, benchutil.fwd_bwd(fwd), q, k, v, mask)
+      if backward
+      else None
     )
     tf = tf_b = None
     if "flex" not in skip:

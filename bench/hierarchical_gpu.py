@@ -210,17 +210,6 @@ def time_jax(s: Settings, fn, *args) -> float:
   return benchutil.median_seconds(fn, *args, repeats=s.repeats, warmup=2)
 
 
-def fwd_bwd(attend):
-  """jit of d/d(q, k, v) sum(out): forward + backward."""
-
-  def loss(q, k, v, *rest):
-    out = attend(q, k, v, *rest)
-    out = out[0] if isinstance(out, tuple) else out
-    return jnp.sum(out.astype(jnp.float32))
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
 def make_inputs(kind: str, seq: int, heads: int, s: Settings):
   """bf16 q [1, seq, heads, D], k and v [1, seq, heads // group, D]."""
   d = s.head_dim
@@ -290,7 +279,9 @@ def time_case(s: Settings, seq: int, heads: int, rows: list[list[str]], notes: l
     )
     base["fwd"] = benchutil.attempt("cudnn", time_jax, s, jax.jit(cudnn), q, k, v)
     if backward:
-      base["bwd"] = benchutil.attempt("cudnn fwd+bwd", time_jax, s, fwd_bwd(cudnn), q, k, v)
+      base["bwd"] = benchutil.attempt(
+        "cudnn fwd+bwd", time_jax, s, benchutil.fwd_bwd(cudnn), q, k, v
+      )
     rows.append(
       row(case, "cuDNN dense causal", "", "", "1.000", base["fwd"], base.get("bwd"), base)
     )
@@ -315,7 +306,9 @@ def time_case(s: Settings, seq: int, heads: int, rows: list[list[str]], notes: l
         t = benchutil.attempt(f"moba {impl} fwd", time_jax, s, jax.jit(fwd), q, k, v)
         t_b = None
         if backward:
-          t_b = benchutil.attempt(f"moba {impl} fwd+bwd", time_jax, s, fwd_bwd(fwd), q, k, v)
+          t_b = benchutil.attempt(
+            f"moba {impl} fwd+bwd", time_jax, s, benchutil.fwd_bwd(fwd), q, k, v
+          )
         tiles = ""
         if impl == "pallas":
           frac = benchutil.attempt("tile density", visited_fraction, s, q, k, chunk, topk)
@@ -361,7 +354,7 @@ def time_nsa(s: Settings, case, seq, heads, rows, notes, base) -> None:
   t = benchutil.attempt("nsa pallas fwd", time_jax, s, jax.jit(attend), q, k, v)
   t_b = None
   if "backward" not in s.skip:
-    t_b = benchutil.attempt("nsa pallas fwd+bwd", time_jax, s, fwd_bwd(attend), q, k, v)
+    t_b = benchutil.attempt("nsa pallas fwd+bwd", time_jax, s, benchutil.fwd_bwd(attend), q, k, v)
   config = f"l={block_len}, d={stride}, l'=64, n=16, w=512"
   rows.append(row(case, "NSA pallas", config, "random", "", t, t_b, base))
   print(" | ".join(rows[-1]), flush=True)

@@ -42,6 +42,7 @@ __all__ = [
   "causal",
   "chunked",
   "dense",
+  "from_element_mask",
   "from_layout",
   "intersection",
   "sliding_window",
@@ -81,7 +82,20 @@ def _window(window: int | tuple[int, int], causal: bool) -> tuple[int, int]:
   return w, 0 if causal else w
 
 
-def _from_predicate(fn, q_len, kv_len, block_q, block_kv) -> BlockMask:
+def from_element_mask(
+  fn: Any, q_len: int, kv_len: int, *, block_q: int = 128, block_kv: int = 128
+) -> BlockMask:
+  """The BlockMask exactly equal to a static element mask, laid out on the host.
+
+  Args:
+    fn: an element mask (see `ops/element_masks.py`: `Band`, `Chunk`, `AllOf`, `AnyOf`,
+      or your own hashable object with the same two methods): `fn(q_pos, kv_pos)` gives
+      the visibility of (query, key) position pairs as a bool array (traced inside the
+      kernels on partial tiles), and `fn.classify(q_lo, q_hi, kv_lo, kv_hi)` gives
+      (any, all) visibility of position ranges (NumPy, on the host) so that tiles are
+      classified skipped / partial / full in O(Qb * Kb).
+    q_len, kv_len, block_q, block_kv: the geometry.
+  """
   q_len, kv_len, block_q, block_kv = _check_geometry(q_len, kv_len, block_q, block_kv)
   any_, all_ = classify_tiles(fn, q_len, kv_len, block_q, block_kv)
   return from_block_layout(
@@ -111,7 +125,9 @@ def causal(
   """Key j visible to query i iff j <= i + offset (offset = kv_len - q_len aligns
   the last query with the last key, as in decoding with a cache)."""
   offset = _check_int("offset", offset, minimum=None)
-  return _from_predicate(element_masks.Band(None, offset), q_len, kv_len, block_q, block_kv)
+  return from_element_mask(
+    element_masks.Band(None, offset), q_len, kv_len, block_q=block_q, block_kv=block_kv
+  )
 
 
 _causal = causal  # for builders whose `causal` argument shadows the function
@@ -134,7 +150,9 @@ def sliding_window(
     causal: no look-ahead (right = 0).
   """
   left, right = _window(window, causal)
-  return _from_predicate(element_masks.Band(-left, right), q_len, kv_len, block_q, block_kv)
+  return from_element_mask(
+    element_masks.Band(-left, right), q_len, kv_len, block_q=block_q, block_kv=block_kv
+  )
 
 
 def chunked(
@@ -151,7 +169,7 @@ def chunked(
   fn = element_masks.Chunk(_check_int("chunk", chunk, minimum=1))
   if causal:
     fn = element_masks.all_of(fn, element_masks.Band(None, 0))
-  return _from_predicate(fn, q_len, kv_len, block_q, block_kv)
+  return from_element_mask(fn, q_len, kv_len, block_q=block_q, block_kv=block_kv)
 
 
 def anchor_blocks(num_kv_blocks: int, num_anchors: int, offset: Any) -> jax.Array:

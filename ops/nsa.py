@@ -116,7 +116,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import block_mask, checks, element_masks, masks
+from sparse_attention.ops import checks, element_masks, masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
@@ -908,32 +908,21 @@ class _CompressedVisible:
     return kv_lo * self.stride + self.lag <= q_hi, kv_hi * self.stride + self.lag <= q_lo
 
 
-def _static_mask(fn: Any, q_len: int, kv_len: int, block_q: int, block_kv: int) -> BlockMask:
-  """A BlockMask exactly equal to the predicate `fn`, laid out on the host (O(Qb * Kb))."""
-  any_, all_ = block_mask.classify_tiles(fn, q_len, kv_len, block_q, block_kv)
-  return block_mask.from_block_layout(
-    any_[None, None],
-    all_[None, None],
-    block_q=block_q,
-    block_kv=block_kv,
-    q_len=q_len,
-    kv_len=kv_len,
-    mask_fn=fn,
-    mask_fn_exact=True,
-  )
-
-
 def _compressed_mask(plan: _KernelPlan) -> BlockMask:
   cfg = plan.cfg
   fn = _CompressedVisible(cfg.stride, cfg.block_len - 1 - cfg.offset)
-  return _static_mask(fn, cfg.q_len, cfg.num_compressed, plan.block_q, plan.cmp_kv)
+  return masks.from_element_mask(
+    fn, cfg.q_len, cfg.num_compressed, block_q=plan.block_q, block_kv=plan.cmp_kv
+  )
 
 
 def _window_mask(plan: _KernelPlan) -> BlockMask:
   """Keys t - w < j <= t of query row i (t = offset + i): j - i in [offset - w + 1, offset]."""
   cfg = plan.cfg
   fn = element_masks.Band(cfg.offset - cfg.window + 1, cfg.offset)
-  return _static_mask(fn, cfg.q_len, cfg.kv_len, plan.block_q, plan.window_kv)
+  return masks.from_element_mask(
+    fn, cfg.q_len, cfg.kv_len, block_q=plan.block_q, block_kv=plan.window_kv
+  )
 
 
 def _selection_mask(

@@ -410,3 +410,29 @@ def test_builders_cost_tiles_not_elements():
   assert t.max_kv_blocks == 8 and int(t.kv_count.max()) == 8
   a = masks.window_with_anchors(s, s, window=512, num_anchors=4, offset=5, **geo)
   assert int(a.q_count.max()) == n
+
+
+def test_from_element_mask_takes_any_element_mask():
+  """A user's own element mask (call + classify) gives the exact dense mask, with full,
+  partial and skipped tiles classified; the built-in Band equals sliding_window."""
+
+  class EveryOtherKey:
+    """Key j visible iff j is even and j <= i (causal)."""
+
+    def __call__(self, q_pos, kv_pos):
+      return (kv_pos % 2 == 0) & (kv_pos <= q_pos)
+
+    def classify(self, q_lo, q_hi, kv_lo, kv_hi):
+      first_even = kv_lo + kv_lo % 2  # ranges are inclusive
+      any_ = first_even <= np.minimum(kv_hi, q_hi)
+      return any_, np.zeros_like(any_)  # never all visible: odd keys are hidden
+
+  m = masks.from_element_mask(EveryOtherKey(), 50, 40, block_q=16, block_kv=8)
+  testutil.check_invariants(m)
+  i, j = np.arange(50)[:, None], np.arange(40)[None, :]
+  np.testing.assert_array_equal(dense_of(m)[0, 0], (j % 2 == 0) & (j <= i))
+  band = element_masks.Band(-5, 0)
+  np.testing.assert_array_equal(
+    dense_of(masks.from_element_mask(band, 50, 40, block_q=16, block_kv=8)),
+    dense_of(masks.sliding_window(50, 40, window=5, causal=True, block_q=16, block_kv=8)),
+  )
