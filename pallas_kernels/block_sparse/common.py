@@ -194,3 +194,20 @@ def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
 
   attention.defvjp(attention_fwd, attention_bwd)
   return attention
+
+
+def forward_only(fn: Callable, message: str) -> Callable:
+  """`fn(cfg, masked_output, *arrays)` as a `jax.custom_vjp` (the first two arguments
+  static) whose gradient raises NotImplementedError(message): for kernels that run at
+  sampling time only (Re-ttention's calibration), so that differentiating them fails
+  loudly instead of silently giving zeros."""
+  wrapped = jax.custom_vjp(fn, nondiff_argnums=(0, 1))
+
+  def fwd(cfg, masked_output, *arrays):
+    return fn(cfg, masked_output, *arrays), None
+
+  def bwd(cfg, masked_output, residuals, cotangents):
+    raise NotImplementedError(message)
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped

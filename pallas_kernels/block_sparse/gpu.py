@@ -590,8 +590,7 @@ def calibrate_triton(
   return _calibrate(cfg, masked_output, q, k, v, tile_codes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _calibrate(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
+def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
   b, _, hq, _ = q.shape
   qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
   sq, sk = qb * cfg.block_q, kb * cfg.block_kv
@@ -632,15 +631,8 @@ def _calibrate(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
   return out, lse, lse_m, out_m
 
 
-def _calibrate_fwd(cfg, masked_output, q, k, v, tile_codes):
-  return _calibrate(cfg, masked_output, q, k, v, tile_codes), None
-
-
-def _calibrate_bwd(cfg, masked_output, residuals, cotangents):
-  raise NotImplementedError(
-    "calibrate_attention has no gradient through the Triton kernel (calibration runs at "
-    "sampling time); use implementation='xla' to differentiate it."
-  )
-
-
-_calibrate.defvjp(_calibrate_fwd, _calibrate_bwd)
+_calibrate = common.forward_only(
+  _calibrate_kernels,
+  "calibrate_attention has no gradient through the Triton kernel (calibration runs at "
+  "sampling time); use implementation='xla' to differentiate it.",
+)
