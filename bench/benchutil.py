@@ -149,3 +149,16 @@ def fwd_bwd(attend: Callable) -> Callable:
     return jnp.sum(out.astype(jnp.float32))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def write_result(name: str, text: str, out_dir: str = "") -> str:
+  """Writes `text` to <out_dir>/<name>_<card>_<date>.md (out_dir default: bench/results;
+  card: the first device's kind, e.g. NVIDIA_H200), prints and returns the path."""
+  card = jax.devices()[0].device_kind.replace(" ", "_")
+  out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}_{card}_{today()}.md")
+  with open(path, "w") as f:
+    f.write(text)
+  print(f"written to {path}; {elapsed():.0f} s")
+  return path

@@ -24,7 +24,6 @@ try/except: a peer that fails prints why and leaves its cells empty.
 
 from __future__ import annotations
 
-import os
 import time
 
 import benchutil
@@ -367,12 +366,7 @@ def main(argv):
   ] + [f"- {n}" for n in notes]
   text = "\n".join(lines) + "\n"
   print("\n" + text)
-  card = jax.devices()[0].device_kind.replace(" ", "_")
-  out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(__file__), "results")
-  path = os.path.join(out_dir, f"block_sparse_gpu_{card}_{benchutil.today()}.md")
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"written to {path}; {benchutil.elapsed():.0f} s")
+  benchutil.write_result("block_sparse_gpu", text, _OUT_DIR.value)
 
 
 if __name__ == "__main__":

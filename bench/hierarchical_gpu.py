@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import benchutil
 import jax
@@ -409,12 +408,7 @@ def main(argv):
   if s.interpret and not _OUT_DIR.value:
     print(f"dry run: nothing written; {benchutil.elapsed():.0f} s")
     return
-  card = jax.devices()[0].device_kind.replace(" ", "_")
-  out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(__file__), "results")
-  path = os.path.join(out_dir, f"hierarchical_gpu_{card}_{benchutil.today()}.md")
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"written to {path}; {benchutil.elapsed():.0f} s")
+  benchutil.write_result("hierarchical_gpu", text, _OUT_DIR.value)
 
 
 if __name__ == "__main__":

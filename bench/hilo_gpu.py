@@ -18,7 +18,6 @@ than the cuDNN MSA layer at every size, and at least 2x faster than PyTorch HiLo
 
 from __future__ import annotations
 
-import os
 import time
 
 import benchutil
@@ -238,12 +237,7 @@ def main(argv):
     + "\n"
   )
   print("\n" + text)
-  card = jax.devices()[0].device_kind.replace(" ", "_")
-  out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(__file__), "results")
-  path = os.path.join(out_dir, f"hilo_gpu_{card}_{benchutil.today()}.md")
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"written to {path}")
+  benchutil.write_result("hilo_gpu", text, _OUT_DIR.value)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ least 90% vs cuDNN dense (the paper reports > 92% on an H100 for the sparse step
 
 from __future__ import annotations
 
-import os
-
 import benchutil
 import jax
 import jax.numpy as jnp
@@ -319,13 +317,7 @@ def main(argv):
   if setup.dry and not _OUT_DIR.value:
     print(f"dry run: nothing written; {benchutil.elapsed():.0f} s")
     return
-  card = jax.devices()[0].device_kind.replace(" ", "_")
-  out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"rettention_gpu_{card}_{benchutil.today()}.md")
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"written to {path}; {benchutil.elapsed():.0f} s")
+  benchutil.write_result("rettention_gpu", text, _OUT_DIR.value)
 
 
 if __name__ == "__main__":
