@@ -36,7 +36,11 @@ parameters) and the embedding keeps its own initialisation scale.
 
 Packed sequences: `segment_ids` (non-negative ints, a segment = a maximal run of equal
 ids) keep attention inside each segment and restart the RoPE positions at each
-segment start (MoBA's chunks restart there too). NSA does not take segments.
+segment start (MoBA's chunks restart there too). NSA passes them to `nsa_attention`,
+whose block grids stay anchored at position 0 (phi compresses the global grid): a query
+sees only the compressed blocks lying entirely in its segment and the selection blocks
+and window keys of its segment, so a segment whose start is a multiple of nsa_stride
+and nsa_select_len behaves exactly as a separate sequence.
 
 KV-cached decoding (`init_cache`, `decode`, `generate`): the cache holds, per layer,
 fixed-size k/v arrays [B, max_len, Hkv, D] written left-aligned (position t at row t)
@@ -421,7 +425,7 @@ class Attention(nnx.Module):
     rows = np.arange(nc)[:, None] * c.nsa_stride + np.arange(c.nsa_block_len)  # [Nc, l]
     return self.k_compress(k[:, rows]), self.v_compress(v[:, rows])
 
-  def _nsa(self, q, k, v, k_cmp, v_cmp, gates):
+  def _nsa(self, q, k, v, k_cmp, v_cmp, gates, segment_ids=None):
     c = self.config
     return nsa_attention(
       q,
@@ -430,6 +434,7 @@ class Attention(nnx.Module):
       k_cmp.astype(q.dtype),
       v_cmp.astype(q.dtype),
       gates.astype(q.dtype),
+      segment_ids=segment_ids,
       block_len=c.nsa_block_len,
       stride=c.nsa_stride,
       select_len=c.nsa_select_len,
@@ -470,7 +475,7 @@ class Attention(nnx.Module):
       )
     else:
       k_cmp, v_cmp = self._compress(k, v)
-      o = self._nsa(q, k, v, k_cmp, v_cmp, self._gates(x))
+      o = self._nsa(q, k, v, k_cmp, v_cmp, self._gates(x), segment_ids)
     return self.wo(o.reshape(b, l, c.num_heads * c.head_dim))
 
   # -- cached decoding
@@ -682,8 +687,6 @@ class LM(nnx.Module):
     _check_tokens("tokens", tokens, c.max_len)
     b, l = tokens.shape
     if segment_ids is not None:
-      if c.attention == "nsa":
-        raise ValueError("LM: segment_ids are not supported with attention='nsa'.")
       if getattr(segment_ids, "shape", None) != (b, l) or not jnp.issubdtype(
         segment_ids.dtype, jnp.integer
       ):

@@ -46,6 +46,24 @@ The branches, exactly (every choice below is ours where the paper leaves room):
   K_slc(t) = the keys of the kept blocks at positions <= t.
 * Sliding window: the w most recent keys, t - w < j <= t.
 
+Packed sequences: `segment_ids` int `[B, Lk]` (the queries use the last Lq entries). A
+segment is a maximal run of equal consecutive ids; two runs of the same id separated by
+another are two segments. Let r = run_start(t), the first position of t's run: query t
+only ever sees keys in [r, t]. The block grids stay anchored at position 0 (k_cmp/v_cmp
+are the caller's, computed on the global grid, and shapes stay static), so:
+
+* Compression: block c is visible iff it is complete (c*d + l - 1 <= t) and lies
+  entirely in t's run (c*d >= r); blocks straddling a segment start are never visible.
+* Selection: p_cmp covers the visible blocks only (steps 1-3 as above); the eligible
+  blocks are those intersecting [r, t] (j*l' <= t and (j+1)*l' > r); the forced ones
+  are the block holding r (the segment's initial block) and the local blocks t // l',
+  t // l' - 1 when eligible; inside a kept block only keys in [r, t].
+* Sliding window: keys max(t - w + 1, r) .. t.
+
+Without segment_ids (None) r = 0 and everything is as above (same code paths). A
+segment whose start is a multiple of both d and l' behaves exactly as a separate
+sequence (with k_cmp of the segment's own blocks, e.g. `compress_mean` of the whole row).
+
 The top-n choice is discrete: no gradient flows through it (it is a function of q and
 k_cmp, treated as a constant). Everything else is differentiable in q, k, v, k_cmp,
 v_cmp and gates. Selection is computed in float32 from q and k_cmp upcast; ties are
@@ -71,7 +89,9 @@ Implementations:
     never more than block-causal attention (random selections at L = 4096 come close
     to that); in exchange it runs as matmuls, ~5x the throughput of gathering n * l'
     keys per query on CPU. The backward pass scatter-adds dK / dV into the key blocks.
-  `nsa_selection` itself runs in query chunks too (memory O(chunk * Nc)).
+  `nsa_selection` itself runs in query chunks too (memory O(chunk * Nc)). Packed
+  sequences only add "key (or compressed block start) >= run_start(t)" to each branch's
+  per-element mask (the query chunks carry their run starts).
 * "pallas_triton" / "pallas_tpu" (and "pallas", the platform's one): every branch is one
   `ops.block_sparse_attention` call on the project's routed block-sparse Pallas kernel
   (Triton on GPU, Mosaic on TPU; either runs on CPU with interpret=True), forward and
@@ -101,6 +121,13 @@ Implementations:
   mix (the xla path mixes f32 branches): bf16 differs from it by ~1 bf16 ulp. A call the
   kernel cannot take (Triton: head_dim > 256; TPU: a mask view too large for SMEM) raises
   before anything is computed, or, with implementation=None, runs "xla".
+  Packed sequences become token routes (one route id per key, exact): selection: key
+  route max(block_start(j), run_start(j)) (block_start(j) = j // l' * l'), query route
+  for kept block b max(b * l', r): exactly the keys of block b in t's run; window: key
+  route run_start(j), query route [r], with the band mask; compression: compressed key
+  c's route is run_start(c*d) if the whole block lies in one run, else Lk + c (matched
+  by no query), query route [r], with the compressed element mask. Without segments no
+  routes are added where there were none.
   Limits: the selection layout is O(B * Hq * Qb * Kb) bools and the tile bound Kmax is
   the full Kb (the union of a tile's selections has no smaller static bound), so the TPU
   kernel's SMEM prefetch (B * Hq * (1 + Kb) words per q-tile row) bounds B * Hq * Lk.
@@ -176,6 +203,33 @@ def _check_compression(op: str, block_len: Any, stride: Any) -> tuple[int, int]:
   return block_len, stride
 
 
+def _check_segment_ids(op: str, segment_ids: Any, batch: int, kv_len: int) -> None:
+  if segment_ids is None:
+    return
+  layout = f"[batch, kv_len] = ({batch}, {kv_len})"
+  if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+    raise ValueError(
+      f"{op}: segment_ids must be None or an integer array {layout}, got "
+      f"{type(segment_ids).__name__}."
+    )
+  if tuple(segment_ids.shape) != (batch, kv_len):
+    raise ValueError(f"{op}: segment_ids must have shape {layout}, got {tuple(segment_ids.shape)}.")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"{op}: segment_ids must be an integer array, got {segment_ids.dtype}.")
+
+
+def _run_starts(segment_ids: jax.Array | None) -> jax.Array | None:
+  """int32 [B, Lk]: the first position of each position's segment run (None: None)."""
+  if segment_ids is None:
+    return None
+  seg = jnp.asarray(segment_ids)
+  pos = jnp.arange(seg.shape[1], dtype=jnp.int32)
+  starts = jnp.concatenate(
+    [jnp.ones_like(seg[:, :1], dtype=bool), seg[:, 1:] != seg[:, :-1]], axis=1
+  )
+  return jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)
+
+
 def num_compressed_blocks(lk: int, block_len: int, stride: int) -> int:
   """Nc: the compressed blocks [c*stride, c*stride + block_len) that lie inside lk keys."""
   lk = _check_int("num_compressed_blocks", "lk", lk, 0)
@@ -236,13 +290,17 @@ def _select_chunk(
   q_c: jax.Array,  # f32 [B, C, Hkv, G, D]
   t: jax.Array,  # int32 [C], absolute query positions
   k_cmp: jax.Array,  # f32 [B, Nc, Hkv, D]
+  r: jax.Array | None,  # int32 [B, C], the queries' run starts (None: no segments)
 ) -> tuple[jax.Array, jax.Array]:
   """Block ids and validity int32/bool [B, Hkv, C, n] for one chunk of queries."""
   b, c, hkv, _, _ = q_c.shape
   nc, ns, n, lsel = cfg.num_compressed, cfg.num_selection_blocks, cfg.num_select, cfg.select_len
   if nc > 0:
     s = jnp.einsum("bchgd,bnhd->bhgcn", q_c, k_cmp, precision=_HIGHEST) * cfg.scale
-    visible = (jnp.arange(nc) * cfg.stride + cfg.block_len - 1)[None, :] <= t[:, None]
+    c_start = jnp.arange(nc) * cfg.stride
+    visible = (c_start + cfg.block_len - 1)[None, :] <= t[:, None]  # [C, Nc]
+    if r is not None:  # and inside the query's run: [B, 1, 1, C, Nc]
+      visible = (visible & (c_start[None, None, :] >= r[:, :, None]))[:, None, None]
     s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, G, C, Nc]
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -255,7 +313,12 @@ def _select_chunk(
   j = jnp.arange(ns)[None, :]
   own = (t // lsel)[:, None]
   eligible = j * lsel <= t[:, None]  # [C, Ns]
-  forced = eligible & ((j == 0) | (j == own) | (j == own - 1))
+  if r is None:
+    forced = eligible & ((j == 0) | (j == own) | (j == own - 1))
+  else:  # blocks intersecting [r, t]; the run's initial block is forced: [B, 1, C, Ns]
+    eligible = eligible & ((j + 1) * lsel > r[..., None])
+    forced = eligible & ((j == r[..., None] // lsel) | (j == own) | (j == own - 1))
+    eligible, forced = eligible[:, None], forced[:, None]
   prio = jnp.where(forced, jnp.inf, jnp.where(eligible, score, -jnp.inf))
   if ns < n:  # fewer blocks than slots: the extra slots stay invalid
     prio = jnp.pad(prio, [(0, 0)] * 3 + [(0, n - ns)], constant_values=-jnp.inf)
@@ -269,21 +332,23 @@ def _select_chunk(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _selection(cfg: _SelectionConfig, q: jax.Array, k_cmp: jax.Array):
+def _selection(cfg: _SelectionConfig, q: jax.Array, k_cmp: jax.Array, rs: jax.Array | None):
   b, lq, hq, d = q.shape
   hkv = k_cmp.shape[2]
   qg = q.astype(jnp.float32).reshape(b, lq, hkv, hq // hkv, d)
   kc = k_cmp.astype(jnp.float32)
   q_chunks = _chunk_rows(qg, 1, cfg.chunk)  # [nq, B, C, Hkv, G, D]
   offset = cfg.lk - lq
+  # The queries' run starts by chunk, [nq, B, C] (None without segments).
+  r_chunks = None if rs is None else _chunk_rows(rs[:, offset:], 1, cfg.chunk)
 
   def one(args):
-    i, q_c = args
+    i, q_c, r_c = args
     t = offset + i * cfg.chunk + jnp.arange(cfg.chunk, dtype=jnp.int32)
-    return _select_chunk(cfg, q_c, jnp.minimum(t, cfg.lk - 1), kc)
+    return _select_chunk(cfg, q_c, jnp.minimum(t, cfg.lk - 1), kc, r_c)
 
   nq = q_chunks.shape[0]
-  ids, valid = jax.lax.map(one, (jnp.arange(nq, dtype=jnp.int32), q_chunks))
+  ids, valid = jax.lax.map(one, (jnp.arange(nq, dtype=jnp.int32), q_chunks, r_chunks))
   # [nq, B, Hkv, C, n] -> [B, Hkv, Lq, n]
   fix = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, hkv, -1, cfg.num_select)[:, :, :lq]
   return fix(ids), fix(valid)
@@ -299,13 +364,14 @@ def nsa_selection(
   select_len: int,
   num_select: int,
   scale: float | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The selected blocks of NSA's selection branch, shared by each GQA group.
 
   See the module docstring for the exact rule (compression probabilities, fractional
   overlap mapping, group sum, forced initial + 2 local blocks, top-n, ties toward the
-  lower id). The queries are the last `q_len` of `lk` positions. No gradient: the
-  result is integer.
+  lower id; packed sequences). The queries are the last `q_len` of `lk` positions. No
+  gradient: the result is integer.
 
   Args:
     q: the queries `[B, Lq, Hq, D]`.
@@ -315,6 +381,9 @@ def nsa_selection(
     select_len: l', the length of the selection blocks [j*l', (j+1)*l').
     num_select: n >= 3, the blocks kept per (group, query), forced ones included.
     scale: the compression softmax scale, default `head_dim ** -0.5`.
+    segment_ids: optional integer `[B, lk]` for packed sequences (see `nsa_attention`):
+      a query only weighs the compressed blocks inside its segment run and only selects
+      blocks intersecting it, the run's initial block forced.
 
   Returns:
     `(block_ids, valid)`: int32 and bool `[B, Hkv, Lq, n]`. The ids ascend; slots past
@@ -326,7 +395,8 @@ def nsa_selection(
   cfg = _selection_config(
     op, q.shape, k_cmp.shape, lk, block_len, stride, select_len, num_select, scale
   )
-  return _selection(cfg, q, k_cmp)
+  _check_segment_ids(op, segment_ids, q.shape[0], cfg.lk)
+  return _selection(cfg, q, k_cmp, _run_starts(segment_ids))
 
 
 def _selection_config(
@@ -423,25 +493,28 @@ def _selected_block_mask(cfg: _Config, ids: jax.Array, valid: jax.Array) -> jax.
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nsa_reference(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+def _nsa_reference(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
   b, lq, hq, _ = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   f32 = lambda x: x.astype(jnp.float32)
   t = _positions(cfg)[:, None]  # [Lq, 1]
   key = jnp.arange(cfg.kv_len)[None, :]  # [1, Lk]
+  # Packed sequences: bool [B, 1, Lq, 1] -> keys at or after the query's run start.
+  after = (lambda x: True) if rs is None else (lambda x: x >= rs[:, None, cfg.offset :, None])
   attend = functools.partial(reference_attention, f32(q), scale=cfg.scale)
   nc = cfg.num_compressed
   if nc > 0:
-    cmp_end = jnp.arange(nc)[None, :] * cfg.stride + cfg.block_len - 1
-    o_cmp = attend(f32(k_cmp), f32(v_cmp), mask=(cmp_end <= t)[None, None])
+    cmp_start = jnp.arange(nc)[None, :] * cfg.stride
+    visible = (cmp_start + cfg.block_len - 1 <= t)[None, None] & after(cmp_start)
+    o_cmp = attend(f32(k_cmp), f32(v_cmp), mask=visible)
   else:
     o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
   blocks = _selected_block_mask(cfg, ids, valid)  # [B, Hkv, Lq, Ns]
-  slc = blocks[..., key[0] // cfg.select_len] & (key <= t)  # [B, Hkv, Lq, Lk]
+  slc = blocks[..., key[0] // cfg.select_len] & (key <= t) & after(key)  # [B, Hkv, Lq, Lk]
   slc = jnp.broadcast_to(slc[:, :, None], (b, hkv, hq // hkv, lq, cfg.kv_len))
   o_slc = attend(f32(k), f32(v), mask=slc.reshape(b, hq, lq, cfg.kv_len))
-  win = (key <= t) & (key > t - cfg.window)
-  o_win = attend(f32(k), f32(v), mask=win[None, None])
+  win = ((key <= t) & (key > t - cfg.window))[None, None] & after(key)
+  o_win = attend(f32(k), f32(v), mask=win)
   return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
 
 
@@ -506,21 +579,31 @@ def _from_sources(plan: _Plan, dk: jax.Array, length: int) -> jax.Array:
   return jnp.moveaxis(dk, 1, 2)
 
 
-def _fetch(plan: _Plan, i: jax.Array, k_src: jax.Array, v_src: jax.Array):
-  """Keys `[B, Hkv, K, D]`, values, visibility bool `[C, K]` and slice start of chunk i."""
+def _fetch(plan: _Plan, i: jax.Array, k_src: jax.Array, v_src: jax.Array, r_c: jax.Array | None):
+  """Keys `[B, Hkv, K, D]`, values, visibility and slice start of chunk i.
+
+  Visibility is bool `[C, 1, K]`, or `[B, 1, C, 1, K]` with the chunk's run starts r_c
+  `[B, C]` (packed sequences): either broadcasts against scores `[B, Hkv, C, G, K]`.
+  """
   cfg, c = plan.cfg, plan.chunk
   row = i * c + jnp.arange(c, dtype=jnp.int32)
   t = (cfg.offset + row)[:, None]  # [C, 1] absolute query positions
   real = (row < cfg.q_len)[:, None]  # padded queries see nothing
+
+  def shaped(visible, first):  # first [1, K]: the first key position of each key
+    if r_c is None:
+      return visible[:, None]
+    return (visible[None] & (first[None] >= r_c[:, :, None]))[:, None, :, None]
+
   if plan.kind == "cmp":
-    ends = jnp.arange(cfg.num_compressed) * cfg.stride + cfg.block_len - 1
-    return k_src, v_src, (ends[None, :] <= t) & real, None
+    starts = jnp.arange(cfg.num_compressed)[None, :] * cfg.stride
+    return k_src, v_src, shaped((starts + cfg.block_len - 1 <= t) & real, starts), None
   start = cfg.offset + i * c  # in padded coordinates: absolute position t0 - w + 1
   pos = start - (plan.window - 1) + jnp.arange(plan.num_keys)[None, :]
   visible = (pos <= t) & (pos > t - plan.window) & (pos >= 0) & real
   k_c = jax.lax.dynamic_slice_in_dim(k_src, start, plan.num_keys, axis=2)
   v_c = jax.lax.dynamic_slice_in_dim(v_src, start, plan.num_keys, axis=2)
-  return k_c, v_c, visible, start
+  return k_c, v_c, shaped(visible, pos), start
 
 
 def _split_heads(x: jax.Array, hkv: int) -> jax.Array:
@@ -529,17 +612,22 @@ def _split_heads(x: jax.Array, hkv: int) -> jax.Array:
   return x.reshape(b, l, hkv, h // hkv, d)
 
 
-def _shared_forward(plan: _Plan, q, k, v):
+def _run_chunks(plan: _Plan, rs_q: jax.Array | None) -> jax.Array | None:
+  """The queries' run starts `[B, Lq]` by chunk, `[nq, B, C]` (None: None)."""
+  return None if rs_q is None else _chunk_rows(rs_q, 1, plan.chunk)
+
+
+def _shared_forward(plan: _Plan, q, k, v, rs_q):
   hkv = k.shape[2]
   k_src, v_src = _sources(plan, k), _sources(plan, v)
   q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)  # [nq, B, C, Hkv, G, D]
   f32 = jnp.float32
 
   def step(_, xs):
-    i, q_c = xs
-    k_c, v_c, visible, _ = _fetch(plan, i, k_src, v_src)
+    i, q_c, r_c = xs
+    k_c, v_c, visible, _ = _fetch(plan, i, k_src, v_src, r_c)
     s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
-    s = jnp.where(visible[:, None], s, -jnp.inf)  # [B, Hkv, C, G, K]
+    s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, C, G, K]
     m = jnp.max(s, axis=-1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m[..., None])
@@ -553,11 +641,12 @@ def _shared_forward(plan: _Plan, q, k, v):
     return None, (o, jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf))
 
   nq = q_chunks.shape[0]
-  _, (o, lse) = jax.lax.scan(step, None, (jnp.arange(nq, dtype=jnp.int32), q_chunks))
+  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, _run_chunks(plan, rs_q))
+  _, (o, lse) = jax.lax.scan(step, None, xs)
   return _unchunk_queries(o, plan.cfg.q_len), lse  # f32 [B, Lq, Hq, Dv], [nq, B, Hkv, C, G]
 
 
-def _shared_backward(plan: _Plan, q, k, v, out, lse, d_out):
+def _shared_backward(plan: _Plan, q, k, v, rs_q, out, lse, d_out):
   hkv = k.shape[2]
   k_src, v_src = _sources(plan, k), _sources(plan, v)
   q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)
@@ -575,11 +664,11 @@ def _shared_backward(plan: _Plan, q, k, v, out, lse, d_out):
 
   def step(carry, xs):
     dk_acc, dv_acc = carry
-    i, q_c, do_c, delta_c, lse_c = xs
-    k_c, v_c, visible, start = _fetch(plan, i, k_src, v_src)
+    i, q_c, do_c, delta_c, lse_c, r_c = xs
+    k_c, v_c, visible, start = _fetch(plan, i, k_src, v_src, r_c)
     s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
     lse_safe = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)
-    p = jnp.where(visible[:, None], jnp.exp(s - lse_safe[..., None]), 0.0)
+    p = jnp.where(visible, jnp.exp(s - lse_safe[..., None]), 0.0)
     dp = jnp.einsum("bchgd,bhkd->bhcgk", do_c, v_c, preferred_element_type=f32)
     ds = p * (dp - jnp.moveaxis(delta_c, 1, 2)[..., None]) * plan.cfg.scale
     ds = ds.astype(q_c.dtype)
@@ -590,7 +679,7 @@ def _shared_backward(plan: _Plan, q, k, v, out, lse, d_out):
 
   nq = q_chunks.shape[0]
   init = (jnp.zeros(k_src.shape, f32), jnp.zeros(v_src.shape, f32))
-  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, do_chunks, delta, lse)
+  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, do_chunks, delta, lse, _run_chunks(plan, rs_q))
   (dk, dv), dq = jax.lax.scan(step, init, xs)
   dq = _unchunk_queries(dq, plan.cfg.q_len).astype(q.dtype)
   dk = _from_sources(plan, dk, k.shape[1]).astype(k.dtype)
@@ -599,18 +688,19 @@ def _shared_backward(plan: _Plan, q, k, v, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _shared_branch(plan: _Plan, q, k, v):
-  """The compression or window branch: f32 `[B, Lq, Hq, Dv]`."""
-  return _shared_forward(plan, q, k, v)[0]
+def _shared_branch(plan: _Plan, q, k, v, rs_q):
+  """The compression or window branch: f32 `[B, Lq, Hq, Dv]`. rs_q: the queries' run
+  starts int32 `[B, Lq]` (packed sequences) or None."""
+  return _shared_forward(plan, q, k, v, rs_q)[0]
 
 
-def _shared_fwd(plan: _Plan, q, k, v):
-  out, lse = _shared_forward(plan, q, k, v)
-  return out, (q, k, v, out, lse)
+def _shared_fwd(plan: _Plan, q, k, v, rs_q):
+  out, lse = _shared_forward(plan, q, k, v, rs_q)
+  return out, (q, k, v, rs_q, out, lse)
 
 
 def _shared_bwd(plan: _Plan, residuals, d_out):
-  return _shared_backward(plan, *residuals, d_out)
+  return (*_shared_backward(plan, *residuals, d_out), None)
 
 
 _shared_branch.defvjp(_shared_fwd, _shared_bwd)
@@ -682,16 +772,17 @@ def _kv_from_rows(plan: _SlcPlan, x: jax.Array, b: int, h: int) -> jax.Array:
   return x.reshape(b, ns * lsel, h, x.shape[-1])[:, : plan.cfg.kv_len]
 
 
-def _row_lists(plan: _SlcPlan, ids: jax.Array, valid: jax.Array):
-  """Per row, chunked by Rc: (row ids, tile lists, counts, the queries' selections).
+def _row_lists(plan: _SlcPlan, ids: jax.Array, valid: jax.Array, rs_q: jax.Array | None):
+  """Per row, chunked by Rc: (row ids, tile lists, counts, the queries' selections, the
+  queries' run starts).
 
-  Shapes `[nR, Rc]`, `[nR, Rc, Kmax]`, `[nR, Rc]`, `[nR, Rc, bq, n]` (x2); padded rows
-  list nothing.
+  Shapes `[nR, Rc]`, `[nR, Rc, Kmax]`, `[nR, Rc]`, `[nR, Rc, bq, n]` (x2), `[nR, Rc, bq]`
+  (None without segments); padded rows list nothing.
   """
   b, hkv, _, n = ids.shape
   bq, ns = plan.block_q, plan.num_kv_blocks
   rows = b * hkv * plan.num_q_blocks
-  as_rows = lambda x: _chunk_rows(x, 2, bq).transpose(1, 2, 0, 3, 4).reshape(rows, bq, n)
+  as_rows = lambda x: _chunk_rows(x, 2, bq).transpose(1, 2, 0, 3, 4).reshape(rows, bq, -1)
   ids_r, valid_r = as_rows(ids), as_rows(valid)  # padded queries: invalid
   row = jnp.broadcast_to(jnp.arange(rows)[:, None, None], ids_r.shape)
   layout = jnp.zeros((rows, ns), bool).at[row, ids_r].max(valid_r)  # the union, [R, Ns]
@@ -699,10 +790,14 @@ def _row_lists(plan: _SlcPlan, ids: jax.Array, valid: jax.Array):
   count = jnp.sum(layout, axis=-1, dtype=jnp.int32)
   by_step = lambda x: _chunk_rows(x, 0, plan.rows_per_step)
   row_ids = jnp.arange(rows, dtype=jnp.int32)
-  return tuple(map(by_step, (row_ids, tiles.astype(jnp.int32), count, ids_r, valid_r)))
+  lists = tuple(map(by_step, (row_ids, tiles.astype(jnp.int32), count, ids_r, valid_r)))
+  if rs_q is None:
+    return (*lists, None)
+  rs_r = as_rows(jnp.broadcast_to(rs_q[:, None, :, None], (b, hkv, rs_q.shape[1], 1)))
+  return (*lists, by_step(rs_r[..., 0]))
 
 
-def _slot(plan: _SlcPlan, slot, row, tiles, count, ids_r, valid_r):
+def _slot(plan: _SlcPlan, slot, row, tiles, count, ids_r, valid_r, rs_r):
   """Key-block rows [Rc] and visibility bool [Rc, bq, 1, l'] of each row's slot-th tile."""
   cfg, bq, ns = plan.cfg, plan.block_q, plan.num_kv_blocks
   listed = slot < count  # [Rc]
@@ -713,6 +808,8 @@ def _slot(plan: _SlcPlan, slot, row, tiles, count, ids_r, valid_r):
   t = cfg.offset + qblock[:, None] * bq + jnp.arange(bq)  # [Rc, bq] absolute positions
   key = j[:, None] * cfg.select_len + jnp.arange(cfg.select_len)  # [Rc, l']
   visible = chose[..., None] & (key[:, None, :] <= t[..., None])
+  if rs_r is not None:  # packed sequences: keys from the query's run start on
+    visible = visible & (key[:, None, :] >= rs_r[..., None])
   return kv_row, visible[:, :, None, :]
 
 
@@ -723,12 +820,12 @@ def _tile_scores(plan: _SlcPlan, q_t, k_t, visible):
   return jnp.where(visible, s, -jnp.inf).reshape(q_t.shape[0], q_t.shape[1], -1)
 
 
-def _slc_forward(plan: _SlcPlan, q, k, v, ids, valid):
+def _slc_forward(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
   b, _, hq, _ = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   q_rows = _chunk_rows(_slc_rows(plan, q, hkv), 0, plan.rows_per_step)  # [nR, Rc, W, D]
   k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)  # [B * Hkv * Ns, l', D]
-  lists = _row_lists(plan, ids, valid)
+  lists = _row_lists(plan, ids, valid, rs_q)
   rc, width = q_rows.shape[1:3]
   f32 = jnp.float32
 
@@ -764,7 +861,7 @@ def _slc_forward(plan: _SlcPlan, q, k, v, ids, valid):
   return out, lse  # f32 [B, Lq, Hq, Dv], [nR, Rc, W]
 
 
-def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, out, lse, d_out):
+def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, rs_q, out, lse, d_out):
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
   by_step = lambda x: _chunk_rows(_slc_rows(plan, x, hkv), 0, plan.rows_per_step)
@@ -772,7 +869,7 @@ def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, out, lse, d_out):
   do_rows = by_step(d_out.astype(v.dtype))
   delta = by_step(jnp.sum(d_out * out, axis=-1, keepdims=True))[..., 0]  # [nR, Rc, W]
   k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)
-  lists = _row_lists(plan, ids, valid)
+  lists = _row_lists(plan, ids, valid, rs_q)
   lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   f32 = jnp.float32
 
@@ -808,34 +905,35 @@ def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _slc_branch(plan: _SlcPlan, q, k, v, ids, valid):
-  """The selection branch: f32 `[B, Lq, Hq, Dv]`."""
-  return _slc_forward(plan, q, k, v, ids, valid)[0]
+def _slc_branch(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
+  """The selection branch: f32 `[B, Lq, Hq, Dv]`. rs_q: the queries' run starts int32
+  `[B, Lq]` (packed sequences) or None."""
+  return _slc_forward(plan, q, k, v, ids, valid, rs_q)[0]
 
 
-def _slc_fwd(plan: _SlcPlan, q, k, v, ids, valid):
-  out, lse = _slc_forward(plan, q, k, v, ids, valid)
-  return out, (q, k, v, ids, valid, out, lse)
+def _slc_fwd(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
+  out, lse = _slc_forward(plan, q, k, v, ids, valid, rs_q)
+  return out, (q, k, v, ids, valid, rs_q, out, lse)
 
 
 def _slc_bwd(plan: _SlcPlan, residuals, d_out):
-  q, k, v, ids, valid, out, lse = residuals
-  return (*_slc_backward(plan, q, k, v, ids, valid, out, lse, d_out), None, None)
+  return (*_slc_backward(plan, *residuals, d_out), None, None, None)
 
 
 _slc_branch.defvjp(_slc_fwd, _slc_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
   b, lq, hq, _ = q.shape
   hkv, dv = k.shape[2], v.shape[3]
+  rs_q = None if rs is None else rs[:, cfg.offset :]  # [B, Lq] the queries' run starts
   if cfg.num_compressed > 0:
-    o_cmp = _shared_branch(_plan("cmp", cfg, b, hq), q, k_cmp, v_cmp)
+    o_cmp = _shared_branch(_plan("cmp", cfg, b, hq), q, k_cmp, v_cmp, rs_q)
   else:
     o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
-  o_slc = _slc_branch(_slc_plan(cfg, b, hkv, hq // hkv), q, k, v, ids, valid)
-  o_win = _shared_branch(_plan("win", cfg, b, hq), q, k, v)
+  o_slc = _slc_branch(_slc_plan(cfg, b, hkv, hq // hkv), q, k, v, ids, valid, rs_q)
+  o_win = _shared_branch(_plan("win", cfg, b, hq), q, k, v, rs_q)
   return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
 
 
@@ -930,6 +1028,7 @@ def _selection_mask(
   ids: jax.Array,  # int32 [B, Hkv, Lq, n]
   valid: jax.Array,  # bool [B, Hkv, Lq, n]
   q_heads: int,
+  rs: jax.Array | None = None,  # int32 [B, Lk]: run starts (packed sequences)
 ) -> tuple[BlockMask, TokenRoutes]:
   """The selection branch's tiles (on device) and its token routes.
 
@@ -938,7 +1037,10 @@ def _selection_mask(
   O(B * Hkv * Qb * Kb), never O(Lq * Lk)), repeated over the group's query heads and
   intersected with causal. Routes: query routes = the selected ids (-1 where invalid),
   Hr = Hkv, so a group shares them; key j's route is its block, j // select_len
-  (`[B, Lk]`: the query routes have a batch dim, so the key routes must too).
+  (`[B, Lk]`: the query routes have a batch dim, so the key routes must too). With
+  segments (rs, the run starts), key j's route is max(block start, run_start(j)) and
+  query t's route for block b is max(b * select_len, run_start(t)): exactly the keys of
+  block b in t's run (the causal mask drops the later runs' keys).
   """
   cfg = plan.cfg
   b, hkv, lq, _ = ids.shape
@@ -960,25 +1062,59 @@ def _selection_mask(
     masks.causal(lq, cfg.kv_len, block_q=bq, block_kv=bk, offset=cfg.offset),
     masks.from_layout(layout, **geo),
   )
-  routes = TokenRoutes(
-    jnp.where(valid, ids, -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
-    jnp.broadcast_to(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel, (b, cfg.kv_len)),
-  )
+  if rs is None:
+    routes = TokenRoutes(
+      jnp.where(valid, ids, -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
+      jnp.broadcast_to(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel, (b, cfg.kv_len)),
+    )
+  else:
+    r = rs[:, None, cfg.offset :, None]  # [B, 1, Lq, 1]
+    routes = TokenRoutes(
+      jnp.where(valid, jnp.maximum(ids * lsel, r), -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
+      jnp.maximum(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel * lsel, rs),  # [B, Lk]
+    )
   return mask, routes
 
 
+def _segment_routes(
+  cfg: _Config, rs: jax.Array | None
+) -> tuple[TokenRoutes | None, TokenRoutes | None]:
+  """(window, compressed) token routes of packed sequences (None, None without).
+
+  Query t's one route is run_start(t). Window: key j's route is run_start(j).
+  Compressed: block c's route is run_start(c*stride) if the whole block lies in that run,
+  else Lk + c, which no query route equals (a block straddling a segment start is never
+  visible).
+  """
+  if rs is None:
+    return None, None
+  query = rs[:, None, cfg.offset :, None]  # [B, 1, Lq, 1]
+  start = np.arange(cfg.num_compressed) * cfg.stride
+  end = start + cfg.block_len - 1
+  whole = rs[:, end] <= start  # [B, Nc]: no run starts inside (start, end]
+  cmp_key = jnp.where(whole, rs[:, start], cfg.kv_len + jnp.arange(cfg.num_compressed))
+  return TokenRoutes(query, rs), TokenRoutes(query, cmp_key.astype(jnp.int32))
+
+
 @functools.lru_cache(maxsize=64)
-def _kernel_problem(plan: _KernelPlan, b: int, hq: int, hkv: int, d: int, dv: int, dtype) -> str:
+def _kernel_problem(
+  plan: _KernelPlan, b: int, hq: int, hkv: int, d: int, dv: int, dtype, segmented: bool = False
+) -> str:
   """Why the kernel cannot run this call ("" if it can), from the shapes alone."""
   check = _KERNELS[plan.kernel][0]
   cfg, sds = plan.cfg, jax.ShapeDtypeStruct
   q = sds((b, cfg.q_len, hq, d), dtype)
   kv = lambda length: (sds((b, length, hkv, d), dtype), sds((b, length, hkv, dv), dtype))
   sel = (sds((b, hkv, cfg.q_len, cfg.num_select), jnp.int32),) * 2
-  slc_mask, routes = jax.eval_shape(lambda i, ok: _selection_mask(plan, i, ok, hq), *sel)
-  calls = [(*kv(cfg.kv_len), slc_mask, routes), (*kv(cfg.kv_len), _window_mask(plan), None)]
+  rs = sds((b, cfg.kv_len), jnp.int32) if segmented else None
+  slc_mask, routes = jax.eval_shape(lambda i, ok, r: _selection_mask(plan, i, ok, hq, r), *sel, rs)
+  win_routes, cmp_routes = jax.eval_shape(lambda r: _segment_routes(cfg, r), rs)
+  calls = [
+    (*kv(cfg.kv_len), slc_mask, routes),
+    (*kv(cfg.kv_len), _window_mask(plan), win_routes),
+  ]
   if cfg.num_compressed > 0:
-    calls.append((*kv(cfg.num_compressed), _compressed_mask(plan), None))
+    calls.append((*kv(cfg.num_compressed), _compressed_mask(plan), cmp_routes))
   for k, v, mask, rt in calls:
     try:
       check(q, k, v, mask, rt)
@@ -988,31 +1124,35 @@ def _kernel_problem(plan: _KernelPlan, b: int, hq: int, hkv: int, d: int, dv: in
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nsa_pallas(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid):
+def _nsa_pallas(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
   cfg = plan.cfg
   b, lq, hq, _ = q.shape
   attend = functools.partial(
     block_sparse_attention, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret
   )
+  win_routes, cmp_routes = _segment_routes(cfg, rs)  # None, None without segments
   if cfg.num_compressed > 0:
-    o_cmp = attend(q, k_cmp, v_cmp, _compressed_mask(plan))  # [B, Lq, Hq, Dv]
+    o_cmp = attend(q, k_cmp, v_cmp, _compressed_mask(plan), routes=cmp_routes)  # [B, Lq, Hq, Dv]
   else:
     o_cmp = jnp.zeros((b, lq, hq, v.shape[3]), q.dtype)
-  slc_mask, routes = _selection_mask(plan, ids, valid, hq)
+  slc_mask, routes = _selection_mask(plan, ids, valid, hq, rs)
   o_slc = attend(q, k, v, slc_mask, routes=routes)
-  o_win = attend(q, k, v, _window_mask(plan))
+  o_win = attend(q, k, v, _window_mask(plan), routes=win_routes)
   return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
 
 
 # ---------------------------------------------------------------------------------- op
 
-# The pure-JAX implementations: fn(cfg, q, k, v, k_cmp, v_cmp, gates, ids, valid) ->
-# (out, branches). The kernels ("pallas_*", `_KERNELS`) run `_nsa_pallas`.
+# The pure-JAX implementations: fn(cfg, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs) ->
+# (out, branches), rs the run starts int32 [B, Lk] of packed sequences or None. The
+# kernels ("pallas_*", `_KERNELS`) run `_nsa_pallas`.
 _PURE = {"reference": _nsa_reference, "xla": _nsa_xla}
 IMPLEMENTATIONS = (*_PURE, "pallas", *_KERNELS)
 
 
-def _resolve(implementation: Any, interpret: bool, cfg: _Config, q, k, v) -> str:
+def _resolve(
+  implementation: Any, interpret: bool, cfg: _Config, q, k, v, segmented: bool = False
+) -> str:
   """The concrete implementation: "reference", "xla" or a kernel name."""
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -1020,7 +1160,7 @@ def _resolve(implementation: Any, interpret: bool, cfg: _Config, q, k, v) -> str
     )
   backend = jax.default_backend()
   native = _BACKEND_KERNEL.get(backend)
-  shapes = (q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype)
+  shapes = (q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype, segmented)
   if implementation is None:  # the platform's kernel if it takes the call, else xla
     if native is None or _kernel_problem(_kernel_plan(cfg, native, False), *shapes):
       return "xla"
@@ -1047,6 +1187,7 @@ def nsa_attention(
   v_cmp: jax.Array,  # [batch, Nc, kv_heads, v_head_dim]
   gates: jax.Array,  # [batch, q_len, q_heads, 3]
   *,
+  segment_ids: jax.Array | None = None,  # int [batch, kv_len]
   block_len: int = 32,
   stride: int = 16,
   select_len: int = 64,
@@ -1069,6 +1210,9 @@ def nsa_attention(
       Nc = num_compressed_blocks(Lk, block_len, stride); compressed block c summarizes
       keys [c*stride, c*stride + block_len) (e.g. `compress_mean`).
     gates: `[B, Lq, Hq, 3]`, the (compression, selection, window) gates in [0, 1].
+    segment_ids: optional integer `[B, Lk]` for packed sequences (the queries use the
+      last Lq entries): no branch crosses a segment run (module docstring). None: one
+      sequence per row.
     block_len, stride: l and d of the compressed blocks; 1 <= d <= l.
     select_len: l', the selection block length (any positive int).
     num_select: n >= 3, the selection blocks kept per (group, query), including the
@@ -1098,7 +1242,8 @@ def nsa_attention(
   )
   if not isinstance(interpret, bool):
     raise ValueError(f"{_OP}: interpret must be a bool, got {interpret!r}.")
-  impl = _resolve(implementation, interpret, cfg, q, k, v)
+  _check_segment_ids(_OP, segment_ids, q.shape[0], cfg.kv_len)
+  impl = _resolve(implementation, interpret, cfg, q, k, v, segment_ids is not None)
   ids, valid = nsa_selection(
     q,
     k_cmp,
@@ -1108,9 +1253,10 @@ def nsa_attention(
     select_len=select_len,
     num_select=num_select,
     scale=cfg.scale,
+    segment_ids=segment_ids,
   )
   ids, valid = jax.lax.stop_gradient(ids), jax.lax.stop_gradient(valid)
-  arrays = (q, k, v, k_cmp, v_cmp, gates, ids, valid)
+  arrays = (q, k, v, k_cmp, v_cmp, gates, ids, valid, _run_starts(segment_ids))
   if impl in _KERNELS:
     out, branches = _nsa_pallas(_kernel_plan(cfg, impl, interpret), *arrays)
   else:

@@ -106,12 +106,14 @@ def test_sampling_keeps_the_top_k():
   assert len(set(np.asarray(out[:, 1]).tolist())) > 1  # it samples
 
 
-@pytest.mark.parametrize("kind", ["dense", "moba"])
+@pytest.mark.parametrize("kind", ["dense", "moba", "nsa"])
 def test_packed_segments_are_independent_sequences(kind):
   graphdef, state = nnx.split(_model(attention=kind, depth=1))
-  tokens = jax.random.randint(jax.random.key(4), (2, 15), 0, SMALL.vocab_size)
-  segments = jnp.asarray([[3] * 15 + [5] * 15], jnp.int32)
-  packed = _forward_segments(graphdef, state, tokens.reshape(1, 30), segments)
+  # NSA's block grids stay anchored at 0: its second segment starts on them (16).
+  n = 16 if kind == "nsa" else 15
+  tokens = jax.random.randint(jax.random.key(4), (2, n), 0, SMALL.vocab_size)
+  segments = jnp.asarray([[3] * n + [5] * n], jnp.int32)
+  packed = _forward_segments(graphdef, state, tokens.reshape(1, 2 * n), segments)
   alone = _forward(graphdef, state, tokens)  # [2, 15, V]
   np.testing.assert_allclose(packed.reshape(alone.shape), alone, atol=2e-5, rtol=2e-5)
 

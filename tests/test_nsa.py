@@ -47,8 +47,38 @@ def _softmax_attend(qv, keys, values, scale):
   return (p / p.sum()) @ values
 
 
-def numpy_nsa(q, k, v, k_cmp, v_cmp, gates, *, block_len, stride, select_len, num_select, window):
-  """Returns (out, (o_cmp, o_slc, o_win), kept) with kept[b, h, i] the sorted block ids."""
+def run_starts(segment_ids, b_, lk):
+  """int [B, Lk]: the first position of each position's run of equal ids (0 without)."""
+  starts = np.zeros((b_, lk), int)
+  if segment_ids is None:
+    return starts
+  seg = np.asarray(segment_ids)
+  for b in range(b_):
+    for p in range(1, lk):
+      starts[b, p] = starts[b, p - 1] if seg[b, p] == seg[b, p - 1] else p
+  return starts
+
+
+def numpy_nsa(
+  q,
+  k,
+  v,
+  k_cmp,
+  v_cmp,
+  gates,
+  *,
+  block_len,
+  stride,
+  select_len,
+  num_select,
+  window,
+  segment_ids=None,
+):
+  """Returns (out, (o_cmp, o_slc, o_win), kept) with kept[b, h, i] the sorted block ids.
+
+  Packed sequences (segment_ids): query t sees only keys of its own run [r, t] (r the
+  run's start): compressed blocks entirely inside it, selection blocks intersecting it
+  (its initial block forced), window keys max(t - w + 1, r) .. t."""
   q, k, v, k_cmp, v_cmp, gates = (np.asarray(x, np.float64) for x in (q, k, v, k_cmp, v_cmp, gates))
   b_, lq, hq, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -57,11 +87,13 @@ def numpy_nsa(q, k, v, k_cmp, v_cmp, gates, *, block_len, stride, select_len, nu
   scale = d**-0.5
   branches = np.zeros((3, b_, lq, hq, dv))
   kept = {}
+  starts = run_starts(segment_ids, b_, lk)
   for b in range(b_):
     for h in range(hkv):
       for i in range(lq):
         t = lk - lq + i
-        seen = [c for c in range(nc) if c * stride + block_len - 1 <= t]
+        r = starts[b, t]
+        seen = [c for c in range(nc) if r <= c * stride and c * stride + block_len - 1 <= t]
         # Importance of selection block j, summed over the group's query heads.
         score = np.zeros(ns)
         for g in range(g_):
@@ -75,14 +107,16 @@ def numpy_nsa(q, k, v, k_cmp, v_cmp, gates, *, block_len, stride, select_len, nu
               lo = max(c * stride, j * select_len)
               hi = min(c * stride + block_len, (j + 1) * select_len)
               score[j] += pc * max(0, hi - lo) / block_len
-        eligible = [j for j in range(ns) if j * select_len <= t]
+        eligible = [j for j in range(ns) if j * select_len <= t and (j + 1) * select_len > r]
         own = t // select_len
-        forced = sorted({0, own} | ({own - 1} if own >= 1 else set()))
+        forced = sorted({r // select_len, own} | ({own - 1} if own - 1 in eligible else set()))
         others = sorted((j for j in eligible if j not in forced), key=lambda j: (-score[j], j))
         chosen = sorted(forced + others[: num_select - len(forced)])
         kept[b, h, i] = chosen
-        slc = [p for j in chosen for p in range(j * select_len, (j + 1) * select_len) if p <= t]
-        win = [p for p in range(lk) if t - window < p <= t]
+        slc = [
+          p for j in chosen for p in range(j * select_len, (j + 1) * select_len) if r <= p <= t
+        ]
+        win = [p for p in range(lk) if max(t - window, r - 1) < p <= t]
         for g in range(g_):
           hh = h * g_ + g
           qv = q[b, i, hh]
@@ -149,34 +183,38 @@ def test_early_queries_see_no_compressed_block():
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _loss_grads(arrays, ct, implementation, geo_items, interpret, tuning):
+def _loss_grads(arrays, ct, implementation, geo_items, interpret, tuning, segment_ids=None):
   """Module-level jit: tests with the same shapes and statics share one compilation.
   `tuning` (the xla path's step sizes) only keys the cache: tests monkeypatch them."""
   del tuning
 
   def loss(*xs):
     out = nsa.nsa_attention(
-      *xs, implementation=implementation, interpret=interpret, **dict(geo_items)
+      *xs,
+      segment_ids=segment_ids,
+      implementation=implementation,
+      interpret=interpret,
+      **dict(geo_items),
     )
     return jnp.sum(out.astype(jnp.float32) * ct), out
 
   return jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*arrays)
 
 
-def outputs_and_grads(arrays, implementation, geo, seed=1, interpret=False):
+def outputs_and_grads(arrays, implementation, geo, seed=1, interpret=False, segment_ids=None):
   """Output and the gradients of all six inputs of a random linear loss."""
   b, lq, hq = arrays[0].shape[:3]
   ct = jax.random.normal(jax.random.PRNGKey(seed), (b, lq, hq, arrays[2].shape[-1]))
   tuning = (nsa._CHUNK_ELEMENTS, nsa._SLC_BLOCK_Q)
   statics = (implementation, tuple(sorted(geo.items())), interpret, tuning)
-  grads, out = _loss_grads(tuple(arrays), ct, *statics)
+  grads, out = _loss_grads(tuple(arrays), ct, *statics, segment_ids)
   return out, grads
 
 
-def assert_xla_matches_reference(arrays, geo, what):
+def assert_xla_matches_reference(arrays, geo, what, segment_ids=None):
   dtype = arrays[0].dtype
-  out, grads = outputs_and_grads(arrays, "xla", geo)
-  r_out, r_grads = outputs_and_grads(arrays, "reference", geo)
+  out, grads = outputs_and_grads(arrays, "xla", geo, segment_ids=segment_ids)
+  r_out, r_grads = outputs_and_grads(arrays, "reference", geo, segment_ids=segment_ids)
   assert out.dtype == dtype
   testutil.assert_close(out, r_out, dtype, "out", f"{what} out")
   names = ("dq", "dk", "dv", "dk_cmp", "dv_cmp", "dgates")
@@ -253,6 +291,125 @@ def _xla_temp_bytes(seq_len: int) -> int:
 def test_xla_memory_is_not_quadratic():
   small, large = _xla_temp_bytes(1024), _xla_temp_bytes(4096)
   assert large < 6 * small, (small, large)  # O(L^2) would be 16x
+
+
+# ---------------------------------------------------------------------------
+# Packed sequences (segment_ids).
+# ---------------------------------------------------------------------------
+
+# select_len 8: the 37-key first run spans blocks 0..4, so the top-n has a real choice.
+PACKED_GEO = dict(block_len=8, stride=4, select_len=8, num_select=4, window=12)
+
+
+def packed_ids(lk, *runs):
+  """int32 [len(runs), lk]: row b holds runs[b], a list of (id, length) filling lk."""
+  rows = [np.concatenate([np.full(n, i) for i, n in row]) for row in runs]
+  assert all(len(r) == lk for r in rows)
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+# Row 0: runs starting at 0, 37 (aligned to neither grid: compressed blocks straddle it)
+# and 50, the first run's id reused by the third. Row 1: a start at 21.
+PACKED_ROWS = ([(5, 37), (2, 13), (5, 30)], [(0, 21), (1, 59)])
+
+
+@pytest.mark.parametrize("lq", [80, 20])
+def test_packed_reference_matches_numpy_oracle(lq):
+  geo = PACKED_GEO
+  arrays = make_inputs(2, lq, 80, 4, 2, 8, 8, geo=geo, seed=lq)
+  seg = packed_ids(80, *PACKED_ROWS)
+  out, branches = nsa.nsa_attention(
+    *arrays, segment_ids=seg, implementation="reference", return_branches=True, **geo
+  )
+  e_out, e_branches, kept = numpy_nsa(*arrays, segment_ids=seg, **geo)
+  sel = {x: geo[x] for x in ("block_len", "stride", "select_len", "num_select")}
+  ids, valid = map(
+    np.asarray, nsa.nsa_selection(arrays[0], arrays[3], lk=80, segment_ids=seg, **sel)
+  )
+  for (b, h, i), chosen in kept.items():
+    got = ids[b, h, i][valid[b, h, i]].tolist()
+    assert got == chosen, (lq, b, h, i, got, chosen)
+  for what, a, e in zip(("cmp", "slc", "win"), branches, e_branches, strict=True):
+    testutil.assert_close(a, e, jnp.float32, "out", f"packed {what}")
+  testutil.assert_close(out, e_out, jnp.float32, "out", "packed out")
+
+
+def test_packed_xla_matches_reference():
+  arrays = make_inputs(2, 80, 80, 4, 2, 8, 8, geo=PACKED_GEO, seed=6)
+  seg = packed_ids(80, *PACKED_ROWS)
+  assert_xla_matches_reference(arrays, PACKED_GEO, "packed", segment_ids=seg)
+
+
+def test_packed_equals_separate_segments():
+  """Segments starting on both block grids (multiples of select_len and stride) behave
+  exactly like separate sequences (k_cmp / v_cmp by compress_mean of each)."""
+  geo, n = PACKED_GEO, 40  # 5 selection blocks per segment: a real top-n choice
+  seg = packed_ids(3 * n, [(0, n), (1, n), (0, n)])  # the first id comes back
+  q, k, v, _, _, gates = make_inputs(1, 3 * n, 3 * n, 4, 2, 8, 8, geo=geo, seed=7)
+  cmp = lambda x: nsa.compress_mean(x, block_len=geo["block_len"], stride=geo["stride"])
+  apart = lambda x: x.reshape(3, n, *x.shape[2:])  # [1, 3n, ...] -> [3, n, ...]
+  # The reference (the other implementations are checked against it above).
+  packed = nsa.nsa_attention(
+    q, k, v, cmp(k), cmp(v), gates, segment_ids=seg, implementation="reference", **geo
+  )
+  k_s, v_s = apart(k), apart(v)
+  alone = nsa.nsa_attention(
+    apart(q), k_s, v_s, cmp(k_s), cmp(v_s), apart(gates), implementation="reference", **geo
+  )
+  testutil.assert_close(apart(packed), alone, jnp.float32, "out", "packed vs alone")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _dense_packed_masks(plan, ids, valid, q_heads, rs):
+  """bool (selection [B, Hq, Lq, Lk], window [B, Hq, Lq, Lk], compressed [B, Hq, Lq, Nc])
+  as the kernels see them with segments: tiles, element masks and routes."""
+  mask, routes = nsa._selection_mask(plan, ids, valid, q_heads, rs)
+  win_routes, cmp_routes = nsa._segment_routes(plan.cfg, rs)
+  selection = mask.to_dense() & checks.routes_to_dense(routes, q_heads)
+  window = nsa._window_mask(plan).to_dense() & checks.routes_to_dense(win_routes, q_heads)
+  compressed = nsa._compressed_mask(plan).to_dense() & checks.routes_to_dense(cmp_routes, q_heads)
+  return selection, window, compressed
+
+
+def test_pallas_packed_masks_are_exact():
+  """With segments, the kernels' masks and routes give exactly the packed branches'
+  visible pairs (no kernel runs)."""
+  geo, (b, lq, lk, hq, hkv) = PACKED_GEO, (2, 70, 80, 4, 2)
+  q, k, v, k_cmp, v_cmp, gates = make_inputs(b, lq, lk, hq, hkv, 8, 8, geo=geo, seed=8)
+  seg = packed_ids(lk, *PACKED_ROWS)
+  cfg = nsa._check_inputs(q, k, v, k_cmp, v_cmp, gates, *(geo[x] for x in GEO_NAMES), None)
+  sel = {x: geo[x] for x in ("block_len", "stride", "select_len", "num_select")}
+  ids, valid = map(np.asarray, nsa.nsa_selection(q, k_cmp, lk=lk, segment_ids=seg, **sel))
+  r = run_starts(seg, b, lk)[:, lk - lq :, None]  # [B, Lq, 1]
+  t = np.arange(lk - lq, lk)[:, None]  # [Lq, 1] query positions
+  key = np.arange(lk)[None, :]
+  hot = ids[..., None] == np.arange(-(-lk // geo["select_len"]))  # [B, Hkv, Lq, n, Ns]
+  kept = np.any(hot & valid[..., None], axis=-2)  # [B, Hkv, Lq, Ns]
+  own_run = (key <= t) & (key >= r)  # [B, Lq, Lk]
+  selection = kept[..., key[0] // geo["select_len"]] & own_run[:, None]
+  window = own_run & (key > t - geo["window"])
+  start = np.arange(k_cmp.shape[1])[None, :] * geo["stride"]
+  compressed = (start + geo["block_len"] - 1 <= t) & (start >= r)
+  for kernel in ("pallas_triton", "pallas_tpu"):
+    plan = nsa._kernel_plan(cfg, kernel, True)
+    got = _dense_packed_masks(plan, jnp.asarray(ids), jnp.asarray(valid), hq, nsa._run_starts(seg))
+    np.testing.assert_array_equal(got[0], np.repeat(selection, hq // hkv, axis=1))
+    for name, g, e in (("window", got[1], window), ("compressed", got[2], compressed)):
+      np.testing.assert_array_equal(g, np.broadcast_to(e[:, None], g.shape), name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_tpu"])
+def test_pallas_packed_matches_reference(implementation):
+  geo = dict(PACKED_GEO, select_len=16)  # one 16-key kernel tile per selection block
+  arrays = make_inputs(2, 80, 80, 4, 2, 16, 16, geo=geo, seed=9)
+  seg = packed_ids(80, *PACKED_ROWS)
+  r_out, r_grads = outputs_and_grads(arrays, "reference", geo, segment_ids=seg)
+  out, grads = outputs_and_grads(arrays, implementation, geo, interpret=True, segment_ids=seg)
+  testutil.assert_close(out, r_out, jnp.float32, "out", f"{implementation} packed out")
+  names = ("dq", "dk", "dv", "dk_cmp", "dv_cmp", "dgates")
+  for grad_name, g, r in zip(names, grads, r_grads, strict=True):
+    testutil.assert_close(g, r, jnp.float32, "grad", f"{implementation} packed {grad_name}")
 
 
 # ---------------------------------------------------------------------------
@@ -478,6 +635,9 @@ def _bad(arrays, **changes):
     (lambda a: dict(implementation="bogus"), r"implementation must be None or one of \("),
     (lambda a: dict(implementation="pallas"), "no Pallas kernel compiles.*interpret=True"),
     (lambda a: dict(interpret=1), "interpret"),
+    (lambda a: dict(segment_ids=jnp.zeros((1, 39), jnp.int32)), r"segment_ids must have shape"),
+    (lambda a: dict(segment_ids=jnp.zeros((1, 40))), "segment_ids must be an integer array"),
+    (lambda a: dict(segment_ids=[0] * 40), "segment_ids must be None or an integer array"),
   ],
 )
 def test_bad_inputs_raise(change, match):
