@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sparse_attention.ops import checks, sharding
+from sparse_attention.ops import checks, dispatch, sharding
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
@@ -19,39 +19,19 @@ _KERNELS = {
   "pallas_triton": (gpu.check_supported, gpu.block_sparse_attention_triton),
   "pallas_tpu": (tpu.check_supported, tpu.block_sparse_attention_tpu),
 }
-_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
 
 
 def _resolve(
   implementation: str | None, interpret: bool, q, k, v, mask, op: str, routes=None
 ) -> str:
-  """The concrete implementation to run ("reference", "xla" or a kernel)."""
-  backend = jax.default_backend()
-  if implementation is None:
-    kernel = _BACKEND_KERNEL.get(backend)
-    if kernel is None:  # CPU: the xla path is the fast one.
-      return "xla"
-    try:
-      _KERNELS[kernel][0](q, k, v, mask, routes)
-    except ValueError:
-      return "xla"  # a shape the kernel does not take: still correct, slower
-    return kernel
-  if implementation == "pallas":
-    kernel = _BACKEND_KERNEL.get(backend)
-    if kernel is None:
-      if not interpret:
-        raise ValueError(
-          f"{op}: no Pallas kernel compiles for the {backend!r} backend; pass "
-          "interpret=True to run the GPU kernel in the Pallas interpreter, or use "
-          "implementation='xla'."
-        )
-      kernel = "pallas_triton"
-    return kernel
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-      f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
-  return implementation
+  """The concrete implementation to run ("reference", "xla" or a kernel name)."""
+  return dispatch.resolve(
+    implementation,
+    interpret=interpret,
+    op=op,
+    implementations=IMPLEMENTATIONS,
+    check=lambda kernel: _KERNELS[kernel][0](q, k, v, mask, routes),
+  )
 
 
 def block_sparse_attention(
@@ -121,11 +101,7 @@ def block_sparse_attention(
   elif impl == "xla":
     out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale, routes=routes)
   else:
-    check_supported, kernel = _KERNELS[impl]
-    try:
-      check_supported(q, k, v, mask, routes)
-    except ValueError as e:
-      raise ValueError(f"{op}: implementation={impl!r}: {e}") from None
+    kernel = _KERNELS[impl][1]
     # Under a mesh, each device runs the kernel on its own batch rows and heads.
     out, lse = sharding.shard_over_batch_and_heads(
       kernel, q, k, v, mask, routes, scale=scale, interpret=interpret

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import checks, masks
+from sparse_attention.ops import checks, dispatch, masks
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
 
@@ -123,21 +123,22 @@ def hilo_attention(
       f"{_OP}: hi_q head_dim {hi.head_dim} != lo_q head_dim {lo.head_dim}; pass one `scale`."
     )
   scale = checks.check_scale(scale, hi or lo, _OP)  # default head_dim ** -0.5
-  if implementation is None:
-    implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  # The kernels check the call themselves (block_sparse_attention), so no check here.
+  implementation = dispatch.resolve(
+    implementation,
+    interpret=interpret,
+    op=_OP,
+    implementations=IMPLEMENTATIONS,
+    check=lambda kernel: None,
+  )
   if implementation == "reference":
     hi_fn, lo_fn = _hifi_reference, _lofi_reference
   elif implementation == "xla":
     hi_fn, lo_fn = _hifi_xla, _lofi_xla
-  elif implementation in IMPLEMENTATIONS:
-    kernel = _kernel_name(implementation, interpret)
+  else:  # a kernel
     kw = dict(implementation=implementation, interpret=interpret)
-    hi_fn = functools.partial(_hifi_pallas, blocks=_HIFI_BLOCKS[kernel], **kw)
-    lo_fn = functools.partial(_lofi_pallas, blocks=_LOFI_BLOCKS[kernel], **kw)
-  else:
-    raise ValueError(
-      f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
+    hi_fn = functools.partial(_hifi_pallas, blocks=_HIFI_BLOCKS[implementation], **kw)
+    lo_fn = functools.partial(_lofi_pallas, blocks=_LOFI_BLOCKS[implementation], **kw)
   hi_out = None if hi is None else hi_fn(hi_q, hi_k, hi_v, (hp, wp), ws, scale)
   lo_out = None if lo is None else lo_fn(lo_q, lo_k, lo_v, scale)
   return hi_out, lo_out
@@ -348,19 +349,6 @@ def _lofi_block(
 # needs powers of two >= 16; Mosaic fills its 128 lanes with 128.
 _HIFI_BLOCKS = {"pallas_triton": (16, 16), "pallas_tpu": (128, 128)}
 _LOFI_BLOCKS = {"pallas_triton": (64, 64), "pallas_tpu": (128, 128)}
-
-
-def _kernel_name(implementation: str, interpret: bool) -> str:
-  if implementation != "pallas":
-    return implementation
-  if jax.default_backend() == "tpu":
-    return "pallas_tpu"
-  if jax.default_backend() == "gpu" or interpret:
-    return "pallas_triton"
-  raise ValueError(
-    f"{_OP}: no Pallas kernel compiles for the {jax.default_backend()!r} backend; pass "
-    "interpret=True or use implementation='xla'."
-  )
 
 
 def _hifi_pallas(q, k, v, grid, ws, scale, *, blocks, implementation, interpret):

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sparse_attention.ops import checks, element_masks
+from sparse_attention.ops import checks, dispatch, element_masks
 from sparse_attention.ops.block_mask import BlockMask, classify_tiles, from_block_layout
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
@@ -584,8 +584,6 @@ def _moba_xla(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret):
 # "pallas": the routed block-sparse kernels (Triton on GPU, Mosaic on TPU).
 # ---------------------------------------------------------------------------
 
-_KERNELS = ("pallas_triton", "pallas_tpu")
-_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
 # Default tile sizes of the Pallas paths (clipped to the lengths, see _block_sizes).
 _BLOCK_Q = 64
 _BLOCK_KV = 64
@@ -795,7 +793,7 @@ _IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
   "reference": _moba_reference,
   "xla": _moba_xla,
 }
-IMPLEMENTATIONS = ("reference", "xla", "pallas", *_KERNELS)
+IMPLEMENTATIONS = ("reference", "xla", "pallas", *dispatch.KERNELS)
 
 
 def _check_block(name: str, value: Any) -> None:
@@ -807,37 +805,15 @@ def _check_block(name: str, value: Any) -> None:
 
 def _resolve(implementation: Any, interpret: bool, q, k, v, chunk_size, topk, block_q, block_kv):
   """(implementation to run, its tile geometry or None for "reference"/"xla")."""
-  backend = jax.default_backend()
-  if implementation is None:
-    kernel = _BACKEND_KERNEL.get(backend)
-    if kernel is None:  # CPU: the xla path is the fast one
-      return "xla", None
-    geo = _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv)
-    try:
-      _check_kernel(kernel, geo, q, k, v)
-    except ValueError:
-      return "xla", None  # a call the kernel does not take: still exact, slower
-    return kernel, geo
-  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-      f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
-  if implementation in _IMPLEMENTATIONS:
-    return implementation, None
-  kernel = implementation
-  if implementation == "pallas":
-    kernel = _BACKEND_KERNEL.get(backend)
-    if kernel is None:
-      if not interpret:
-        raise ValueError(
-          f"{_OP}: implementation='pallas': no Pallas kernel compiles for the {backend!r} "
-          "backend; pass interpret=True to run the GPU kernel in the Pallas interpreter, "
-          "or use implementation='xla'."
-        )
-      kernel = "pallas_triton"
-  geo = _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv)
-  _check_kernel(kernel, geo, q, k, v)
-  return kernel, geo
+  geometry = lambda kernel: _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv)
+  impl = dispatch.resolve(
+    implementation,
+    interpret=interpret,
+    op=_OP,
+    implementations=IMPLEMENTATIONS,
+    check=lambda kernel: _check_kernel(kernel, geometry(kernel), q, k, v),
+  )
+  return (impl, geometry(impl)) if impl in dispatch.KERNELS else (impl, None)
 
 
 def moba_attention(

@@ -143,7 +143,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import checks, element_masks, masks
+from sparse_attention.ops import checks, dispatch, element_masks, masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
@@ -945,7 +945,6 @@ def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
 # that, the TPU kernel needs multiples of 8 (128 fills its lanes: its cap).
 
 # The kernel each "pallas" backend runs, and its (check_supported, tile cap).
-_BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
 _KERNELS = {
   "pallas_triton": (gpu.check_supported, 64),
   "pallas_tpu": (tpu.check_supported, 128),
@@ -1154,29 +1153,16 @@ def _resolve(
   implementation: Any, interpret: bool, cfg: _Config, q, k, v, segmented: bool = False
 ) -> str:
   """The concrete implementation: "reference", "xla" or a kernel name."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-      f"{_OP}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
-    )
-  backend = jax.default_backend()
-  native = _BACKEND_KERNEL.get(backend)
   shapes = (q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], q.dtype, segmented)
-  if implementation is None:  # the platform's kernel if it takes the call, else xla
-    if native is None or _kernel_problem(_kernel_plan(cfg, native, False), *shapes):
-      return "xla"
-    return native
-  if implementation == "pallas":
-    if native is None and not interpret:
-      raise ValueError(
-        f"{_OP}: no Pallas kernel compiles for the {backend!r} backend; pass interpret=True "
-        "to run the GPU kernel in the Pallas interpreter, or use implementation='xla'."
-      )
-    implementation = native or "pallas_triton"
-  if implementation in _KERNELS:
-    problem = _kernel_problem(_kernel_plan(cfg, implementation, interpret), *shapes)
+
+  def check(kernel: str) -> None:
+    problem = _kernel_problem(_kernel_plan(cfg, kernel, interpret), *shapes)
     if problem:
-      raise ValueError(f"{_OP}: implementation={implementation!r}: {problem}")
-  return implementation
+      raise ValueError(problem)
+
+  return dispatch.resolve(
+    implementation, interpret=interpret, op=_OP, implementations=IMPLEMENTATIONS, check=check
+  )
 
 
 def nsa_attention(

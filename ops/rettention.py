@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_attention.ops import checks
+from sparse_attention.ops import checks, dispatch
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
@@ -42,7 +42,6 @@ _KERNELS = {
   "pallas_triton": (gpu.check_supported, gpu.calibrate_triton),
   "pallas_tpu": (tpu.check_calibration_supported, tpu.calibrate_tpu),
 }
-_BACKEND_KERNEL = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}
 _CHUNK_SCORES = 1 << 22  # score elements per query chunk of the xla path
 
 
@@ -99,49 +98,33 @@ def calibrate_attention(
   shape = checks.check_qkv(q, k, v, op)
   checks.check_block_mask(mask, shape, op)
   scale = checks.check_scale(scale, shape, op)
-  backend = jax.default_backend()
-  if implementation is None:
-    implementation = _BACKEND_KERNEL.get(backend, "xla")
-    if implementation != "xla":
-      try:
-        _KERNELS[implementation][0](q, k, v, mask)
-      except ValueError:
-        implementation = "xla"  # a call the kernel does not take: still correct
-  elif implementation == "pallas":
-    if backend not in _BACKEND_KERNEL and not interpret:
-      raise ValueError(
-        f"{op}: no Pallas kernel compiles for the {backend!r} backend; pass interpret=True "
-        "to run the GPU kernel in the Pallas interpreter, or use implementation='xla'."
-      )
-    implementation = _BACKEND_KERNEL.get(backend, "pallas_triton")
+  implementation = dispatch.resolve(
+    implementation,
+    interpret=interpret,
+    op=op,
+    implementations=IMPLEMENTATIONS,
+    check=lambda kernel: _KERNELS[kernel][0](q, k, v, mask),
+  )
   if implementation == "reference":
     out, lse = reference_attention(q, k, v, scale=scale, return_lse=True)
     out_m, lse_m = reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
     return Calibration(out, lse, lse_m, out_m if return_masked_output else None)
   if implementation == "xla":
     return _calibrate_xla(q, k, v, mask, scale, return_masked_output)
-  if implementation in _KERNELS:
-    check, calibrate = _KERNELS[implementation]
-    try:
-      check(q, k, v, mask)
-    except ValueError as e:
-      raise ValueError(f"{op}: implementation={implementation!r}: {e}") from None
-    visited, full = mask.block_layout()
-    codes = visited.astype(jnp.int32) + (visited & ~full).astype(jnp.int32)
-    out, lse, lse_m, out_m = calibrate(
-      q,
-      k,
-      v,
-      mask,
-      codes,
-      scale=scale,
-      masked_output=return_masked_output,
-      interpret=interpret,
-    )
-    return Calibration(out, lse, lse_m, out_m)
-  raise ValueError(
-    f"{op}: implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}."
+  calibrate = _KERNELS[implementation][1]  # a kernel: the names are resolved above
+  visited, full = mask.block_layout()
+  codes = visited.astype(jnp.int32) + (visited & ~full).astype(jnp.int32)
+  out, lse, lse_m, out_m = calibrate(
+    q,
+    k,
+    v,
+    mask,
+    codes,
+    scale=scale,
+    masked_output=return_masked_output,
+    interpret=interpret,
   )
+  return Calibration(out, lse, lse_m, out_m)
 
 
 def _mask_rows(mask: BlockMask, visited, full, rows: jax.Array) -> jax.Array:
