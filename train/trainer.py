@@ -233,10 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = partitioning.batch_sharding(mesh)
 
   with jax.set_mesh(mesh):
-    model = task.build_model(
-      config, datasets, nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    )
-    steps = Steps(model, task, tx, dtype)
+    steps = Steps(_build_model(task, config, datasets), task, tx, dtype)
     state = dict(steps.initial)
     param_specs = partitioning.param_specs(state["params"], mesh, rules)
     param_shardings = partitioning.shardings(param_specs, mesh)
@@ -346,6 +343,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return final
 
 
+def _build_model(task: tasks.Task, config: ml_collections.ConfigDict, datasets: Any):
+  """The task's model, initialised from config.seed (params) and config.seed + 1 (dropout)."""
+  return task.build_model(config, datasets, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+
+
 def _updates_before(done_steps: int, config: ml_collections.ConfigDict) -> int:
   """The optimizer-update count at the last update of `done_steps` steps (gradient
   accumulation makes k steps one update): the learning rate it used."""
@@ -390,20 +392,18 @@ def restore_model(
   task = tasks.get(config.task)
   if datasets is None:
     datasets = data.make_datasets(config)
-  model = task.build_model(config, datasets, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  graph, params, rest = nnx.split(model, nnx.Param, ...)
   tx, _ = optim.make(config.optimizer, config.steps)
-  like = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest}
-  like["opt_state"] = tx.init(params)
+  steps = Steps(
+    _build_model(task, config, datasets), task, tx, COMPUTE_DTYPES[config.compute_dtype]
+  )
+  like = dict(steps.initial, opt_state=tx.init(steps.initial["params"]))  # as trained
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
+    saved = ckpt.all_steps()
+    if not saved:
       raise FileNotFoundError(f"restore_model: no checkpoint in {ckpt.directory}.")
-    step = steps[-1] if step is None else step
+    step = saved[-1] if step is None else step
     state, _ = ckpt.restore(step, like)
   finally:
     ckpt.close()
-  model = nnx.merge(graph, state["params"], state["rest"])
-  model.eval()
-  return model, int(step)
+  return nnx.merge(steps.eval_graph, state["params"], state["rest"]), int(step)
