@@ -74,8 +74,7 @@ def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) 
   fn = forward
   if grad:
     fn = jax.grad(lambda *a: forward(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  lowered = jax.jit(fn).trace(q, k, v, mask).lower(lowering_platforms=("cuda",))
-  return lowered.as_text().count("xla.gpu.triton")
+  return testutil.lower_for_cuda(fn, q, k, v, mask).count("xla.gpu.triton")
 
 
 @pytest.mark.parametrize(
@@ -118,8 +117,7 @@ def test_lowers_to_triton_for_cuda_with_token_routes():
     out = gpu.block_sparse_attention_triton(q, k, v, m, scale=0.1, routes=r)[0]
     return out.astype(jnp.float32).sum()
 
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, mask, routes)
-  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  text = testutil.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, k, mask, routes)
   assert text.count("xla.gpu.triton") == 3
 
 
@@ -133,5 +131,5 @@ def test_calibration_kernel_lowers_to_triton_for_cuda():
   def calibrate(q, k, v, m, codes):
     return gpu.calibrate_triton(q, k, v, m, codes, scale=0.1)
 
-  lowered = jax.jit(calibrate).trace(q, q, q, mask, codes).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("xla.gpu.triton") == 1
+  text = testutil.lower_for_cuda(calibrate, q, q, q, mask, codes)
+  assert text.count("xla.gpu.triton") == 1

@@ -227,6 +227,14 @@ def mask_cases(
   }
 
 
+def lower_for_cuda(fn, *args) -> str:
+  """StableHLO text of `jax.jit(fn)` lowered for CUDA on this (CPU) host. Pallas's Triton
+  lowering asks for the target GPU (jax >= 0.11): an abstract H200 stands in for it."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def load_config(name: str, *overrides: str):
   """configs/<name>.py as `train/main.py` parses it, with command-line overrides
   (e.g. "--config.steps=4")."""
