@@ -12,7 +12,9 @@ Saves are asynchronous (training continues while orbax writes) and atomic: orbax
 writes into a temporary folder and renames it when complete, so a job killed in the
 middle of a save leaves no checkpoint for that step, only a temporary folder that is
 never listed. `restore_latest` tries the newest checkpoint first and falls back to
-older ones when one cannot be read (a corrupted file, a disk error), logging why.
+older ones when one cannot be read (a corrupted file, a disk error), logging why. A
+checkpoint that reads fine but holds a different tree (another model's parameters, other
+shapes or dtypes) is not corrupt: it raises `IncompatibleCheckpoint` and stays in place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A readable checkpoint whose tree does not fit the state it was asked to restore."""
 
 
 def _is_key(x: Any) -> bool:
@@ -57,17 +63,28 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(spec, tree)
 
 
+def _path_key(path: tuple) -> str:
+  """A tree path as a plain string, whatever key classes the tree used (NNX states and
+  orbax's metadata tree name the same leaf with different key types)."""
+  parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  return "/".join(str(p) for p in parts)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {_path_key(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in leaves}
+
+
 class Checkpointer:
   """Saves and restores (state, meta) per step under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True, create: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save
     )
-    self._manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "meta")
-    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -100,29 +117,57 @@ class Checkpointer:
     )
     return restored.state, dict(restored.meta)
 
-  def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+  def check_fits(self, step: int, like: Any) -> None:
+    """Raises IncompatibleCheckpoint if checkpoint `step` holds another tree than `like`
+    (leaf paths, shapes, dtypes); lets errors reading its metadata through."""
+    stored = self._manager.item_metadata(step)["state"]
+    if stored is None:
+      raise ValueError(f"checkpoint {step} has no readable state metadata")
+    have, want = _leaf_specs(stored), _leaf_specs(abstract(to_storable(like)))
+    if have == want:
+      return
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    diff = [f"{k}: stored {have.get(k)}, expected {want.get(k)}" for k in keys]
+    raise IncompatibleCheckpoint(
+      f"the checkpoint at step {step} in {self.directory} holds another model or optimizer "
+      f"state than this config builds ({len(diff)} of {len(want)} arrays differ; "
+      f"{'; '.join(diff[:3])}). Use a new --workdir, or --restart to move it aside."
+    )
+
+  def restore_latest(
+    self, like: Any, *, set_aside: bool = True
+  ) -> tuple[int, Any, dict[str, Any]] | None:
     """The newest readable checkpoint as (step, state, meta); None if there is none.
 
-    Unreadable newer checkpoints are renamed `<step>.unreadable` (kept for
-    inspection, no longer listed), so training can save those steps again.
+    Unreadable newer checkpoints are skipped (logged) and, with `set_aside`, renamed
+    `<step>.unreadable` (kept for inspection, no longer listed), so training can save
+    those steps again.
+
+    Raises:
+      IncompatibleCheckpoint: a readable checkpoint that does not fit `like`.
     """
     unreadable = []
     for step in reversed(self.all_steps()):
       try:
+        self.check_fits(step, like)
         state, meta = self.restore(step, like)
+      except IncompatibleCheckpoint:
+        raise
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
         logging.warning(
           "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
           step,
           self.directory,
           type(e).__name__,
-          str(e).splitlines()[0][:200],
+          str(e).splitlines()[0][:200] if str(e) else "",
         )
         unreadable.append(step)
         continue
-      self._quarantine(unreadable)
+      if set_aside:
+        self._quarantine(unreadable)
       return step, state, meta
-    self._quarantine(unreadable)
+    if set_aside:
+      self._quarantine(unreadable)
     return None
 
   def _quarantine(self, steps: list[int]) -> None:
