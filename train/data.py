@@ -54,10 +54,15 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from sparse_attention.train import image_io
 
 KINDS = ("digits", "text", "images", "npz")
+# Files of an image folder read as images; others (notes, archives, ...) are skipped.
+IMAGE_SUFFIXES = frozenset(
+  {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm"}
+)
 DEFAULT_MAX_BYTES = 8 * 2**20
 # Between two documents of a text corpus: the ASCII "file separator" control byte.
 DOCUMENT_SEPARATOR = b"\n\x1c\n"
@@ -230,6 +235,11 @@ class _Fields:
   seed: int
   max_bytes: int | None
   normalize: bool
+
+
+def check_config(config: Any) -> None:
+  """Raises ValueError naming the first bad `config.data` field; reads no data."""
+  _read_config(config)
 
 
 def _read_config(config: Any) -> _Fields:
@@ -410,6 +420,38 @@ def _prepare(images: np.ndarray, size: int, channels: int) -> np.ndarray:
   return resize_images(_to_channels(images, channels), size)
 
 
+def preprocess_images(images: Any, config: Any) -> np.ndarray:
+  """New images as a model trained on `config` saw its training images.
+
+  Args:
+    images: uint8 [N, H, W] or [N, H, W, C] (0..255), or float in [0, 1]; C in 1..4
+      (alpha is dropped); any size.
+    config: the run's config as `train.load` returns it: config.data.image_size and
+      config.data.channels give the size and channels, config.dataset.mean / std the
+      normalisation (the train split's statistics, recorded by the run).
+
+  Returns:
+    float32 [N, image_size, image_size, channels], resized (bilinear, as at training),
+    converted to the channels and normalised.
+  """
+  x = np.asarray(images)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4 or x.shape[-1] not in (1, 2, 3, 4) or not x.size:
+    raise ValueError(
+      f"preprocess_images: images must be [N, H, W] or [N, H, W, C] with C in 1..4, got "
+      f"shape {x.shape}."
+    )
+  if np.issubdtype(x.dtype, np.integer):
+    x = x.astype(np.float32) / 255.0
+  elif not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"preprocess_images: images must be uint8 or float, got {x.dtype}.")
+  x = _prepare(x.astype(np.float32), config.data.image_size, config.data.channels)
+  mean = np.asarray(config.dataset.mean, np.float32)
+  std = np.asarray(config.dataset.std, np.float32)
+  return ((x - mean) / std).astype(np.float32)
+
+
 def _load_image_folder(path: str, size: int, channels: int):
   root = Path(path)
   if not root.exists():
@@ -431,9 +473,11 @@ def _load_image_folder(path: str, size: int, channels: int):
       f"config.data.path {path!r} has no class subfolders ({found}); kind 'images' expects "
       "one subfolder per class, e.g. path/cat/*.png, path/dog/*.png."
     )
-  images, labels = [], []
+  images, labels, skipped = [], [], []
   for label, folder in enumerate(classes):
     files = _files_under(folder)
+    skipped += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+    files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
       raise ValueError(f"config.data.path: class folder {str(folder)!r} holds no image files.")
     for file in files:
@@ -441,6 +485,13 @@ def _load_image_folder(path: str, size: int, channels: int):
       img = img[None].astype(np.float32) / 255.0  # [1, h, w, c]
       images.append(_prepare(img, size, channels)[0])  # [S, S, channels]
       labels.append(label)
+  if skipped:
+    logging.warning(
+      "config.data.path %r: skipped %d files that are not images (by their extension), e.g. %r.",
+      path,
+      len(skipped),
+      str(skipped[0].relative_to(root)),
+    )
   return np.stack(images), np.asarray(labels, np.int32), tuple(p.name for p in classes)
 
 
@@ -668,6 +719,11 @@ def _load_npz(f: _Fields) -> Datasets:
     x = x.astype(np.float32) / 255.0
   elif np.issubdtype(x.dtype, np.floating):
     x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+      raise ValueError(
+        f"config.data.path {path!r}: `{x_key}` holds {int(np.size(x) - np.isfinite(x).sum())} "
+        "non-finite values (NaN or inf)."
+      )
   else:
     raise ValueError(f"config.data.path {path!r}: `{x_key}` has unsupported dtype {x.dtype}.")
   num_classes = int(y.max()) + 1

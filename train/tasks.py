@@ -40,6 +40,7 @@ class Task:
   unit: str  # what one example is, for throughput: "images" or "tokens"
   data_kind: str  # Datasets.kind this task trains on
   check: Callable[[ml_collections.ConfigDict], None]
+  check_data: Callable[[Any], None]  # raises ValueError for data the task cannot learn from
   build_model: Callable[[ml_collections.ConfigDict, Any, nnx.Rngs], nnx.Module]
   loss: Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, dict]]
   summarize: Callable[[dict[str, float]], dict[str, float]]
@@ -60,8 +61,16 @@ def _check_classification(config: ml_collections.ConfigDict) -> None:
     )
   if not 0.0 <= m.alpha <= 1.0:
     raise ValueError(f"config.model.alpha must lie in [0, 1], got {m.alpha!r}.")
-  if m.drop_path_rate < 0:
-    raise ValueError(f"config.model.drop_path_rate must be >= 0, got {m.drop_path_rate!r}.")
+  if not 0.0 <= m.drop_path_rate < 1.0:
+    raise ValueError(f"config.model.drop_path_rate must lie in [0, 1), got {m.drop_path_rate!r}.")
+
+
+def _check_classes(datasets: Any) -> None:
+  if datasets.num_classes < 2:
+    raise ValueError(
+      f"config.data: the data has {datasets.num_classes} class; classification needs at least "
+      "two (an image folder needs one subfolder per class)."
+    )
 
 
 def _build_litv2(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rngs):
@@ -180,6 +189,7 @@ TASKS = {
     unit="images",
     data_kind="image",
     check=_check_classification,
+    check_data=_check_classes,
     build_model=_build_litv2,
     loss=_classification_loss,
     summarize=_summarize_classification,
@@ -190,6 +200,7 @@ TASKS = {
     unit="tokens",
     data_kind="text",
     check=_check_lm,
+    check_data=lambda datasets: None,
     build_model=_build_lm,
     loss=_lm_loss,
     summarize=_summarize_lm,
@@ -200,6 +211,7 @@ TASKS = {
     unit="images",
     data_kind="image",
     check=diffusion.check,
+    check_data=lambda datasets: None,
     build_model=diffusion.build,
     loss=diffusion.loss,
     summarize=diffusion.summarize,
