@@ -4,7 +4,7 @@ r"""A tiny class-conditional DiT (flow matching) on scikit-learn's bundled digit
 digits classifier judges the samples in the same normalised space), patch 2: 64 tokens.
 Learns to draw recognisable digits in about 5 minutes on 2 CPU cores, offline.
 
-  python -m sparse_attention.train.main --config=configs/dit_digits.py --workdir=/tmp/dit
+  python -m sparse_attention.train.main --config=dit_digits --workdir=/tmp/dit
 
 (`config.task = "diffusion"`: train/diffusion.py's TASK, registered in train/tasks.py.)
 Then `python bench/rettention_quality.py --dit_workdir=/tmp/dit --classifier_workdir=...`
@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 128
   config.steps = 1200
   config.compute_dtype = "float32"
+  config.nonfinite = "stop"  # a non-finite loss / gradient: "stop" the run, or "skip" the step
 
   config.optimizer = optim.default_config()
   config.optimizer.learning_rate = 2e-3

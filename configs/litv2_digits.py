@@ -3,7 +3,7 @@ r"""LITv2-tiny (HiLo attention) on scikit-learn's bundled handwritten digits.
 The README's main job: a short run that reaches >= 90% eval accuracy in a few
 minutes on 2 CPU cores, offline.
 
-  python -m sparse_attention.train.main --config=configs/litv2_digits.py --workdir=/tmp/digits
+  python -m sparse_attention.train.main --config=litv2_digits --workdir=/tmp/digits
 
 Overrides: `--config.steps=800 --config.batch_size=128 --config.model.name=litv2_s`,
 your own images: `--config.data.kind=images --config.data.path=/data/my_images`.
@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 128
   config.steps = 600
   config.compute_dtype = "float32"  # or "bfloat16" (mixed precision, float32 params)
+  config.nonfinite = "stop"  # a non-finite loss / gradient: "stop" the run, or "skip" the step
 
   config.optimizer = optim.default_config()
   config.optimizer.learning_rate = 3e-3

@@ -3,7 +3,7 @@ r"""A tiny byte-level language model on the Python standard library's own source
 Offline, a few minutes on 2 CPU cores; the loss falls from ln(256) = 5.5 to about
 2 nats per byte in the default 300 steps:
 
-  python -m sparse_attention.train.main --config=configs/lm_text.py --workdir=/tmp/lm
+  python -m sparse_attention.train.main --config=lm_text --workdir=/tmp/lm
 
 Attention: `--config.model.attention=dense|sliding|moba|nsa` with its fields below
 (`--config.model.moba_chunk=64 --config.model.moba_topk=2`, ...). Your own text:
@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 32
   config.steps = 300
   config.compute_dtype = "float32"  # or "bfloat16" (mixed precision, float32 params)
+  config.nonfinite = "stop"  # a non-finite loss / gradient: "stop" the run, or "skip" the step
 
   config.optimizer = optim.default_config()
   config.optimizer.learning_rate = 3e-3
