@@ -3,12 +3,11 @@ r"""Re-ttention's sample quality on the digits DiT: dense vs plain block-sparse 
 From ONE trained DiT (configs/dit_digits.py) and ONE trained LITv2 digits classifier
 (configs/litv2_digits.py), both trained with train/main.py:
 
-  python -m sparse_attention.train.main --config=configs/dit_digits.py --workdir=/tmp/dit
-  python -m sparse_attention.train.main --config=configs/litv2_digits.py --workdir=/tmp/litv2
+  python -m sparse_attention.train.main --config=dit_digits --workdir=/tmp/dit
+  python -m sparse_attention.train.main --config=litv2_digits --workdir=/tmp/litv2
   python bench/rettention_quality.py --dit_workdir=/tmp/dit --classifier_workdir=/tmp/litv2
 
-(the runs' configs are passed again, with the same overrides, as --dit_config and
---classifier_config: a workdir does not store its config), samples `--num_samples`
+(both models come back with `train.load(workdir)`, configs included), samples `--num_samples`
 images from the SAME noise and labels (labels cycling 0..9) with the flow-matching Euler
 sampler of train/diffusion.py in each attention mode:
 
@@ -48,20 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from sparse_attention.models import dit
 from sparse_attention.train import data, diffusion, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DIT_CONFIG = config_flags.DEFINE_config_file(
-  "dit_config", os.path.join(ROOT, "configs", "dit_digits.py"), "The DiT run's config."
-)
-_CLS_CONFIG = config_flags.DEFINE_config_file(
-  "classifier_config",
-  os.path.join(ROOT, "configs", "litv2_digits.py"),
-  "The LITv2 classifier run's config.",
-)
 _DIT_WORKDIR = flags.DEFINE_string("dit_workdir", None, "The DiT run's --workdir.")
 _CLS_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "The LITv2 run's --workdir.")
 _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per mode (labels cycle 0..9).")
@@ -137,19 +126,20 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   start = time.perf_counter()
-  dcfg, ccfg = _DIT_CONFIG.value, _CLS_CONFIG.value
+  model, dcfg = trainer.load(_DIT_WORKDIR.value)
+  classifier, ccfg = trainer.load(_CLS_WORKDIR.value)
+  dit_step, cls_step = dcfg.restored_step, ccfg.restored_step
   s = dcfg.sampling
   steps = _STEPS.value or s.steps
   cfg_scale = s.cfg_scale if _CFG.value < 0 else _CFG.value
   anchors = s.num_anchors if _ANCHORS.value < 0 else _ANCHORS.value
-  dit_data, cls_data = data.make_datasets(dcfg), data.make_datasets(ccfg)
-  if dit_data.image_shape != cls_data.image_shape:
+  dit_data, cls_data = dcfg.dataset, data.make_datasets(ccfg)  # real test digits
+  dit_shape = tuple(dit_data.image_shape)
+  if dit_shape != cls_data.image_shape:
     raise ValueError(
-      f"The DiT's images {dit_data.image_shape} and the classifier's {cls_data.image_shape} "
+      f"The DiT's images {dit_shape} and the classifier's {cls_data.image_shape} "
       "differ: train both at the same config.data.image_size."
     )
-  model, dit_step = trainer.restore_model(dcfg, _DIT_WORKDIR.value, datasets=dit_data)
-  classifier, cls_step = trainer.restore_model(ccfg, _CLS_WORKDIR.value, datasets=cls_data)
   n_tokens = model.config.num_tokens
   print(benchutil.machine(), flush=True)
   print(f"DiT step {dit_step}, {n_tokens} tokens; classifier step {cls_step}", flush=True)
@@ -157,7 +147,7 @@ def main(argv):
   classify = jax.jit(lambda x: jnp.argmax(classifier(x), -1))
 
   def to_pixels(x: np.ndarray) -> np.ndarray:  # DiT-normalised -> [0, 1], clipped
-    return np.clip(np.asarray(x) * dit_data.std + dit_data.mean, 0.0, 1.0)
+    return np.clip(np.asarray(x) * np.asarray(dit_data.std) + np.asarray(dit_data.mean), 0.0, 1.0)
 
   def accuracy(pixels: np.ndarray, labels: np.ndarray) -> float:
     pred = np.concatenate(
@@ -173,7 +163,7 @@ def main(argv):
 
   num = _NUM.value
   labels = np.arange(num, dtype=np.int32) % model.config.num_classes
-  shape = (num, *dit_data.image_shape)
+  shape = (num, *dit_shape)
   noise = jax.random.normal(jax.random.key(_SEED.value), shape, jnp.float32)
   kw = dict(
     steps=steps,
@@ -270,8 +260,8 @@ def main(argv):
     "",
     f"{benchutil.machine()}; {benchutil.today()}",
     "",
-    f"DiT: configs/dit_digits.py (`{dcfg.model.name}`, {dit_data.image_shape[0]}x"
-    f"{dit_data.image_shape[1]}x{dit_data.image_shape[2]}, patch {model.config.patch_size}: "
+    f"DiT: configs/dit_digits.py (`{dcfg.model.name}`, {dit_shape[0]}x"
+    f"{dit_shape[1]}x{dit_shape[2]}, patch {model.config.patch_size}: "
     f"{n_tokens} tokens, width {model.config.hidden_size}, depth {model.config.depth}, "
     f"{model.config.num_heads} heads), trained {dit_step} steps "
     f"({training_summary(_DIT_WORKDIR.value) or 'no logs'}). Classifier: "
@@ -279,9 +269,9 @@ def main(argv):
     f"({training_summary(_CLS_WORKDIR.value) or 'no logs'}); "
     f"{100 * real_acc:.1f}% on the {len(cls_data.test)} real test digits.",
     "",
-    "Reproduce: `python -m sparse_attention.train.main --config=configs/dit_digits.py "
+    "Reproduce: `python -m sparse_attention.train.main --config=dit_digits "
     "--workdir=DIT`, `python -m sparse_attention.train.main "
-    "--config=configs/litv2_digits.py --workdir=CLS`, `python bench/rettention_quality.py "
+    "--config=litv2_digits --workdir=CLS`, `python bench/rettention_quality.py "
     "--dit_workdir=DIT --classifier_workdir=CLS`.",
     "",
     f"{num} samples per row from the same noise (seed {_SEED.value}) and labels (i mod 10), "

@@ -393,9 +393,31 @@ def test_image_folder_errors_name_the_path(tmp_path):
   bad = tmp_path / "bad" / "cls"
   bad.mkdir(parents=True)
   (bad / "ok.png").write_bytes(encode_png(_solid((1,)), 0))
-  (bad / "notes.txt").write_bytes(b"hello")
-  with pytest.raises(ValueError, match="notes.txt"):
+  (bad / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="broken.png"):
     load(tmp_path / "bad")
+
+
+def test_image_folder_skips_files_that_are_not_images(tmp_path, caplog):
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    (tmp_path / cls / "1.png").write_bytes(encode_png(_solid((9,)), 0))
+  (tmp_path / "a" / "notes.txt").write_bytes(b"a stray file")
+  (tmp_path / "b" / "labels.csv").write_bytes(b"x,y")
+  config = cfg(kind="images", path=str(tmp_path), image_size=2, channels=1)
+  config.data.eval_fraction = config.data.test_fraction = 0.0
+  with caplog.at_level("WARNING"):
+    d = data.make_datasets(config)
+  assert len(d.train) == 2 and d.num_classes == 2
+  assert "skipped 2 files that are not images" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_npz_with_non_finite_images_is_refused(tmp_path):
+  x = np.zeros((10, 4, 4), np.float32)
+  x[3, 1, 1] = np.nan
+  np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2)
+  with pytest.raises(ValueError, match="d.npz.*1 non-finite"):
+    data.make_datasets(cfg(kind="npz", path=str(tmp_path / "d.npz"), image_size=4))
 
 
 # ---------------------------------------------------------------------------------------

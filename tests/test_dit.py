@@ -288,8 +288,9 @@ def test_diffusion_task_trains_and_samples(tmp_path):
   state, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=2).read(steps)
   assert int(state["rest"]["rngs"]["diffusion"]["count"]["value"]) == steps
   # A tiny sample from the restored model, in each attention mode.
-  model, step = trainer.restore_model(config, str(tmp_path))
-  assert step == steps and int(model.rngs.diffusion.count[...]) == steps
+  model, loaded = trainer.load(str(tmp_path))
+  assert loaded.restored_step == steps and int(model.rngs.diffusion.count[...]) == steps
+  assert loaded.model.to_dict() == config.model.to_dict() and loaded.dataset.num_classes == 10
   datasets_shape = (16, 16, 1)
   labels = jnp.arange(4)
   noise = jax.random.normal(jax.random.key(0), (4, *datasets_shape))

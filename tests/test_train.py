@@ -4,10 +4,12 @@ after SIGKILL, fallback past a corrupt checkpoint, and clear errors for bad conf
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -105,15 +107,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   first = load_config(*FAST, "--config.steps=4", "--config.checkpoint_every=2")
   trainer.train_and_evaluate(first, str(tmp_path))
   _corrupt(tmp_path / "checkpoints" / "4")
-  # The run goes on to step 6 from step 2: steps 3-4 are trained (and logged) again.
-  more = load_config(*FAST, "--config.steps=6", "--config.checkpoint_every=2")
+  # The run goes on to step 6 from step 2: steps 3-4 are trained (and logged) again, their
+  # first rows dropped. steps and checkpoint_every may change on resume.
+  more = load_config(*FAST, "--config.steps=6", "--config.checkpoint_every=3")
   trainer.train_and_evaluate(more, str(tmp_path))
   steps = [
     json.loads(line)["step"]
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     if json.loads(line)["split"] == "train"
   ]
-  assert steps == [1, 2, 3, 4, 3, 4, 5, 6]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()
 
 
 def _run(workdir, *extra):
@@ -149,12 +153,33 @@ def _final_state(workdir):
   return step, jax.tree.leaves(state), meta
 
 
-def test_killed_job_resumes_bitwise(tmp_path):
-  reference, killed = tmp_path / "reference", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 12-step run, to compare interrupted ones with."""
+  reference = tmp_path_factory.mktemp("reference")
   proc = _run(reference)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
+  return reference
 
+
+def _train_steps(workdir) -> list[int]:
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+  return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def _assert_same_run(a, b):
+  assert _losses(a) == _losses(b)  # exactly, every step
+  assert _train_steps(a) == _train_steps(b) == list(range(1, 13))  # each step logged once
+  step_a, leaves_a, meta_a = _final_state(a)
+  step_b, leaves_b, meta_b = _final_state(b)
+  assert step_a == step_b == 12 and len(leaves_a) == len(leaves_b) and meta_a == meta_b
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_killed_job_resumes_bitwise(tmp_path, reference_run):
+  killed = tmp_path / "killed"
   proc = _run(killed)
   deadline = time.time() + 600
   while not (killed / "checkpoints" / "6").exists():  # the second checkpoint is complete
@@ -168,13 +193,42 @@ def test_killed_job_resumes_bitwise(tmp_path):
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert "Resumed from the checkpoint at step" in out
+  _assert_same_run(reference_run, killed)
 
-  assert _losses(killed) == _losses(reference)  # exactly, every step
-  step_a, leaves_a, meta_a = _final_state(reference)
-  step_b, leaves_b, meta_b = _final_state(killed)
-  assert step_a == step_b == 12 and len(leaves_a) == len(leaves_b) and meta_a == meta_b
-  for a, b in zip(leaves_a, leaves_b, strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+def test_ctrl_c_saves_says_one_line_and_resumes_bitwise(tmp_path, reference_run):
+  workdir = tmp_path / "interrupted"
+  proc = _run(workdir)
+  deadline = time.time() + 600
+  while not (workdir / "metrics.jsonl").exists() or len(_train_steps(workdir)) < 4:
+    assert proc.poll() is None, proc.communicate()[0]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 130, out
+  last = out.strip().splitlines()[-1]
+  match = re.fullmatch(
+    r"stopped at step (\d+), checkpoint saved; run the same command to resume", last
+  )
+  assert match, out
+  assert "Traceback" not in out and "rror" not in out, out
+  stopped = int(match.group(1))
+  assert 4 <= stopped < 12 and (workdir / "checkpoints" / str(stopped)).is_dir()
+  proc = _run(workdir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert f"Resumed from the checkpoint at step {stopped}" in out
+  _assert_same_run(reference_run, workdir)
+
+
+def test_stop_signals_are_deferred_then_restored():
+  previous = signal.getsignal(signal.SIGTERM)
+  with trainer._StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread
+    assert signals.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # a second signal is not deferred
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_mixed_precision_accumulation_and_profile(tmp_path):
@@ -214,3 +268,156 @@ def test_distributed_initialization_single_process(tmp_path):
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert "test: loss" in out
+
+
+# ---------------------------------------------------------------------------------------
+# A workdir remembers its run; errors are one line; non-finite losses stop the run.
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_changed_config_is_refused_and_restart_moves_the_run_aside(tmp_path):
+  trainer.train_and_evaluate(load_config(*FAST, "--config.steps=2"), str(tmp_path))
+  saved = _files(tmp_path / "checkpoints")
+  changed = load_config(
+    *FAST, "--config.steps=2", "--config.model.alpha=0.5", "--config.optimizer.b2=0.9"
+  )
+  with pytest.raises(trainer.UsageError) as refused:
+    trainer.train_and_evaluate(changed, str(tmp_path))
+  message = str(refused.value)
+  assert "model.alpha: 0.9 -> 0.5" in message and "optimizer.b2: 0.999 -> 0.9" in message
+  assert "--restart" in message and "new --workdir" in message
+  assert _files(tmp_path / "checkpoints") == saved  # untouched, nothing set aside
+  other_data = load_config(*FAST, "--config.steps=2", "--config.data.image_size=16")
+  with pytest.raises(trainer.UsageError, match="data.image_size: 8 -> 16"):
+    trainer.train_and_evaluate(other_data, str(tmp_path))
+
+  trainer.train_and_evaluate(changed, str(tmp_path), restart=True)
+  (moved,) = (tmp_path / "previous").iterdir()
+  assert _files(moved / "checkpoints") == saved
+  assert json.loads((moved / "config.json").read_text())["model"]["alpha"] == 0.9
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["alpha"] == 0.5
+
+
+def test_workdir_without_a_recorded_config_is_refused(tmp_path):
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)  # a run of an older version
+  with pytest.raises(trainer.UsageError, match="recorded no config.json"):
+    trainer.train_and_evaluate(load_config(*FAST, "--config.steps=2"), str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_incompatible_checkpoint_is_not_taken_for_a_corrupt_one(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(1, {"w": np.zeros((2, 3), np.float32)}, {"step": 1})
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"w: stored \(\(2, 3\)"):
+    ckpt.restore_latest({"w": jax.numpy.zeros((3, 3))})
+  assert ckpt.all_steps() == [1] and [p.name for p in tmp_path.iterdir()] == ["1"]
+  step, state, meta = ckpt.restore_latest({"w": jax.numpy.ones((2, 3))})
+  assert step == 1 and meta == {"step": 1} and not np.asarray(state["w"]).any()
+  ckpt.close()
+
+
+def test_steps_below_the_saved_step_is_refused(tmp_path):
+  trainer.train_and_evaluate(load_config(*FAST, "--config.steps=2"), str(tmp_path))
+  with pytest.raises(trainer.UsageError, match=r"config.steps \(1\) is below .* \(2\)"):
+    trainer.train_and_evaluate(load_config(*FAST, "--config.steps=1"), str(tmp_path))
+  # Equal: evaluates only, and rewrites its evaluation rows instead of repeating them.
+  trainer.train_and_evaluate(load_config(*FAST, "--config.steps=2"), str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [(r["step"], r["split"]) for r in rows] == [
+    (1, "train"),
+    (2, "train"),
+    (2, "eval"),
+    (2, "test"),
+  ]
+
+
+def test_empty_eval_and_test_splits_are_skipped(tmp_path, capsys):
+  config = load_config(
+    *FAST,
+    "--config.steps=2",
+    "--config.eval_every=1",
+    "--config.data.eval_fraction=0.0",
+    "--config.data.test_fraction=0.0",
+  )
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert final["eval"] is None and final["test"] is None
+  err = capsys.readouterr().err
+  assert "The eval split is empty" in err and "The test split is empty" in err
+  assert json.loads((tmp_path / "final_metrics.json").read_text())["test"] is None
+
+
+HUGE_LR = [
+  "--config.optimizer.learning_rate=1e6",
+  "--config.optimizer.grad_clip=0.0",
+  "--config.optimizer.warmup_steps=0",
+  "--config.steps=4",
+  "--config.checkpoint_every=2",
+  "--config.log_every=4",
+]
+
+
+def test_nonfinite_loss_stops_the_run_without_saving(tmp_path):
+  with pytest.raises(trainer.Diverged, match=r"non-finite at step 2 .*nonfinite=skip"):
+    trainer.train_and_evaluate(load_config(*FAST, *HUGE_LR), str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3).all_steps() == []
+  assert not (tmp_path / "final_metrics.json").exists()
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
+  config = load_config(*FAST, *HUGE_LR, "--config.nonfinite=skip")
+  trainer.train_and_evaluate(config, str(tmp_path))
+  (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()][:1]
+  assert row["step"] == 4 and row["nonfinite_steps"] == 3  # steps 2-4 skipped
+  assert np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])
+  state, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3).read(4)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_batches_are_checked_on_the_host():
+  facts = types.SimpleNamespace(num_classes=10, vocab_size=256)
+  ok = {"image": np.zeros((2, 4, 4, 1), np.float32), "label": np.array([0, 9])}
+  trainer.check_batch(ok, facts, "batch")
+  for batch, match in (
+    (dict(ok, label=np.array([0, 10])), "batch: label 10 is outside \\[0, 10\\)"),
+    (dict(ok, label=np.array([-1, 3])), "label -1 is outside"),
+    ({"inputs": np.array([[1, 300]]), "targets": np.array([[1, 2]])}, "inputs 300"),
+    (dict(ok, image=np.full((2, 4, 4, 1), np.nan, np.float32)), "image holds 32 non-finite"),
+  ):
+    with pytest.raises(trainer.UsageError, match=match):
+      trainer.check_batch(batch, facts, "batch")
+
+
+def test_eval_lines_are_never_glued_to_the_live_bar(tmp_path, capsys):
+  log = trainer.MetricsLog(str(tmp_path), 10, "images", enabled=True, start=0)
+  log.tty = True  # as on a terminal
+  values = {"loss": 1.0, "learning_rate": 1e-3, "steps_per_s": 2.0, "examples_per_s": 64.0}
+  log.progress(5, dict(values, eta_s=2.5))
+  log.say("eval at step %d", 5)
+  log.close()
+  err = capsys.readouterr().err
+  assert err.startswith("\r[############............] step 5/10")
+  assert "ETA 0m02s\033[K\n[" in err and err.rstrip().endswith("eval at step 5")
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.stpes=3"], "unknown config field 'stpes' in --config.stpes=3. Did you mean"),
+    (["--config.model.drop_path_rate=1.0"], "config.model.drop_path_rate must lie in [0, 1)"),
+    (["--config.model.implementation=pallas"], "'pallas' needs a GPU or TPU"),
+    (["--config=no_such_config"], "no such file, and not a packaged config"),
+  ],
+)
+def test_cli_errors_are_one_line_with_status_2(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "sparse_attention.train.main", "--config=litv2_digits"]
+  result = subprocess.run(
+    [*cmd, f"--workdir={workdir}", *args], capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+  assert message in result.stderr
+  assert not workdir.exists()
