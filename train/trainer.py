@@ -562,8 +562,9 @@ def train_and_evaluate(
 
 
 def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, datasets, restart) -> None:
-  """Moves an old run aside (restart), then records or checks the config (process 0
-  writes; every process waits for it)."""
+  """Moves an old run aside (restart), then records or checks the config. Process 0 does
+  it; the others learn from it whether to go on."""
+  error = None
   if jax.process_index() == 0:
     if restart:
       moved = workdir_lib.move_aside(workdir)
@@ -571,11 +572,15 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, datasets, 
         say("--restart: moved the previous run's files to %s.", moved)
     os.makedirs(workdir, exist_ok=True)
     try:
-      resumed = workdir_lib.check_or_record(workdir, config, workdir_lib.dataset_facts(datasets))
+      workdir_lib.check_or_record(workdir, config, workdir_lib.dataset_facts(datasets))
     except workdir_lib.IncompatibleWorkdir as e:
-      raise UsageError(str(e)) from None
-    del resumed
-  multihost_utils.sync_global_devices("sparse_attention.trainer.workdir")
+      error = str(e)
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      error = f"process 0 refused --workdir {workdir} (its error says why)."
+  if error is not None:
+    raise UsageError(error)
 
 
 def _train_loop(

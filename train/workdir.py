@@ -2,7 +2,7 @@
 
 The first run in a workdir writes, before its first step:
 
-  config.json    the config as run: the config file with its command-line overrides
+  config.json    the config as first run: the config file with its command-line overrides
   dataset.json   facts of the data the model was built for: image shape, class count and
                  names, vocabulary, sequence length, the normalisation statistics
                  (a trained model needs them at inference: `trainer.load`)
@@ -142,9 +142,9 @@ def read_dataset_facts(workdir: str) -> dict[str, Any]:
   return _read_json(os.path.join(workdir, DATASET_FILE))
 
 
-def check_or_record(workdir: str, config: ml_collections.ConfigDict, facts: dict) -> bool:
+def check_or_record(workdir: str, config: ml_collections.ConfigDict, facts: dict) -> None:
   """Records config and data facts in a new run's workdir, or checks a later run against
-  them. Returns True if the workdir already held a run.
+  them (the record stays the first run's: a resumed run changes only safe fields).
 
   Raises:
     IncompatibleWorkdir: listing the differing fields and the two ways on.
@@ -161,7 +161,7 @@ def check_or_record(workdir: str, config: ml_collections.ConfigDict, facts: dict
       )
     _write_json(config_path, current)
     _write_json(facts_path, facts)
-    return False
+    return
   changed = [d for d in differences(_read_json(config_path), current) if not _is_safe(d[0])]
   changed += [
     (f"<data>.{field}", old, new) for field, old, new in differences(_read_json(facts_path), facts)
@@ -177,8 +177,6 @@ def check_or_record(workdir: str, config: ml_collections.ConfigDict, facts: dict
       f"{os.path.join(workdir, PREVIOUS)}/<time>/; nothing is deleted). Fields that may "
       f"change on resume: {', '.join(SAFE_TO_CHANGE)}."
     )
-  _write_json(config_path, current)  # the safe fields as last run
-  return True
 
 
 def has_run_files(workdir: str) -> bool:
