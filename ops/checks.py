@@ -114,11 +114,14 @@ def _check_batch_heads(name: str, bh: tuple[int, int], shape: AttentionShape, op
 
 
 def check_scale(scale: Any, shape: AttentionShape, op: str) -> float:
-  """The softmax scale, 1/sqrt(head_dim) by default. Static (a Python number)."""
+  """The softmax scale, 1/sqrt(head_dim) by default. Static (a Python number), finite
+  and > 0."""
   if scale is None:
     return 1.0 / math.sqrt(shape.head_dim)
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
     raise ValueError(f"{op}: scale must be a Python float or None, got {scale!r}.")
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"{op}: scale must be finite and > 0, got {scale!r}.")
   return float(scale)
 
 
