@@ -22,9 +22,9 @@ and one more for Re-ttention's calibration (`calibrate_tpu`, no gradient):
 
   calibrate grid (B, Hq, Qb, Kb)      q tile i against EVERY kv tile t (only
                                       the ragged bounds masked): the full
-                                      online softmax and, under the same
-                                      running max, the share of the mask M
-                                      (tile code 0: outside M, 1: full in M,
+                                      online softmax and, on the tiles of
+                                      the mask M, M's own (own running max;
+                                      tile code 0: outside M, 1: full in M,
                                       2: partial, apply mask_fn). Gives out,
                                       lse, lse over M and O^M.
 
@@ -470,65 +470,63 @@ def _calibrate_kernel(
   o_ref,  # [block_q, Dv]   attention over all keys
   lse_ref,  # f32 [block_q, 128]   lse over all keys, lane-broadcast
   lse_m_ref,  # f32 [block_q, 128]   lse over M's keys
-  *refs,  # om_ref [block_q, Dv] (O^M) if masked_output; scratch m, l, acc, l_m, acc_m (if O^M)
+  *refs,  # om_ref [block_q, Dv] (O^M) if masked_output; then scratch: m, l, acc of all
+  # keys and m_m, l_m (f32 [block_q, 128], lane-broadcast), acc_m (f32 [block_q, Dv], if
+  # O^M) of M's keys
   cfg: _Config,
   rows: _Rows,
   masked_output: bool,
 ):
-  """Dense attention over every kv tile; M's share accumulates under the same
-  running max (m_ref), in l_m_ref / acc_m_ref."""
+  """Dense attention over every kv tile; on M's tiles, M's share runs its own online
+  softmax (own running max, so that lse_masked and O^M are exact however far M's
+  scores sit below the row's max)."""
   if masked_output:
-    om_ref, m_ref, l_ref, acc_ref, l_m_ref, acc_m_ref = refs
+    om_ref, *scratch = refs
   else:
-    (m_ref, l_ref, acc_ref, l_m_ref), om_ref, acc_m_ref = refs, None, None
+    om_ref, scratch = None, [*refs, None]
+  dense, masked = scratch[:3], scratch[3:]  # (m_ref, l_ref, acc_ref) each
   b, h, r, t = (pl.program_id(a) for a in range(4))
   kb = cfg.num_kv_blocks
 
   @pl.when(t == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    for ref in (l_ref, acc_ref, l_m_ref, acc_m_ref):
-      if ref is not None:
-        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+    for m_ref, l_ref, acc_ref in (dense, masked):
+      m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+      l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+      if acc_ref is not None:
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  v = v_ref[...]
+  def update(s, m_ref, l_ref, acc_ref):  # one online-softmax step on the scratch refs
+    acc = None if acc_ref is None else acc_ref[...]
+    m, l, acc = common.online_softmax_update(
+      s, _column(m_ref), _column(l_ref), acc, v_ref[...], _dot
+    )
+    m_ref[...], l_ref[...] = _lanes(m), _lanes(l)
+    if acc_ref is not None:
+      acc_ref[...] = acc
+
   s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, t, masked=False)
-  m_prev = _column(m_ref)
-  m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
-  correction = jnp.exp(m_prev - m_safe)
-  p = jnp.exp(s - m_safe[:, None])
-  m_ref[...] = _lanes(m_next)
-  l_ref[...] = _lanes(correction * _column(l_ref) + jnp.sum(p, axis=-1))
-  acc_ref[...] = correction[:, None] * acc_ref[...] + _dot(p.astype(v.dtype), v)
-
-  def share(p_m):  # M's part of this tile's p; None: none of it
-    l_m = correction * _column(l_m_ref)
-    l_m_ref[...] = _lanes(l_m if p_m is None else l_m + jnp.sum(p_m, axis=-1))
-    if acc_m_ref is not None:
-      acc_m = correction[:, None] * acc_m_ref[...]
-      acc_m_ref[...] = acc_m if p_m is None else acc_m + _dot(p_m.astype(v.dtype), v)
-
+  update(s, *dense)
   code = codes_ref[rows.flat(cfg, b, h, r) * kb + t]
-  pl.when(code == 0)(lambda: share(None))
   if cfg.mask_fn is None:  # no partial tiles
-    pl.when(code != 0)(lambda: share(p))
+    pl.when(code != 0)(lambda: update(s, *masked))
   else:
-    pl.when(code == 1)(lambda: share(p))
+    pl.when(code == 1)(lambda: update(s, *masked))
 
     @pl.when(code == 2)
     def _partial():
-      q_pos, kv_pos = _positions(cfg, rows.start + r, t, p.shape)
-      share(jnp.where(cfg.mask_fn(q_pos, kv_pos), p, 0.0))
+      q_pos, kv_pos = _positions(cfg, rows.start + r, t, s.shape)
+      update(jnp.where(cfg.mask_fn(q_pos, kv_pos), s, -jnp.inf), *masked)
 
   @pl.when(t == kb - 1)
   def _finish():
-    m = _column(m_ref)
-    out, lse = common.finalize(m, _column(l_ref), acc_ref[...])
+    finalize = lambda m_ref, l_ref, acc_ref: common.finalize(
+      _column(m_ref), _column(l_ref), None if acc_ref is None else acc_ref[...]
+    )
+    out, lse = finalize(*dense)
+    out_m, lse_m = finalize(*masked)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = _lanes(lse)
-    acc_m = acc_m_ref[...] if masked_output else jnp.zeros((m.shape[0], 1), jnp.float32)
-    out_m, lse_m = common.finalize(m, _column(l_m_ref), acc_m)
     lse_m_ref[...] = _lanes(lse_m)
     if masked_output:
       om_ref[...] = out_m.astype(om_ref.dtype)
@@ -895,9 +893,9 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     out = lambda width, dtype: jax.ShapeDtypeStruct((b, hq, rows.size * bq, width), dtype)
     stat = jnp.float32
     outputs = [(dv, q.dtype), (LANES, stat), (LANES, stat)] + [(dv, q.dtype)] * masked_output
-    scratch = [(LANES, stat), (LANES, stat), (dv, stat), (LANES, stat)] + [
-      (dv, stat)
-    ] * masked_output
+    # m, l, acc over all keys; m_m, l_m (and acc_m) over M's
+    scratch = [(LANES, stat), (LANES, stat), (dv, stat), (LANES, stat), (LANES, stat)]
+    scratch += [(dv, stat)] * masked_output
     return _call(
       functools.partial(_calibrate_kernel, cfg=cfg, rows=rows, masked_output=masked_output),
       cfg,
