@@ -88,6 +88,10 @@ of tile codes: `check_calibration_supported`). Token routes add none.
 float16 runs in float32 (Mosaic has no float16 vectors). block_kv a
 multiple of 128 fills the lanes of the score tiles and is what runs fast;
 smaller blocks compile but pad.
+
+vmap. Under `jax.vmap` every kernel runs once over the mapped axis folded into
+the batch (`_vmap_into_batch`, a `custom_vmap` rule), a mapped mask or routes
+included; Pallas's own rule would add a grid axis these kernels do not expect.
 """
 
 from __future__ import annotations
@@ -788,7 +792,61 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   return _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
 
 
-_attention = common.attention_with_vjp(_forward, _backward)
+# ---------------------------------------------------------------------------
+# vmap: the mapped axis folds into the batch.
+# ---------------------------------------------------------------------------
+
+
+def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...] = ()):
+  """`fn(cfg, *args, **static)`, whose `jax.vmap` runs ONE call over the mapped axis
+  folded into the batch (n x B rows), instead of Pallas's batching rule, which adds a
+  grid axis that these kernels' dimension semantics and scalar-prefetch index maps do
+  not expect (the TPU simulator fails on it).
+
+  Every array of `args` and of the outputs has the batch on axis 0. The arrays at
+  positions `mask_args` (the mask's) and `route_args` (the token routes') may have a
+  batch of 1 where they broadcast (`cfg.mask_batch` / `cfg.route_batch` False); they
+  keep it when vmap leaves them alone, and are folded like the rest (their flag set)
+  otherwise. Nested vmaps fold one level at a time.
+  """
+
+  def call(cfg, *args, **static):
+    run = jax.custom_batching.custom_vmap(lambda *args: fn(cfg, *args, **static))
+
+    @run.def_vmap
+    def rule(n, in_batched, *args):
+      batch = args[0].shape[1 if in_batched[0] else 0]  # args[0] is q
+
+      def fold(x, batched):  # [n, B|1, ...] or [B|1, ...] -> [n * B, ...]
+        x = x if batched else jnp.broadcast_to(x[None], (n, *x.shape))
+        x = jnp.broadcast_to(x, (n, batch, *x.shape[2:]))
+        return x.reshape(n * batch, *x.shape[2:])
+
+      def batched(positions) -> bool:  # whether these arrays carry a batch dim once folded
+        leaves = lambda tree: jax.tree.leaves([tree[i] for i in positions])
+        pairs = zip(leaves(args), leaves(in_batched), strict=True)
+        return any(mapped or x.shape[0] > 1 for x, mapped in pairs)
+
+      mask_batch, route_batch = batched(mask_args), batched(route_args)
+      kept = {i for i in mask_args if not mask_batch} | {i for i in route_args if not route_batch}
+      folded = [
+        arg if i in kept else jax.tree.map(fold, arg, in_batched[i]) for i, arg in enumerate(args)
+      ]
+      cfg_n = dataclasses.replace(cfg, mask_batch=mask_batch, route_batch=route_batch)
+      out = call(cfg_n, *folded, **static)
+      unfold = lambda y: y.reshape(n, batch, *y.shape[1:])
+      return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
+
+    return run(*args)
+
+  return call
+
+
+# args: q, k, v, kv_view, q_view, routes[, out, lse, d_out, d_lse]
+_attention = common.attention_with_vjp(
+  _vmap_into_batch(_forward, mask_args=(3, 4), route_args=(5,)),
+  _vmap_into_batch(_backward, mask_args=(3, 4), route_args=(5,)),
+)
 
 
 def block_sparse_attention_tpu(
@@ -872,7 +930,7 @@ def calibrate_tpu(
   return _calibrate(cfg, masked_output, q, k, v, tile_codes)
 
 
-def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
+def _calibrate_kernels(cfg: _Config, q, k, v, tile_codes, *, masked_output: bool):
   b, _, hq, d = q.shape
   dv = v.shape[-1]
   kb = cfg.num_kv_blocks
@@ -914,8 +972,9 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
   return _seq_major(out, cfg.q_len), lse, lse_m, out_m
 
 
+_calibrate_batched = _vmap_into_batch(_calibrate_kernels, mask_args=(3,))
 _calibrate = common.forward_only(
-  _calibrate_kernels,
+  lambda cfg, masked_output, *arrays: _calibrate_batched(cfg, *arrays, masked_output=masked_output),
   "calibrate_attention has no gradient through the TPU kernel (calibration runs at "
   "sampling time); use implementation='xla' to differentiate it.",
 )
