@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -183,3 +184,37 @@ def check_row_scale(row_scale: Any, shape: AttentionShape, op: str) -> Any:
       f"{op}: row_scale has {row_scale.shape[2]} rows (dim 2); expected q_len={shape.q_len}."
     )
   return row_scale
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether x's values are known now: not a jax Tracer (as under jit, vmap or grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_values_in_range(
+  x: Any, name: str, low: float, high: float, *, closed: bool = False, note: str = ""
+) -> None:
+  """Raises ValueError naming `name` if the concrete array `x` holds a value outside
+  [low, high) ([low, high] if `closed`; NaN is outside).
+
+  Traced values (under jit or vmap) are not checked: they are unknown until the program
+  runs; whoever feeds the jitted program checks its data on the host.
+
+  Args:
+    x: an array (or anything np.asarray takes).
+    name: how the error names x, e.g. "LM: tokens".
+    low, high: the bounds.
+    closed: include `high`.
+    note: appended to the expected interval, e.g. " (vocab_size=256)".
+  """
+  if not is_concrete(x):
+    return
+  values = np.asarray(x)
+  inside = (values >= low) & ((values <= high) if closed else (values < high))
+  if inside.all():
+    return
+  where = tuple(int(i) for i in np.argwhere(~inside)[0])
+  bounds = f"[{low}, {high}{']' if closed else ')'}"
+  raise ValueError(
+    f"{name} must lie in {bounds}{note}; got {values[where].item()!r} at index {where}."
+  )
