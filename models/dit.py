@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention.ops import masks
+from sparse_attention.ops import checks, masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.rettention import calibrate_attention
@@ -90,7 +90,8 @@ class DiTConfig:
     depth: number of DiT blocks.
     num_heads: attention heads (head_dim = D / num_heads).
     mlp_ratio: MLP hidden width / D.
-    num_classes: class labels 0 .. num_classes - 1.
+    num_classes: class labels 0 .. num_classes - 1; label num_classes is the null
+      (unconditional) class of classifier-free guidance, present if class_dropout_prob > 0.
     class_dropout_prob: the rate at which training drops labels to the null class (for
       classifier-free guidance); > 0 gives the label table its null row.
     learn_sigma: output 2C channels (DiT's learned variance) instead of C.
@@ -460,8 +461,12 @@ class DiT(nnx.Module):
 
   `model(x, t, y)` predicts the flow-matching velocity (or, in general, the network's
   output) `[B, H, W, C_out]` for images x `[B, H, W, C]` at times t `[B]` in [0, 1] with
-  labels y int `[B]` (num_classes = the null class). `model.forward(..., mode, mask,
-  cache)` picks the attention mode and threads the Re-ttention cache.
+  labels y int `[B]` in [0, num_classes], where num_classes is the null (unconditional)
+  class that classifier-free guidance uses (`null_class`; only with class_dropout_prob
+  > 0, else labels are in [0, num_classes)). Concrete inputs are checked (shapes, and t
+  and y in range) before anything is computed; traced ones (under jit) only for shapes.
+  `model.forward(..., mode, mask, cache)` picks the attention mode and threads the
+  Re-ttention cache.
 
   `noise_rngs` (default: a stream `diffusion` seeded from `rngs`) is held by the model as
   `model.rngs`: the training loss draws its noise and times from `model.rngs.diffusion()`,
@@ -490,6 +495,33 @@ class DiT(nnx.Module):
       raise ValueError("DiT: class_dropout_prob is 0, so the model has no null class.")
     return self.config.num_classes
 
+  def _check_inputs(self, x: Any, t: Any, y: Any) -> None:
+    c = self.config
+    image = (c.image_size, c.image_size, c.in_channels)
+    if not hasattr(x, "shape") or len(x.shape) != 4 or tuple(x.shape[1:]) != image:
+      raise ValueError(
+        f"DiT: x must be [batch, {', '.join(map(str, image))}] (NHWC), got shape "
+        f"{getattr(x, 'shape', type(x).__name__)}."
+      )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"DiT: x must be a float array, got dtype {x.dtype}.")
+    b = x.shape[0]
+    for name, value, kind, dtype in (
+      ("t", t, "a float", jnp.floating),
+      ("y", y, "an int", jnp.integer),
+    ):
+      if getattr(value, "shape", None) != (b,) or not jnp.issubdtype(value.dtype, dtype):
+        raise ValueError(
+          f"DiT: {name} must be {kind} array [batch] = ({b},) (x's batch), got "
+          f"{getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}."
+        )
+    checks.check_values_in_range(t, "DiT: t", 0.0, 1.0, closed=True)
+    if c.class_dropout_prob > 0:  # label num_classes is the null class
+      labels, note = c.num_classes + 1, f" (num_classes={c.num_classes} is the null class)"
+    else:
+      labels, note = c.num_classes, " (no null class: class_dropout_prob is 0)"
+    checks.check_values_in_range(y, "DiT: y", 0, labels, note=note)
+
   def patchify(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, N, p*p*C], tokens row-major, each patch (row, col, channel)."""
     b, h, w, ch = x.shape
@@ -516,17 +548,20 @@ class DiT(nnx.Module):
   ) -> tuple[jax.Array, RettentionCache | None]:
     """The output [B, H, W, C_out] and the Re-ttention cache after this call.
 
-    mode "dense" / "sparse" pass `cache` through untouched; "calibrate" returns a fresh
-    cache (one LayerCache per block); "rettention" needs the cache and returns it as is
-    (the sampler bumps r with `bump_ratio`).
+    x: float images `[B, image_size, image_size, in_channels]`; t: float times `[B]` in
+    [0, 1]; y: int labels `[B]` in [0, num_classes], num_classes being the null class
+    (see the class docstring). mode "dense" / "sparse" pass `cache` through untouched;
+    "calibrate" returns a fresh cache (one LayerCache per block); "rettention" needs the
+    cache and returns it as is (the sampler bumps r with `bump_ratio`).
+
+    Raises:
+      ValueError: naming the argument, on a bad shape or dtype, or (concrete inputs
+        only) a time outside [0, 1] or a label outside the table.
     """
     c = self.config
     if mode not in MODES:
       raise ValueError(f"DiT: mode must be one of {MODES}, got {mode!r}.")
-    if x.shape[1:] != (c.image_size, c.image_size, c.in_channels):
-      raise ValueError(
-        f"DiT: x must be [B, {c.image_size}, {c.image_size}, {c.in_channels}], got {x.shape}."
-      )
+    self._check_inputs(x, t, y)
     if mode == "rettention" and (cache is None or len(cache) != c.depth):
       raise ValueError("DiT: mode 'rettention' needs the cache of a 'calibrate' step.")
     h = self.x_embedder(self.patchify(x))  # [B, N, D]

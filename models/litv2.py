@@ -615,20 +615,45 @@ class LITv2(nnx.Module):
       _linear(config.num_features, config.num_classes, rngs=rngs) if config.num_classes else None
     )
 
-  def features(self, images: jax.Array) -> jax.Array:
-    """Pooled features `[B, num_features]` (LITv2's forward_features)."""
+  def _check_images(self, images: Any) -> None:
     c = self.config
     side = c.patch_size * 2 ** (len(c.depths) - 1)
-    if (
-      images.ndim != 4
-      or images.shape[3] != c.in_chans
-      or images.shape[1] % side
-      or (images.shape[2] % side)
-    ):
+    layout = f"[batch, H, W, in_chans={c.in_chans}] (NHWC)"
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+      raise ValueError(f"LITv2: images must be an array {layout}, got {type(images).__name__}.")
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+      raise ValueError(f"LITv2: images must have rank 4, {layout}, got shape {shape}.")
+    if shape[3] != c.in_chans:
+      hint = " (NCHW? the model takes NHWC)" if shape[1] == c.in_chans else ""
       raise ValueError(
-        f"LITv2: images must be [batch, H, W, {c.in_chans}] (NHWC) with H, W multiples of "
-        f"{side}, got {tuple(images.shape)}."
+        f"LITv2: images has {shape[3]} channels (dim 3); the model takes in_chans="
+        f"{c.in_chans}{hint}: {layout}, got shape {shape}."
       )
+    if shape[1] % side or shape[2] % side or min(shape[1:3]) == 0:
+      raise ValueError(
+        f"LITv2: images height and width ({shape[1]}, {shape[2]}) must be positive "
+        f"multiples of patch_size * 2**(stages-1) = {side} (image_size={c.image_size} is one)."
+      )
+    if shape[0] == 0:
+      raise ValueError(f"LITv2: images has an empty batch, shape {shape}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(
+        f"LITv2: images must be a float array (normalised pixels), got dtype {images.dtype}."
+      )
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """Pooled features `[B, num_features]` (LITv2's forward_features).
+
+    images: float `[B, H, W, in_chans]` (NHWC). H and W are multiples of patch_size *
+    2**(stages-1), typically config.image_size; other sizes run too (the model has no
+    position embedding), as LITv2's backbone does.
+
+    Raises:
+      ValueError: naming the mismatch (rank, channels, height/width, empty batch,
+        dtype) before anything is computed.
+    """
+    self._check_images(images)
     x, h, w = self.patch_embed(images)
     for layer in self.layers:
       x, h, w = layer(x, h, w)

@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention.ops import block_sparse, masks, moba, nsa
+from sparse_attention.ops import block_sparse, checks, masks, moba, nsa
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.moba import moba_attention
 from sparse_attention.ops.nsa import compress_mean, nsa_attention, num_compressed_blocks
@@ -633,7 +633,9 @@ def _concrete_int(x: Any) -> int | None:
     return None
 
 
-def _check_tokens(name: str, tokens: Any, max_len: int, vocab: int | None = None) -> None:
+def _check_tokens(name: str, tokens: Any, max_len: int, vocab: int) -> None:
+  """int [batch, length] token ids, 1 <= length <= max_len; ids in [0, vocab) when the
+  array is concrete (under jit the data pipeline checks them)."""
   if not hasattr(tokens, "shape") or len(tokens.shape) != 2:
     raise ValueError(f"LM: {name} must be an int array [batch, length], got {tokens!r:.80}.")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -642,6 +644,7 @@ def _check_tokens(name: str, tokens: Any, max_len: int, vocab: int | None = None
     raise ValueError(
       f"LM: {name} has length {tokens.shape[1]}; it must be in [1, max_len={max_len}]."
     )
+  checks.check_values_in_range(tokens, f"LM: {name}", 0, vocab, note=f" (vocab_size={vocab})")
 
 
 class LM(nnx.Module):
@@ -684,7 +687,7 @@ class LM(nnx.Module):
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens int [B, L] (and segment_ids int [B, L]) -> logits float32 [B, L, vocab]."""
     c = self.config
-    _check_tokens("tokens", tokens, c.max_len)
+    _check_tokens("tokens", tokens, c.max_len, c.vocab_size)
     b, l = tokens.shape
     if segment_ids is not None:
       if getattr(segment_ids, "shape", None) != (b, l) or not jnp.issubdtype(
@@ -695,6 +698,7 @@ class LM(nnx.Module):
           f"{getattr(segment_ids, 'dtype', type(segment_ids))} "
           f"{getattr(segment_ids, 'shape', None)}."
         )
+      checks.check_values_in_range(segment_ids, "LM: segment_ids", 0, np.inf)
     positions = segment_positions(segment_ids, l)  # [B|1, L]
     x = self.embed(tokens)  # [B, L, dim]
     for block in self.blocks:
@@ -705,6 +709,8 @@ class LM(nnx.Module):
     """An empty cache for `batch` sequences of up to `max_len` (default config.max_len)
     tokens; dtype defaults to the compute dtype (else the parameters')."""
     c = self.config
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+      raise ValueError(f"LM.init_cache: batch must be an int >= 1, got {batch!r}.")
     s = c.max_len if max_len is None else max_len
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= s <= c.max_len:
       raise ValueError(f"LM.init_cache: max_len must be an int in [1, {c.max_len}], got {s!r}.")
@@ -725,15 +731,22 @@ class LM(nnx.Module):
     length is concrete; under jit the caller keeps to it).
     """
     c = self.config
-    _check_tokens("tokens", tokens, cache.max_len)
+    _check_tokens("tokens", tokens, cache.max_len, c.vocab_size)
     n = tokens.shape[1]
     length = _concrete_int(cache.length)
+    if length is not None and length < 0:
+      raise ValueError(f"LM.decode: cache.length must be >= 0, got {length}.")
     if length is not None and length + n > cache.max_len:
       raise ValueError(
         f"LM.decode: {n} tokens do not fit the cache ({length} of {cache.max_len} used)."
       )
     if len(cache.layers) != c.depth:
       raise ValueError(f"LM.decode: the cache has {len(cache.layers)} layers, not {c.depth}.")
+    if tokens.shape[0] != cache.layers[0].k.shape[0]:
+      raise ValueError(
+        f"LM.decode: tokens has batch {tokens.shape[0]}, the cache "
+        f"{cache.layers[0].k.shape[0]} (init_cache(batch))."
+      )
     positions = (cache.length + jnp.arange(n, dtype=jnp.int32))[None]  # [1, n]
     x = self.embed(tokens)
     layers = []
@@ -758,7 +771,7 @@ class LM(nnx.Module):
     temperature 0 is greedy (argmax); top_k keeps the k most likely tokens.
     """
     c = self.config
-    _check_tokens("prompt", prompt, c.max_len)
+    _check_tokens("prompt", prompt, c.max_len, c.vocab_size)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
       raise ValueError(f"LM.generate: steps must be an int >= 0, got {steps!r}.")
     if prompt.shape[1] + steps > c.max_len:

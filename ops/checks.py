@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,11 +115,14 @@ def _check_batch_heads(name: str, bh: tuple[int, int], shape: AttentionShape, op
 
 
 def check_scale(scale: Any, shape: AttentionShape, op: str) -> float:
-  """The softmax scale, 1/sqrt(head_dim) by default. Static (a Python number)."""
+  """The softmax scale, 1/sqrt(head_dim) by default. Static (a Python number), finite
+  and > 0."""
   if scale is None:
     return 1.0 / math.sqrt(shape.head_dim)
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
     raise ValueError(f"{op}: scale must be a Python float or None, got {scale!r}.")
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"{op}: scale must be finite and > 0, got {scale!r}.")
   return float(scale)
 
 
@@ -180,3 +184,37 @@ def check_row_scale(row_scale: Any, shape: AttentionShape, op: str) -> Any:
       f"{op}: row_scale has {row_scale.shape[2]} rows (dim 2); expected q_len={shape.q_len}."
     )
   return row_scale
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether x's values are known now: not a jax Tracer (as under jit, vmap or grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_values_in_range(
+  x: Any, name: str, low: float, high: float, *, closed: bool = False, note: str = ""
+) -> None:
+  """Raises ValueError naming `name` if the concrete array `x` holds a value outside
+  [low, high) ([low, high] if `closed`; NaN is outside).
+
+  Traced values (under jit or vmap) are not checked: they are unknown until the program
+  runs; whoever feeds the jitted program checks its data on the host.
+
+  Args:
+    x: an array (or anything np.asarray takes).
+    name: how the error names x, e.g. "LM: tokens".
+    low, high: the bounds.
+    closed: include `high`.
+    note: appended to the expected interval, e.g. " (vocab_size=256)".
+  """
+  if not is_concrete(x):
+    return
+  values = np.asarray(x)
+  inside = (values >= low) & ((values <= high) if closed else (values < high))
+  if inside.all():
+    return
+  where = tuple(int(i) for i in np.argwhere(~inside)[0])
+  bounds = f"[{low}, {high}{']' if closed else ')'}"
+  raise ValueError(
+    f"{name} must lie in {bounds}{note}; got {values[where].item()!r} at index {where}."
+  )

@@ -40,9 +40,12 @@ def resolve(
       take the call (shapes, dtypes, block sizes).
 
   Raises:
-    ValueError: an unknown name, "pallas" on a backend without a kernel and without
-      interpret=True, or a kernel asked for by name that cannot take the call.
+    ValueError: `interpret` not a bool, an unknown name, "pallas" on a backend without
+      a kernel and without interpret=True, or a kernel asked for by name that cannot
+      take the call.
   """
+  if not isinstance(interpret, bool):
+    raise ValueError(f"{op}: interpret must be a bool, got {interpret!r}.")
   if implementation is not None and (
     not isinstance(implementation, str) or implementation not in implementations
   ):

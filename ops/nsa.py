@@ -1226,8 +1226,6 @@ def nsa_attention(
   cfg = _check_inputs(
     q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale
   )
-  if not isinstance(interpret, bool):
-    raise ValueError(f"{_OP}: interpret must be a bool, got {interpret!r}.")
   _check_segment_ids(_OP, segment_ids, q.shape[0], cfg.kv_len)
   impl = _resolve(implementation, interpret, cfg, q, k, v, segment_ids is not None)
   ids, valid = nsa_selection(

@@ -11,8 +11,10 @@ s_ij = q_i . k_j * scale:
   O^M_i         attention output normalised over M's keys only (0 if none)
   r_i           exp(lse_masked_i - lse_i): the share of softmax mass inside M
 
-`calibrate_attention` computes all of them in ONE pass over every tile, sharing
-one running max: the dense output, plus the mask's statistics on the way. A sparse
+`calibrate_attention` computes all of them in ONE pass over every tile: the dense
+online softmax, and on M's tiles a second one with its own running max, so that
+lse_masked and O^M are exact even where M's scores sit far below the row's max (where
+M's share of the mass underflows float32, r = 0 but lse_masked stays finite). A sparse
 step then runs `block_sparse_attention(q, k, v, M, row_scale=r)`, which returns
 r_i * O^M_i: the in-mask part of the dense output, at the sparse cost.
 
@@ -141,6 +143,16 @@ def _mask_rows(mask: BlockMask, visited, full, rows: jax.Array) -> jax.Array:
   return keep & (rows < mask.q_len)[:, None]
 
 
+def _softmax_terms(s: jax.Array):
+  """(p = exp(s - max), l = sum p, lse) over the last axis of scores s (-inf where
+  hidden); rows with nothing visible give p = l = 0 and lse = -inf."""
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=-1)
+  lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return p, l, lse
+
+
 def _calibrate_xla(q, k, v, mask: BlockMask, scale: float, masked_output: bool):
   b, lq, hq, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -158,13 +170,10 @@ def _calibrate_xla(q, k, v, mask: BlockMask, scale: float, masked_output: bool):
     rows = c * chunk + jnp.arange(chunk)
     keep = _mask_rows(mask, visited, full, rows)  # [Bm, Hm, chunk, Lk]
     keep = keep.reshape(keep.shape[0], hkv, g, chunk, lk) if keep.shape[1] > 1 else keep[:, :, None]
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    p_m = jnp.where(keep, p, 0.0)
-    l, l_m = jnp.sum(p, axis=-1), jnp.sum(p_m, axis=-1)  # [B, Hkv, G, chunk]
+    p, l, lse = _softmax_terms(s)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf) / jnp.moveaxis(l, -1, 1)[..., None]
-    lse = m[..., 0] + jnp.log(l)
-    lse_m = jnp.where(l_m > 0, m[..., 0] + jnp.log(jnp.where(l_m > 0, l_m, 1.0)), -jnp.inf)
+    # M's share under its own max: exact however far below the row's max it sits.
+    p_m, l_m, lse_m = _softmax_terms(jnp.where(keep, s, -jnp.inf))
     if masked_output:
       l_safe = jnp.moveaxis(jnp.where(l_m > 0, l_m, 1.0), -1, 1)[..., None]
       o_m = jnp.einsum("bhgqk,bkhd->bqhgd", p_m, vf) / l_safe

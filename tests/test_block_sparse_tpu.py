@@ -228,6 +228,21 @@ def test_lowers_to_mosaic_for_tpu(mask, heads, dims):
   assert _lowered(mask, *heads, *dims, grad=True).count("tpu_custom_call") == 3
 
 
+@pytest.mark.parametrize("masked_output", [True, False])
+def test_calibration_lowers_to_mosaic_for_tpu(masked_output):
+  """One Mosaic kernel, partial tiles (mask_fn) included, with and without O^M."""
+  mask = masks.window_with_anchors(1024, 1024, window=64, num_anchors=2, block_q=128, block_kv=128)
+  visited, full = mask.block_layout()
+  codes = visited.astype(jnp.int32) + (visited & ~full).astype(jnp.int32)
+  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+
+  def calibrate(q, k, v, m, codes):
+    return tpu.calibrate_tpu(q, k, v, m, codes, scale=0.1, masked_output=masked_output)
+
+  lowered = jax.jit(calibrate).trace(q, q, q, mask, codes).lower(lowering_platforms=("tpu",))
+  assert lowered.as_text().count("tpu_custom_call") == 1
+
+
 _MOSAIC_COMPILE = """
 import jax, jax.numpy as jnp
 from jax.experimental import topologies

@@ -66,6 +66,49 @@ def test_shapes_and_patchify_roundtrip(learn_sigma):
     _ = small_model(class_dropout_prob=0.0).null_class
 
 
+@pytest.mark.parametrize(
+  "changes, match",
+  [
+    # Labels: 0..9 are classes, 10 the null class (a label 11 gave NaN images, -1 the
+    # null class's sample).
+    (
+      dict(y=[3, 11]),
+      r"DiT: y must lie in \[0, 11\) \(num_classes=10 is the null class\); "
+      r"got 11 at index \(1,\)",
+    ),
+    (dict(y=[-1, 0]), r"DiT: y must lie in \[0, 11\).*got -1 at index \(0,\)"),
+    (dict(y=[0.0, 1.0]), r"DiT: y must be an int array \[batch\] = \(2,\)"),
+    (dict(y=[0, 1, 2]), r"DiT: y must be an int array \[batch\] = \(2,\)"),
+    (dict(t=[0.5, 1.5]), r"DiT: t must lie in \[0.0, 1.0\]; got 1.5 at index \(1,\)"),
+    (dict(t=[float("nan"), 0.5]), r"DiT: t must lie in \[0.0, 1.0\]; got nan"),
+    (dict(t=[0.5]), r"DiT: t must be a float array \[batch\] = \(2,\)"),
+    (dict(x=np.zeros((2, 16, 16, 3))), r"DiT: x must be \[batch, 16, 16, 1\] \(NHWC\)"),
+    (dict(x=np.zeros((16, 16, 1))), r"DiT: x must be \[batch, 16, 16, 1\]"),
+    (dict(x=np.zeros((2, 16, 16, 1), np.int32)), r"DiT: x must be a float array"),
+  ],
+)
+def test_bad_inputs_raise_naming_the_argument(changes, match):
+  model = small_model()
+  x, t, y = inputs(2)
+  args = dict(x=x, t=t, y=y)
+  args.update({k: jnp.asarray(v) for k, v in changes.items()})
+  with pytest.raises(ValueError, match=match):
+    model(args["x"], args["t"], args["y"])
+
+
+def test_labels_cover_the_classes_and_the_null_class_only_if_it_exists():
+  x, t, _ = inputs(2)
+  edges = jnp.array([0, 10], jnp.int32)  # the first class and the null class
+  assert np.isfinite(np.asarray(small_model(perturb=0.1)(x, t, edges))).all()
+  with pytest.raises(ValueError, match=r"DiT: y must lie in \[0, 10\).*no null class"):
+    small_model(class_dropout_prob=0.0)(x, t, edges)
+  # Traced inputs are not inspected: the jitted training step checks nothing on values.
+  model = small_model()
+  graphdef, state = nnx.split(model)
+  out = jax.jit(lambda s, y: nnx.merge(graphdef, s)(x, t, y))(state, jnp.array([11, 0]))
+  assert out.shape == x.shape
+
+
 def test_dit_xl_2_shapes_by_eval_shape():
   config = dit.dit_xl_2()
   model = nnx.eval_shape(lambda: dit.DiT(config, rngs=nnx.Rngs(0)))

@@ -538,7 +538,33 @@ def test_config_errors(kwargs, match):
     litv2.litv2_s(**kwargs)
 
 
-def test_model_rejects_bad_images():
+@pytest.mark.parametrize(
+  "images, match",
+  [
+    (np.zeros((2, 8, 8, 3)), r"LITv2: images has 3 channels \(dim 3\); the model takes in_chans=1"),
+    (np.zeros((1, 1, 8, 8)), r"in_chans=1 \(NCHW\? the model takes NHWC\)"),
+    (np.zeros((8, 8, 1)), r"LITv2: images must have rank 4, \[batch, H, W, in_chans=1\]"),
+    (
+      np.zeros((2, 9, 8, 1)),
+      r"LITv2: images height and width \(9, 8\) must be positive "
+      r"multiples of patch_size \* 2\*\*\(stages-1\) = 8",
+    ),
+    (np.zeros((2, 8, 0, 1)), r"height and width \(8, 0\) must be positive"),
+    (np.zeros((0, 8, 8, 1)), r"LITv2: images has an empty batch"),
+    (np.zeros((2, 8, 8, 1), np.uint8), r"LITv2: images must be a float array.*uint8"),
+    (np.zeros((2, 8, 8, 1)).tolist(), r"LITv2: images must be an array"),
+  ],
+)
+def test_model_rejects_bad_images_naming_the_mismatch(images, match):
   model = LITv2(litv2.litv2_tiny(image_size=8, in_chans=1), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"images must be \[batch, H, W, 1\]"):
-    model(jnp.zeros((1, 1, 8, 8)))
+  images = images if isinstance(images, list) else jnp.asarray(images)
+  with pytest.raises(ValueError, match=match):
+    model(images)
+
+
+def test_model_takes_other_multiples_of_the_stage_stride():
+  """8x8 is the config's size; 16x8 (any multiple of patch_size * 2**3) runs as well."""
+  model = LITv2(litv2.litv2_tiny(image_size=8, in_chans=1), rngs=nnx.Rngs(0))
+  for shape in ((2, 8, 8, 1), (2, 16, 8, 1)):
+    logits = model(jnp.ones(shape))
+    assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()

@@ -86,6 +86,38 @@ def test_decode_checks_the_cache_room():
     model.decode(jnp.zeros((1, 4), jnp.int32), cache)
 
 
+@pytest.mark.parametrize("bad", [SMALL.vocab_size, -1, 999])
+def test_token_ids_out_of_the_vocabulary_raise(bad):
+  """Eagerly, before any compute (an id past the table gave NaN logits, -1 the last
+  row's); under jit nothing is checked (the data pipeline checks on the host)."""
+  model = _model(depth=1)
+  tokens = jnp.array([[1, 2, bad, 3]], jnp.int32)
+  match = rf"LM: tokens must lie in \[0, {SMALL.vocab_size}\).*got {bad} at index \(0, 2\)"
+  with pytest.raises(ValueError, match=match):
+    model(tokens)
+  with pytest.raises(ValueError, match=match):
+    model.decode(tokens, model.init_cache(1, 8))
+  with pytest.raises(ValueError, match=r"LM: prompt must lie in \[0, "):
+    model.generate(tokens, 2, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"LM: segment_ids must lie in \[0, inf\)"):
+    model(jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.array([[0, 0, -1, -1]]))
+  # The edges of the vocabulary are valid ids, and traced ids are not inspected.
+  edges = jnp.array([[0, SMALL.vocab_size - 1]], jnp.int32)
+  assert np.isfinite(np.asarray(model(edges))).all()
+  assert _forward(*nnx.split(model), tokens).shape == (1, 4, SMALL.vocab_size)
+
+
+def test_decode_checks_its_cache_and_batch():
+  model = _model(depth=1)
+  with pytest.raises(ValueError, match="LM.init_cache: batch must be an int >= 1"):
+    model.init_cache(0, 8)
+  with pytest.raises(ValueError, match="LM.decode: tokens has batch 2, the cache 1"):
+    model.decode(jnp.zeros((2, 1), jnp.int32), model.init_cache(1, 8))
+  cache = dataclasses.replace(model.init_cache(1, 8), length=jnp.int32(-1))
+  with pytest.raises(ValueError, match=r"LM.decode: cache.length must be >= 0, got -1"):
+    model.decode(jnp.zeros((1, 1), jnp.int32), cache)
+
+
 def test_generate_greedy_follows_the_argmax():
   model = _model(attention="moba", depth=1)
   prompt = jax.random.randint(jax.random.key(2), (2, 6), 0, SMALL.vocab_size)

@@ -118,3 +118,81 @@ def test_none_and_pallas_pick_the_backend_kernel(monkeypatch):
   )
   calibrate_attention(q, k, v, mask)
   assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------
+# Exactness where M's share underflows: scores of q * 100 or q * 1e4 put the in-mask
+# logits of many rows 100s (or 10^4s) below the row's max, past float32's exp range.
+# ---------------------------------------------------------------------------
+
+SHARPNESS = (100.0, 1e4)
+
+
+def numpy_calibration(q, k, v, dense_mask, scale):
+  """(out, lse, lse_masked, out_masked), float64 NumPy, straight from the definitions;
+  dense_mask bool [B|1, Hq|1, Lq, Lk]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  keep = np.broadcast_to(np.asarray(dense_mask), s.shape)
+
+  def attend(s):
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1)  # [B, H, Lq]
+    l_safe = np.where(l > 0, l, 1.0)
+    out = np.einsum("bhqk,bkhd->bqhd", p, v) / np.swapaxes(l_safe, 1, 2)[..., None]
+    return out, np.where(l > 0, m[..., 0] + np.log(l_safe), -np.inf)
+
+  out, lse = attend(s)
+  out_m, lse_m = attend(np.where(keep, s, -np.inf))
+  return out, lse, lse_m, out_m
+
+
+def _sharp_inputs(sharpness):
+  q, k, v = testutil.qkv(2, Q_LEN, KV_LEN, 4, 2, 16, 8, seed=1)
+  return q * sharpness, k, v
+
+
+@pytest.mark.parametrize("sharpness", (1.0, *SHARPNESS))
+@pytest.mark.parametrize("name", ["window", "layout_per_head", "empty_rows"])
+def test_reference_calibration_matches_numpy_float64(name, sharpness):
+  # Integer q and k (|q.k| <= 144): every score q.k * 0.25 * sharpness is exact in
+  # float32, so any difference from float64 is the softmax's, not the rounding of
+  # scores of 10^4 (which alone moves outputs by ~1e-4).
+  keys = jax.random.split(jax.random.PRNGKey(7), 3)
+  q = jax.random.randint(keys[0], (2, Q_LEN, 4, 16), -3, 4).astype(jnp.float32) * sharpness
+  k = jax.random.randint(keys[1], (2, KV_LEN, 2, 16), -3, 4).astype(jnp.float32)
+  v = jax.random.normal(keys[2], (2, KV_LEN, 2, 8))
+  mask = MASKS[name]
+  got = calibrate_attention(q, k, v, mask, implementation="reference", scale=0.25)
+  want = numpy_calibration(q, k, v, mask.to_dense(), 0.25)
+  if sharpness > 1:  # the regime that matters: M's share underflows on many rows
+    gap = want[1] - want[2]
+    assert (np.isfinite(gap) & (gap > 104)).sum() >= 20
+  for field, expected in zip(("out", "lse", "lse_masked", "out_masked"), want, strict=True):
+    kind = "lse" if field.startswith("lse") else "out"
+    testutil.assert_close(getattr(got, field), expected, jnp.float32, kind, field)
+
+
+@pytest.mark.parametrize("sharpness", SHARPNESS)
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton", "pallas_tpu"])
+@pytest.mark.parametrize("name", ["window", "layout_per_head"])
+def test_calibration_is_exact_where_the_masked_share_underflows(name, implementation, sharpness):
+  q, k, v = _sharp_inputs(sharpness)
+  mask = MASKS[name]
+  run = functools.partial(calibrate_attention, q, k, v, mask)
+  ref = run(implementation="reference")
+  # The case is the one that matters: rows whose in-mask mass underflows float32
+  # (exp(lse_masked - lse) < 2^-149) yet have keys in M.
+  gap = np.asarray(ref.lse - ref.lse_masked)
+  assert (np.isfinite(gap) & (gap > 104)).sum() >= 20
+  got = run(implementation=implementation, interpret=True)
+  for field in ("out", "lse", "lse_masked", "out_masked"):
+    kind = "lse" if field.startswith("lse") else "out"
+    testutil.assert_close(getattr(got, field), getattr(ref, field), jnp.float32, kind, field)
+  without_out = run(implementation=implementation, interpret=True, return_masked_output=False)
+  assert without_out.out_masked is None
+  np.testing.assert_array_equal(np.asarray(without_out.lse_masked), np.asarray(got.lse_masked))

@@ -145,26 +145,29 @@ def online_softmax_update(
   s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden
   m_prev: jax.Array,  # f32 [bq] running max (-inf: nothing seen yet)
   l_prev: jax.Array,  # f32 [bq] running sum of exp(s - m)
-  acc_prev: jax.Array,  # f32 [bq, Dv] running sum of exp(s - m) v
+  acc_prev: jax.Array | None,  # f32 [bq, Dv] running sum of exp(s - m) v; None: no output
   v: jax.Array,  # [bk, Dv]
   dot,  # (a, b) -> f32 a @ b, the backend's matmul
 ):
-  """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0)."""
+  """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0).
+  With acc_prev None only the statistics (m, l) are updated (acc stays None)."""
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
   m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
   correction = jnp.exp(m_prev - m_safe)
   p = jnp.exp(s - m_safe[:, None])
   l_next = correction * l_prev + jnp.sum(p, axis=-1)
+  if acc_prev is None:
+    return m_next, l_next, None
   acc_next = correction[:, None] * acc_prev + dot(p.astype(v.dtype), v)
   return m_next, l_next, acc_next
 
 
-def finalize(m: jax.Array, l: jax.Array, acc: jax.Array):
-  """(normalised output f32 [bq, Dv], natural-log lse f32 [bq]); empty rows
-  give 0 and -inf."""
+def finalize(m: jax.Array, l: jax.Array, acc: jax.Array | None):
+  """(normalised output f32 [bq, Dv] (None if acc is), natural-log lse f32 [bq]);
+  empty rows give 0 and -inf."""
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
-  out = acc / l_safe[:, None]
+  out = None if acc is None else acc / l_safe[:, None]
   lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
   return out, lse
 

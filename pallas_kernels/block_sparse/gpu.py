@@ -290,41 +290,38 @@ def _calibrate_kernel(
   *,
   cfg: _Config,
 ):
-  """Dense attention over every kv tile; M's share accumulates on the way, under
-  the same running max."""
+  """Dense attention over every kv tile; on M's tiles, M's share runs its own online
+  softmax (own running max, so that lse_masked and O^M are exact however far M's
+  scores sit below the row's max)."""
   bq, bk = cfg.block_q, cfg.block_kv
   q_pos = _positions(pl.program_id(0) * bq, bq)
   q = _load(q_ref, cfg.head_dim)
 
   def step(j, carry):
-    m, l, acc, l_m, acc_m = carry
+    dense, masked = carry  # (m, l, acc) each; masked acc None without O^M
     keys = pl.ds(j * bk, bk)
     k = _load(k_ref.at[keys, :], cfg.head_dim)
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
     kv_pos = _positions(j * bk, bk)
     s = _scores(dataclasses.replace(cfg, mask_fn=None), q, k, q_pos, kv_pos, True)
-    m_next = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    correction = jnp.exp(m - m_safe)
-    p = jnp.exp(s - m_safe[:, None])
+    dense = common.online_softmax_update(s, *dense, v, _dot)
     code = codes_ref[j]
-    in_mask = code != 0
-    if cfg.mask_fn is not None:
-      in_mask = in_mask & ((code == 1) | cfg.mask_fn(q_pos[:, None], kv_pos[None, :]))
-    p_m = jnp.where(in_mask, p, 0.0)
-    l = correction * l + jnp.sum(p, axis=-1)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
-    l_m = correction * l_m + jnp.sum(p_m, axis=-1)
-    if om_ref is not None:
-      acc_m = correction[:, None] * acc_m + _dot(p_m.astype(v.dtype), v)
-    return m_next, l, acc, l_m, acc_m
 
-  zeros = jnp.zeros((bq,), jnp.float32)
+    def in_mask(masked):
+      s_m = s
+      if cfg.mask_fn is not None:
+        keep = (code == 1) | cfg.mask_fn(q_pos[:, None], kv_pos[None, :])
+        s_m = jnp.where(keep, s, -jnp.inf)
+      return common.online_softmax_update(s_m, *masked, v, _dot)
+
+    return dense, jax.lax.cond(code != 0, in_mask, lambda masked: masked, masked)
+
+  stats = lambda: (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
   acc0 = jnp.zeros((bq, v_ref.shape[-1]), jnp.float32)
-  init = (jnp.full((bq,), -jnp.inf, jnp.float32), zeros, acc0, zeros, acc0)
-  m, l, acc, l_m, acc_m = jax.lax.fori_loop(0, cfg.num_kv_blocks, step, init)
-  out, lse = common.finalize(m, l, acc)
-  out_m, lse_m = common.finalize(m, l_m, acc_m)
+  init = ((*stats(), acc0), (*stats(), None if om_ref is None else acc0))
+  dense, masked = jax.lax.fori_loop(0, cfg.num_kv_blocks, step, init)
+  out, lse = common.finalize(*dense)
+  out_m, lse_m = common.finalize(*masked)
   _store(o_ref, out, cfg.v_head_dim)
   lse_ref[...] = lse
   lse_m_ref[...] = lse_m

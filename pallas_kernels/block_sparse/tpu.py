@@ -22,9 +22,9 @@ and one more for Re-ttention's calibration (`calibrate_tpu`, no gradient):
 
   calibrate grid (B, Hq, Qb, Kb)      q tile i against EVERY kv tile t (only
                                       the ragged bounds masked): the full
-                                      online softmax and, under the same
-                                      running max, the share of the mask M
-                                      (tile code 0: outside M, 1: full in M,
+                                      online softmax and, on the tiles of
+                                      the mask M, M's own (own running max;
+                                      tile code 0: outside M, 1: full in M,
                                       2: partial, apply mask_fn). Gives out,
                                       lse, lse over M and O^M.
 
@@ -88,6 +88,10 @@ of tile codes: `check_calibration_supported`). Token routes add none.
 float16 runs in float32 (Mosaic has no float16 vectors). block_kv a
 multiple of 128 fills the lanes of the score tiles and is what runs fast;
 smaller blocks compile but pad.
+
+vmap. Under `jax.vmap` every kernel runs once over the mapped axis folded into
+the batch (`_vmap_into_batch`, a `custom_vmap` rule), a mapped mask or routes
+included; Pallas's own rule would add a grid axis these kernels do not expect.
 """
 
 from __future__ import annotations
@@ -470,65 +474,63 @@ def _calibrate_kernel(
   o_ref,  # [block_q, Dv]   attention over all keys
   lse_ref,  # f32 [block_q, 128]   lse over all keys, lane-broadcast
   lse_m_ref,  # f32 [block_q, 128]   lse over M's keys
-  *refs,  # om_ref [block_q, Dv] (O^M) if masked_output; scratch m, l, acc, l_m, acc_m (if O^M)
+  *refs,  # om_ref [block_q, Dv] (O^M) if masked_output; then scratch: m, l, acc of all
+  # keys and m_m, l_m (f32 [block_q, 128], lane-broadcast), acc_m (f32 [block_q, Dv], if
+  # O^M) of M's keys
   cfg: _Config,
   rows: _Rows,
   masked_output: bool,
 ):
-  """Dense attention over every kv tile; M's share accumulates under the same
-  running max (m_ref), in l_m_ref / acc_m_ref."""
+  """Dense attention over every kv tile; on M's tiles, M's share runs its own online
+  softmax (own running max, so that lse_masked and O^M are exact however far M's
+  scores sit below the row's max)."""
   if masked_output:
-    om_ref, m_ref, l_ref, acc_ref, l_m_ref, acc_m_ref = refs
+    om_ref, *scratch = refs
   else:
-    (m_ref, l_ref, acc_ref, l_m_ref), om_ref, acc_m_ref = refs, None, None
+    om_ref, scratch = None, [*refs, None]
+  dense, masked = scratch[:3], scratch[3:]  # (m_ref, l_ref, acc_ref) each
   b, h, r, t = (pl.program_id(a) for a in range(4))
   kb = cfg.num_kv_blocks
 
   @pl.when(t == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    for ref in (l_ref, acc_ref, l_m_ref, acc_m_ref):
-      if ref is not None:
-        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+    for m_ref, l_ref, acc_ref in (dense, masked):
+      m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+      l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+      if acc_ref is not None:
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  v = v_ref[...]
+  def update(s, m_ref, l_ref, acc_ref):  # one online-softmax step on the scratch refs
+    acc = None if acc_ref is None else acc_ref[...]
+    m, l, acc = common.online_softmax_update(
+      s, _column(m_ref), _column(l_ref), acc, v_ref[...], _dot
+    )
+    m_ref[...], l_ref[...] = _lanes(m), _lanes(l)
+    if acc_ref is not None:
+      acc_ref[...] = acc
+
   s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, t, masked=False)
-  m_prev = _column(m_ref)
-  m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
-  correction = jnp.exp(m_prev - m_safe)
-  p = jnp.exp(s - m_safe[:, None])
-  m_ref[...] = _lanes(m_next)
-  l_ref[...] = _lanes(correction * _column(l_ref) + jnp.sum(p, axis=-1))
-  acc_ref[...] = correction[:, None] * acc_ref[...] + _dot(p.astype(v.dtype), v)
-
-  def share(p_m):  # M's part of this tile's p; None: none of it
-    l_m = correction * _column(l_m_ref)
-    l_m_ref[...] = _lanes(l_m if p_m is None else l_m + jnp.sum(p_m, axis=-1))
-    if acc_m_ref is not None:
-      acc_m = correction[:, None] * acc_m_ref[...]
-      acc_m_ref[...] = acc_m if p_m is None else acc_m + _dot(p_m.astype(v.dtype), v)
-
+  update(s, *dense)
   code = codes_ref[rows.flat(cfg, b, h, r) * kb + t]
-  pl.when(code == 0)(lambda: share(None))
   if cfg.mask_fn is None:  # no partial tiles
-    pl.when(code != 0)(lambda: share(p))
+    pl.when(code != 0)(lambda: update(s, *masked))
   else:
-    pl.when(code == 1)(lambda: share(p))
+    pl.when(code == 1)(lambda: update(s, *masked))
 
     @pl.when(code == 2)
     def _partial():
-      q_pos, kv_pos = _positions(cfg, rows.start + r, t, p.shape)
-      share(jnp.where(cfg.mask_fn(q_pos, kv_pos), p, 0.0))
+      q_pos, kv_pos = _positions(cfg, rows.start + r, t, s.shape)
+      update(jnp.where(cfg.mask_fn(q_pos, kv_pos), s, -jnp.inf), *masked)
 
   @pl.when(t == kb - 1)
   def _finish():
-    m = _column(m_ref)
-    out, lse = common.finalize(m, _column(l_ref), acc_ref[...])
+    finalize = lambda m_ref, l_ref, acc_ref: common.finalize(
+      _column(m_ref), _column(l_ref), None if acc_ref is None else acc_ref[...]
+    )
+    out, lse = finalize(*dense)
+    out_m, lse_m = finalize(*masked)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = _lanes(lse)
-    acc_m = acc_m_ref[...] if masked_output else jnp.zeros((m.shape[0], 1), jnp.float32)
-    out_m, lse_m = common.finalize(m, _column(l_m_ref), acc_m)
     lse_m_ref[...] = _lanes(lse_m)
     if masked_output:
       om_ref[...] = out_m.astype(om_ref.dtype)
@@ -790,7 +792,61 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   return _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
 
 
-_attention = common.attention_with_vjp(_forward, _backward)
+# ---------------------------------------------------------------------------
+# vmap: the mapped axis folds into the batch.
+# ---------------------------------------------------------------------------
+
+
+def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...] = ()):
+  """`fn(cfg, *args, **static)`, whose `jax.vmap` runs ONE call over the mapped axis
+  folded into the batch (n x B rows), instead of Pallas's batching rule, which adds a
+  grid axis that these kernels' dimension semantics and scalar-prefetch index maps do
+  not expect (the TPU simulator fails on it).
+
+  Every array of `args` and of the outputs has the batch on axis 0. The arrays at
+  positions `mask_args` (the mask's) and `route_args` (the token routes') may have a
+  batch of 1 where they broadcast (`cfg.mask_batch` / `cfg.route_batch` False); they
+  keep it when vmap leaves them alone, and are folded like the rest (their flag set)
+  otherwise. Nested vmaps fold one level at a time.
+  """
+
+  def call(cfg, *args, **static):
+    run = jax.custom_batching.custom_vmap(lambda *args: fn(cfg, *args, **static))
+
+    @run.def_vmap
+    def rule(n, in_batched, *args):
+      batch = args[0].shape[1 if in_batched[0] else 0]  # args[0] is q
+
+      def fold(x, batched):  # [n, B|1, ...] or [B|1, ...] -> [n * B, ...]
+        x = x if batched else jnp.broadcast_to(x[None], (n, *x.shape))
+        x = jnp.broadcast_to(x, (n, batch, *x.shape[2:]))
+        return x.reshape(n * batch, *x.shape[2:])
+
+      def batched(positions) -> bool:  # whether these arrays carry a batch dim once folded
+        leaves = lambda tree: jax.tree.leaves([tree[i] for i in positions])
+        pairs = zip(leaves(args), leaves(in_batched), strict=True)
+        return any(mapped or x.shape[0] > 1 for x, mapped in pairs)
+
+      mask_batch, route_batch = batched(mask_args), batched(route_args)
+      kept = {i for i in mask_args if not mask_batch} | {i for i in route_args if not route_batch}
+      folded = [
+        arg if i in kept else jax.tree.map(fold, arg, in_batched[i]) for i, arg in enumerate(args)
+      ]
+      cfg_n = dataclasses.replace(cfg, mask_batch=mask_batch, route_batch=route_batch)
+      out = call(cfg_n, *folded, **static)
+      unfold = lambda y: y.reshape(n, batch, *y.shape[1:])
+      return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
+
+    return run(*args)
+
+  return call
+
+
+# args: q, k, v, kv_view, q_view, routes[, out, lse, d_out, d_lse]
+_attention = common.attention_with_vjp(
+  _vmap_into_batch(_forward, mask_args=(3, 4), route_args=(5,)),
+  _vmap_into_batch(_backward, mask_args=(3, 4), route_args=(5,)),
+)
 
 
 def block_sparse_attention_tpu(
@@ -874,7 +930,7 @@ def calibrate_tpu(
   return _calibrate(cfg, masked_output, q, k, v, tile_codes)
 
 
-def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
+def _calibrate_kernels(cfg: _Config, q, k, v, tile_codes, *, masked_output: bool):
   b, _, hq, d = q.shape
   dv = v.shape[-1]
   kb = cfg.num_kv_blocks
@@ -895,9 +951,9 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     out = lambda width, dtype: jax.ShapeDtypeStruct((b, hq, rows.size * bq, width), dtype)
     stat = jnp.float32
     outputs = [(dv, q.dtype), (LANES, stat), (LANES, stat)] + [(dv, q.dtype)] * masked_output
-    scratch = [(LANES, stat), (LANES, stat), (dv, stat), (LANES, stat)] + [
-      (dv, stat)
-    ] * masked_output
+    # m, l, acc over all keys; m_m, l_m (and acc_m) over M's
+    scratch = [(LANES, stat), (LANES, stat), (dv, stat), (LANES, stat), (LANES, stat)]
+    scratch += [(dv, stat)] * masked_output
     return _call(
       functools.partial(_calibrate_kernel, cfg=cfg, rows=rows, masked_output=masked_output),
       cfg,
@@ -916,8 +972,9 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
   return _seq_major(out, cfg.q_len), lse, lse_m, out_m
 
 
+_calibrate_batched = _vmap_into_batch(_calibrate_kernels, mask_args=(3,))
 _calibrate = common.forward_only(
-  _calibrate_kernels,
+  lambda cfg, masked_output, *arrays: _calibrate_batched(cfg, *arrays, masked_output=masked_output),
   "calibrate_attention has no gradient through the TPU kernel (calibration runs at "
   "sampling time); use implementation='xla' to differentiate it.",
 )
