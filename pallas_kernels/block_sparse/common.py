@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)
+
+
+class Unsupported(NotImplementedError):
+  """A kernel cannot take this call (its shapes, dtypes or block sizes), raised before
+  any work; `implementation=None` then falls back to the next implementation. Distinct
+  from ValueError, which means the call itself is wrong."""
 
 
 class BlockSparseLayout(Protocol):
@@ -141,32 +151,48 @@ def visibility(
   return vis
 
 
+def per_row(x: jax.Array, shape) -> jax.Array:
+  """A [rows] vector broadcast over the columns of a [rows, cols] tile (explicitly:
+  Mosaic GPU lowers this form, not `x[:, None]`)."""
+  return jax.lax.broadcast_in_dim(x, shape, (0,))
+
+
 def online_softmax_update(
-  s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden
+  s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden (log2 units if base2)
   m_prev: jax.Array,  # f32 [bq] running max (-inf: nothing seen yet)
   l_prev: jax.Array,  # f32 [bq] running sum of exp(s - m)
   acc_prev: jax.Array,  # f32 [bq, Dv] running sum of exp(s - m) v
   v: jax.Array,  # [bk, Dv]
   dot,  # (a, b) -> f32 a @ b, the backend's matmul
+  *,
+  base2: bool = False,
+  accumulate=None,  # (acc, p) -> acc + p @ v, in place of dot where given
 ):
-  """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0)."""
+  """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0).
+
+  With base2, scores are in log2 units (the softmax scale times log2(e) folded in)
+  and exp2 replaces exp: one `ex2` per element on GPUs instead of a libdevice expf.
+  """
+  exp = jnp.exp2 if base2 else jnp.exp
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
   m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
-  correction = jnp.exp(m_prev - m_safe)
-  p = jnp.exp(s - m_safe[:, None])
+  correction = exp(m_prev - m_safe)
+  p = exp(s - per_row(m_safe, s.shape))
   l_next = correction * l_prev + jnp.sum(p, axis=-1)
-  acc_next = correction[:, None] * acc_prev + dot(p.astype(v.dtype), v)
-  return m_next, l_next, acc_next
+  acc_scaled = per_row(correction, acc_prev.shape) * acc_prev
+  if accumulate is not None:
+    return m_next, l_next, accumulate(acc_scaled, p)
+  return m_next, l_next, acc_scaled + dot(p.astype(v.dtype), v)
 
 
-def finalize(m: jax.Array, l: jax.Array, acc: jax.Array):
+def finalize(m: jax.Array, l: jax.Array, acc: jax.Array, *, base2: bool = False):
   """(normalised output f32 [bq, Dv], natural-log lse f32 [bq]); empty rows
-  give 0 and -inf."""
+  give 0 and -inf. With base2, m is in log2 units."""
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
-  out = acc / l_safe[:, None]
-  lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
-  return out, lse
+  out = acc * per_row(1.0 / l_safe, acc.shape)
+  lse = (m + jnp.log2(l_safe)) * LN2 if base2 else m + jnp.log(l_safe)
+  return out, jnp.where(nonempty, lse, -jnp.inf)
 
 
 def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
