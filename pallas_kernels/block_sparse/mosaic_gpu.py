@@ -56,14 +56,12 @@ NUM_SMS = 132  # H100/H200: the persistent grid's default width
 LOG2E = math.log2(math.e)
 
 
-def _smem_bytes(
-  block_q: int, block_kv: int, d: int, dv: int, itemsize: int, stages: int, interpret: bool
-) -> int:
-  """SMEM of the forward / dq kernels: q and o tiles, the k/v ring, (interpret: P)."""
-  wgs = block_q // ROWS
-  tiles = wgs * ROWS * (d + dv) + stages * block_kv * (d + dv)
-  staged = wgs * ROWS * block_kv if interpret else 0
-  return (tiles + staged) * itemsize + 4 * 4 * block_q
+def _smem_bytes(block_q: int, block_kv: int, d: int, dv: int, stages: int) -> int:
+  """SMEM (bf16/f16 tiles) of the larger kernel: forward/dq hold their q-side tiles
+  and a k/v ring; dK/dV holds its k/v tiles and a q/dO/lse/delta ring."""
+  rows = block_q * (d + dv) + stages * block_kv * (d + dv)
+  cols = block_kv * (d + dv) + stages * block_q * (d + dv)
+  return max(2 * rows + 8 * block_q, 2 * cols + 8 * stages * block_q)
 
 
 def check_supported(
@@ -83,7 +81,7 @@ def check_supported(
     raise common.Unsupported(
       f"the Mosaic GPU kernel supports head dims {HEAD_DIMS}, got head_dim={d}, v_head_dim={dv}."
     )
-  size = _smem_bytes(mask.block_q, mask.block_kv, d, dv, q.dtype.itemsize, 2, False)
+  size = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 2)
   if size > SMEM_BYTES:
     raise common.Unsupported(
       f"the Mosaic GPU kernel's tiles need {size} bytes of SMEM (> {SMEM_BYTES}) at "
@@ -111,6 +109,11 @@ class _Config(common.Tiling):
     return self.block_q // ROWS
 
   @property
+  def wgs_kv(self) -> int:
+    """Consumer warpgroups of the dK/dV kernel (64 kv rows each)."""
+    return self.block_kv // ROWS
+
+  @property
   def padded(self) -> tuple[int, int]:
     """Sequence lengths rounded up to whole tiles."""
     return self.num_q_blocks * self.block_q, self.num_kv_blocks * self.block_kv
@@ -128,34 +131,44 @@ class _Config(common.Tiling):
 # ---------------------------------------------------------------------------
 
 
-def _work_list(cfg: _Config, count, index, partial, batch: int, heads: int, along_q: bool):
+def _work_list(
+  cfg: _Config, count, index, partial, batch: int, heads: int, group: int, along_q: bool
+):
   """The persistent grid's work items, longest first, and their tiles, full first.
+
+  An item is `group` consecutive heads of one (batch, tile): the forward and dq take
+  one query head per item; dK/dV takes a kv head's GQA group, whose query heads'
+  lists it walks one after the other.
 
   Args:
     count, index, partial: one view of the mask ([Bm, Hm, N], [Bm, Hm, N, M] x2).
-    batch, heads: the sizes the items run over (heads: query heads, or kv heads for
-      the transposed view with the GQA loop inside, where `index` lists per query head).
+    batch, heads: the (batch, query head) rows the items cover.
+    group: heads per item.
     along_q: the listed tiles are q tiles (the transposed view).
 
   Returns:
-    meta int32 [W, 5]: (batch, head, tile, tile count, full-tile count) per item.
-    tiles int32 [W, M]: tile ids * 2 + needs-mask, the full tiles first.
+    meta int32 [W, group, 5]: (batch, head, tile, tile count, full-tile count).
+    tiles int32 [W, group, M]: tile id * 2 + partial, the full tiles first.
   """
   n, m = index.shape[-2:]
-  shape = (batch, heads, n)
-  count = jnp.broadcast_to(count, shape).reshape(-1)
-  index = jnp.broadcast_to(index, (*shape, m)).reshape(-1, m)
-  partial = jnp.broadcast_to(partial, (*shape, m)).reshape(-1, m)
+  count = jnp.broadcast_to(count, (batch, heads, n))
+  index = jnp.broadcast_to(index, (batch, heads, n, m))
+  partial = jnp.broadcast_to(partial, (batch, heads, n, m)).astype(bool)
   masked = partial | cfg.tail_tile(index, along_q) | (cfg.num_routes > 0)
-  valid = jnp.arange(m) < count[:, None]
+  valid = jnp.arange(m) < count[..., None]
   order = jnp.argsort(jnp.where(valid, masked.astype(jnp.int32), 2), axis=-1, stable=True)
-  ids = jnp.take_along_axis(index, order, -1)
-  flags = jnp.take_along_axis(partial.astype(jnp.int32), order, -1)
+  pick = lambda x: jnp.take_along_axis(x, order, -1)
+  tiles = pick(index) * 2 + pick(partial.astype(jnp.int32))
   full = jnp.sum(valid & ~masked, axis=-1)
-  items = jnp.argsort(-count, stable=True)
-  w = jnp.arange(count.shape[0])[items]
-  meta = jnp.stack([w // (heads * n), w // n % heads, w % n, count[items], full[items]], -1)
-  return meta.astype(jnp.int32), (ids * 2 + flags)[items].astype(jnp.int32)
+  b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), jnp.arange(n), indexing="ij")
+  meta = jnp.stack([b, h, i, count, full], -1)  # [B, H, N, 5]
+  # Items: (batch, head group, tile), each holding its group's rows.
+  by_item = lambda x: jnp.moveaxis(
+    x.reshape(batch, heads // group, group, n, *x.shape[3:]), 2, 3
+  ).reshape(-1, group, *x.shape[3:])
+  meta, tiles = by_item(meta), by_item(tiles)
+  items = jnp.argsort(-jnp.sum(meta[..., 3], -1), stable=True)
+  return meta[items].astype(jnp.int32), tiles[items].astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -170,12 +183,8 @@ def _zeros(shape, layout=plgpu.Layout.WGMMA, value=0.0) -> jax.Array:
   return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
 
 
-def _rows(x: jax.Array, shape) -> jax.Array:
-  """A per-row vector broadcast over the columns of `shape`."""
-  return lax.broadcast_in_dim(x, shape, (0,))
-
-
 def _cols(x: jax.Array, shape) -> jax.Array:
+  """A per-column vector broadcast over the rows of `shape`."""
   return lax.broadcast_in_dim(x, shape, (1,))
 
 
@@ -211,21 +220,19 @@ def _operand(cfg: _Config, x: jax.Array, scratch, index):
   return scratch
 
 
-def _visible(cfg: _Config, partial, q0, kv0, shape, q_routes=None, kv_routes=None):
-  """bool [rows, cols] (or None): the tile's visible pairs; q0/kv0 its first positions."""
-  q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  kv_pos = kv0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  routed = None
-  if q_routes is not None:
-    key = _cols(kv_routes, shape)
-    for r in q_routes:
-      match = _rows(r, shape) == key
-      routed = match if routed is None else routed | match
-  return cfg.visible(partial, q_pos, kv_pos, routed)
+def _positions(start, shape, dim: int) -> jax.Array:
+  """int32 [rows, cols]: start + the index along `dim`, in the wgmma layout."""
+  return start + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _masked(s: jax.Array, vis: jax.Array | None) -> jax.Array:
-  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+def _routed(q_routes, kv_routes, shape, q_dim: int) -> jax.Array | None:
+  """bool [rows, cols]: the key's route is one of the query's (queries along q_dim)."""
+  if q_routes is None:
+    return None
+  spread = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))
+  key = spread(kv_routes, 1 - q_dim)
+  match = [spread(r, q_dim) == key for r in q_routes]
+  return functools.reduce(jnp.logical_or, match)
 
 
 def _layouts(dtype) -> tuple[Any, ...]:
@@ -245,14 +252,15 @@ def _persistent(cfg: _Config, num_items: int, body, init):
   return lax.fori_loop(0, mine, lambda n, c: body(cta + n * cfg.num_ctas, c), init)
 
 
-def _produce(cfg: _Config, num_items: int, tiles_of, copies, consumed):
-  """The producer warpgroup: fills the `num_stages` ring with `copies(w, t, slot)`
-  for every tile t of every work item, each slot once its previous tenant is
-  consumed; then waits out the last consumed phases (every phase is observed)."""
+def _produce(cfg: _Config, num_items: int, group: int, count_of, copies, consumed):
+  """The producer warpgroup: fills the `num_stages` ring with `copies(w, h, t, slot)`
+  for every tile t of every head h < group of every work item, each slot once its
+  previous tenant is consumed; then waits out the last consumed phases, so that
+  every barrier phase is observed."""
   plgpu.set_max_registers(40, action="decrease")
   stages = cfg.num_stages
 
-  def item(w, g):
+  def head(w, h, g):
     def step(t, g):
       slot = lax.rem(g, stages)
 
@@ -260,10 +268,13 @@ def _produce(cfg: _Config, num_items: int, tiles_of, copies, consumed):
       def _():
         plgpu.barrier_wait(consumed.at[slot])
 
-      copies(w, t, slot)
+      copies(w, h, t, slot)
       return g + 1
 
-    return lax.fori_loop(0, tiles_of(w), step, g)
+    return lax.fori_loop(0, count_of(w, h), step, g)
+
+  def item(w, g):
+    return lax.fori_loop(0, group, lambda h, g: head(w, h, g), g)
 
   total = _persistent(cfg, num_items, item, jnp.int32(0))
 
@@ -273,26 +284,74 @@ def _produce(cfg: _Config, num_items: int, tiles_of, copies, consumed):
   lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
 
 
+def _tile_loops(full, count, step, carry):
+  """step(masked, t, carry) over a list's full tiles, then its masked ones."""
+  carry = lax.fori_loop(0, full, functools.partial(step, False), carry)
+  return lax.fori_loop(full, count, functools.partial(step, True), carry)
+
+
+def _kv_copies(cfg: _Config, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars):
+  """The producer's copies of the forward and dq kernels: kv tile t of item w."""
+  k_smem, v_smem, kr_smem = smem
+  k_bar, v_bar, kr_bar = bars
+
+  def copies(w, h, t, slot):
+    b, hk = meta_ref[w, h, 0], meta_ref[w, h, 1] // cfg.group
+    rows = pl.ds(tiles_ref[w, h, t] // 2 * cfg.block_kv, cfg.block_kv)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
+    if kr_ref is not None:
+      plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], kr_bar.at[slot])
+
+  return copies
+
+
+def _load_rows(cfg: _Config, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg):
+  """A consumer's 64 query rows into SMEM, and their token routes into registers."""
+  rows = pl.ds(q0, ROWS)
+  plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_bar.at[wg])
+  if qr_ref is None:
+    return None
+  hr = h // cfg.route_group
+  plgpu.copy_gmem_to_smem(qr_ref.at[b, hr, :, rows], qr_smem.at[wg], qr_bar.at[wg])
+  plgpu.barrier_wait(qr_bar.at[wg])
+  return [plgpu.load(qr_smem.at[wg, r], layout=_ROW) for r in range(cfg.num_routes)]
+
+
+def _scores(cfg: _Config, a, b_t, masked, tile, q0, kv0, shape, q_dim, q_routes, kv_routes):
+  """Scores of one tile in log2 units (the scale times log2 e folded in), -inf where
+  hidden when `masked`; queries along `q_dim` (0: forward/dq, 1: the dK/dV view)."""
+  s = _mma(cfg, a, b_t) * (cfg.scale * LOG2E)
+  if not masked:
+    return s
+  q_pos, kv_pos = _positions(q0, shape, q_dim), _positions(kv0, shape, 1 - q_dim)
+  routed = _routed(q_routes, kv_routes, shape, q_dim)
+  vis = cfg.visible(tile % 2 == 1, q_pos, kv_pos, routed)
+  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+
+
 def _forward_kernel(cfg: _Config, num_items: int, *refs):
   nr = 2 if cfg.num_routes else 0
-  meta_ref, tiles_ref, q_ref, k_ref, v_ref = refs[:5]  # meta [W, 5], tiles [W, Kmax]
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref = refs[:5]  # meta [W, 1, 5], tiles [W, 1, Kmax]
   qr_ref, kr_ref = refs[5 : 5 + nr] if nr else (None, None)  # [B, Hr, R, Sq_p], [B, Sk_p]
   o_ref, lse_ref, scratch, barriers = refs[5 + nr :]  # o [B, Sq, Hq, Dv], lse [B, Hq, Sq_p]
   q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem, qr_smem, kr_smem = scratch
   q_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
-  bk, stages, wg = cfg.block_kv, cfg.num_stages, lax.axis_index("wg")
+  bk, wg = cfg.block_kv, lax.axis_index("wg")
 
   @pl.when(wg == cfg.wgs)
   def _producer():
-    def copies(w, t, slot):
-      b, hk = meta_ref[w, 0], meta_ref[w, 1] // cfg.group
-      rows = pl.ds(tiles_ref[w, t] // 2 * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
-      if kr_ref is not None:
-        plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], kr_bar.at[slot])
-
-    _produce(cfg, num_items, lambda w: meta_ref[w, 3], copies, consumed)
+    copies = _kv_copies(
+      cfg,
+      meta_ref,
+      tiles_ref,
+      k_ref,
+      v_ref,
+      kr_ref,
+      (k_smem, v_smem, kr_smem),
+      (k_bar, v_bar, kr_bar),
+    )
+    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
 
   @pl.when(wg < cfg.wgs)
   def _consumer():
@@ -301,18 +360,16 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
 
     def step(w, q0, q_routes, masked, t, carry):
       g, m, l, acc = carry
-      slot = lax.rem(g, stages)
-      tile = tiles_ref[w, t]
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.barrier_wait(kr_bar.at[slot])
+        kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
       plgpu.barrier_wait(k_bar.at[slot])
-      s = _mma(cfg, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
-      s = s * (cfg.scale * LOG2E)
-      if masked:
-        kv_routes = None
-        if kr_ref is not None:
-          plgpu.barrier_wait(kr_bar.at[slot])
-          kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
-        vis = _visible(cfg, tile % 2 == 1, q0, tile // 2 * bk, shape, q_routes, kv_routes)
-        s = _masked(s, vis)
+      k_t = k_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
+      )
       plgpu.barrier_wait(v_bar.at[slot])
 
       def accumulate(acc, p):
@@ -326,59 +383,187 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
       return g + 1, m, l, acc
 
     def item(w, g):
-      b, h, i, count, full = (meta_ref[w, c] for c in range(5))
+      b, h, i, count, full = (meta_ref[w, 0, c] for c in range(5))
       q0 = i * cfg.block_q + wg * ROWS
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, ROWS), h], q_smem.at[wg], q_bar.at[wg])
-      q_routes = None
-      if qr_ref is not None:
-        hr = h // cfg.route_group
-        plgpu.copy_gmem_to_smem(qr_ref.at[b, hr, :, pl.ds(q0, ROWS)], qr_smem.at[wg], qr_bar.at[wg])
-        plgpu.barrier_wait(qr_bar.at[wg])
-        q_routes = [plgpu.load(qr_smem.at[wg, r], layout=_ROW) for r in range(cfg.num_routes)]
+      q_routes = _load_rows(cfg, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg)
       plgpu.barrier_wait(q_bar.at[wg])
       carry = (g, _zeros((ROWS,), _ROW, -jnp.inf), _zeros((ROWS,), _ROW))
       carry = (*carry, _zeros((ROWS, cfg.v_head_dim)))
-      run = functools.partial(step, w, q0, q_routes)
-      carry = lax.fori_loop(0, full, functools.partial(run, False), carry)
-      g, m, l, acc = lax.fori_loop(full, count, functools.partial(run, True), carry)
+      step_ = functools.partial(step, w, q0, q_routes)
+      g, m, l, acc = _tile_loops(full, count, step_, carry)
       out, lse = common.finalize(m, l, acc, base2=True)
       o_smem.at[wg][...] = out.astype(o_smem.dtype)
       lse_smem.at[wg][...] = lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(q0, ROWS), h])
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, ROWS)])
-      plgpu.wait_smem_to_gmem(0)  # o_smem/q_smem are reused by the next item
+      plgpu.wait_smem_to_gmem(0)  # the next item reuses o_smem
       return g
 
     _persistent(cfg, num_items, item, jnp.int32(0))
 
 
-def _scratch(cfg: _Config, dtype, num_slots: int, with_out: bool):
-  """SMEM and barriers of the forward (and dq) kernels."""
-  wgs, s, bk, r = cfg.wgs, num_slots, cfg.block_kv, cfg.num_routes
-  d, dv = cfg.head_dim, cfg.v_head_dim
-  buffers = (
-    _smem((wgs, ROWS, d), dtype),  # q
-    _smem((wgs, ROWS, dv if with_out else d), dtype),  # o (forward) / dq (dq kernel)
-    _smem((s, bk, d), dtype),  # k ring
-    _smem((s, bk, dv), dtype),  # v ring
-    plgpu.SMEM((wgs, ROWS), jnp.float32),  # lse
-    _smem((wgs, ROWS, bk), dtype) if cfg.interpret else None,  # staged P (interpret)
-    plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,  # query routes
-    plgpu.SMEM((s, bk), jnp.int32) if r else None,  # key routes ring
-  )
-  barriers = (
-    plgpu.Barrier(num_barriers=wgs),  # q
-    plgpu.Barrier(num_barriers=wgs) if r else None,  # query routes
-    plgpu.Barrier(num_barriers=s),  # k
-    plgpu.Barrier(num_barriers=s),  # v
-    plgpu.Barrier(num_barriers=s) if r else None,  # key routes
-    plgpu.Barrier(num_arrivals=wgs, num_barriers=s),  # consumed
-  )
-  return [buffers, barriers]
+def _dq_kernel(cfg: _Config, num_items: int, *refs):
+  nr = 2 if cfg.num_routes else 0
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
+  qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
+  dq_ref, scratch, barriers = refs[8 + nr :]  # dq [B, Sq, Hq, D]
+  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, qr_smem, kr_smem = scratch
+  q_bar, do_bar, lse_bar, delta_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
+  bk, wg = cfg.block_kv, lax.axis_index("wg")
+
+  @pl.when(wg == cfg.wgs)
+  def _producer():
+    copies = _kv_copies(
+      cfg,
+      meta_ref,
+      tiles_ref,
+      k_ref,
+      v_ref,
+      kr_ref,
+      (k_smem, v_smem, kr_smem),
+      (k_bar, v_bar, kr_bar),
+    )
+    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+
+  @pl.when(wg < cfg.wgs)
+  def _consumer():
+    plgpu.set_max_registers(232 if cfg.wgs == 2 else 240, action="increase")
+    shape = (ROWS, bk)
+
+    def step(w, q0, q_routes, lse, delta, masked, t, carry):
+      g, dq = carry
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.barrier_wait(kr_bar.at[slot])
+        kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
+      plgpu.barrier_wait(k_bar.at[slot])
+      k_t = k_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
+      )
+      p = jnp.exp2(s - common.per_row(lse, shape))
+      plgpu.barrier_wait(v_bar.at[slot])
+      dp = _mma(cfg, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
+      ds = p * (dp - common.per_row(delta, shape))
+      ds = _operand(cfg, ds.astype(q_ref.dtype), ds_smem, wg)
+      dq = _mma(cfg, ds, k_smem.at[slot], dq)
+      plgpu.barrier_arrive(consumed.at[slot])
+      return g + 1, dq
+
+    def item(w, g):
+      b, h, i, count, full = (meta_ref[w, 0, c] for c in range(5))
+      q0 = i * cfg.block_q + wg * ROWS
+      rows = pl.ds(q0, ROWS)
+      q_routes = _load_rows(cfg, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg)
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], delta_bar.at[wg])
+      for bar in (q_bar, do_bar, lse_bar, delta_bar):
+        plgpu.barrier_wait(bar.at[wg])
+      lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
+      delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+      step_ = functools.partial(step, w, q0, q_routes, lse, delta)
+      g, dq = _tile_loops(full, count, step_, (g, _zeros((ROWS, cfg.head_dim))))
+      q_smem.at[wg][...] = (dq * cfg.scale).astype(q_smem.dtype)  # q is done: dq's staging
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+      return g
+
+    _persistent(cfg, num_items, item, jnp.int32(0))
 
 
-def _kernel(cfg: _Config, body, out_type, scratch, num_items: int, name: str):
+def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
+  nr = 2 if cfg.num_routes else 0
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
+  qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
+  dk_ref, dv_ref, scratch, barriers = refs[8 + nr :]  # [B, Sk, Hkv, D], [B, Sk, Hkv, Dv]
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem, qr_smem, kr_smem = scratch
+  k_bar, v_bar, kr_bar, q_bar, do_bar, lse_bar, delta_bar, qr_bar, consumed = barriers
+  bq, wg = cfg.block_q, lax.axis_index("wg")
+  shape = (ROWS, bq)  # kv rows x query columns
+
+  @pl.when(wg == cfg.wgs_kv)
+  def _producer():
+    def copies(w, h, t, slot):
+      b, hq = meta_ref[w, h, 0], meta_ref[w, h, 1]
+      rows = pl.ds(tiles_ref[w, h, t] // 2 * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, hq], q_smem.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hq], do_smem.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, hq, rows], lse_smem.at[slot], lse_bar.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, hq, rows], delta_smem.at[slot], delta_bar.at[slot])
+      if qr_ref is not None:
+        src = qr_ref.at[b, hq // cfg.route_group, :, rows]
+        plgpu.copy_gmem_to_smem(src, qr_smem.at[slot], qr_bar.at[slot])
+
+    _produce(cfg, num_items, cfg.group, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+
+  @pl.when(wg < cfg.wgs_kv)
+  def _consumer():
+    plgpu.set_max_registers(232 if cfg.wgs_kv == 2 else 240, action="increase")
+
+    def step(w, h, kv0, kv_routes, masked, t, carry):
+      g, dk, dv = carry
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, h, t]
+      q_routes = None
+      if qr_ref is not None:
+        plgpu.barrier_wait(qr_bar.at[slot])
+        q_routes = [plgpu.load(qr_smem.at[slot, r], layout=_COL) for r in range(cfg.num_routes)]
+      plgpu.barrier_wait(q_bar.at[slot])
+      q_t = q_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, k_smem.at[wg], q_t, masked, tile, tile // 2 * bq, kv0, shape, 1, q_routes, kv_routes
+      )
+      plgpu.barrier_wait(lse_bar.at[slot])
+      p = jnp.exp2(s - _cols(plgpu.load(lse_smem.at[slot], layout=_COL), shape))
+      plgpu.barrier_wait(do_bar.at[slot])
+      dv = _mma(cfg, _operand(cfg, p.astype(q_ref.dtype), p_smem, wg), do_smem.at[slot], dv)
+      dp = _mma(cfg, v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))
+      plgpu.barrier_wait(delta_bar.at[slot])
+      ds = p * (dp - _cols(plgpu.load(delta_smem.at[slot], layout=_COL), shape))
+      dk = _mma(cfg, _operand(cfg, ds.astype(q_ref.dtype), p_smem, wg), q_smem.at[slot], dk)
+      plgpu.barrier_arrive(consumed.at[slot])
+      return g + 1, dk, dv
+
+    def item(w, g):
+      b, hk, j = meta_ref[w, 0, 0], meta_ref[w, 0, 1] // cfg.group, meta_ref[w, 0, 2]
+      kv0 = j * cfg.block_kv + wg * ROWS
+      rows = pl.ds(kv0, ROWS)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[wg], v_bar.at[wg])
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[wg], kr_bar.at[wg])
+        plgpu.barrier_wait(kr_bar.at[wg])
+        kv_routes = plgpu.load(kr_smem.at[wg], layout=_ROW)
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+
+      def head(h, carry):  # the GQA group's query heads, one after the other
+        step_ = functools.partial(step, w, h, kv0, kv_routes)
+        return _tile_loops(meta_ref[w, h, 4], meta_ref[w, h, 3], step_, carry)
+
+      init = (g, _zeros((ROWS, cfg.head_dim)), _zeros((ROWS, cfg.v_head_dim)))
+      g, dk, dv = lax.fori_loop(0, cfg.group, head, init)
+      k_smem.at[wg][...] = (dk * cfg.scale).astype(k_smem.dtype)  # k/v are done: staging
+      v_smem.at[wg][...] = dv.astype(v_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, rows, hk])
+      plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, hk])
+      plgpu.wait_smem_to_gmem(0)
+      return g
+
+    _persistent(cfg, num_items, item, jnp.int32(0))
+
+
+# ---------------------------------------------------------------------------
+# Kernel calls.
+# ---------------------------------------------------------------------------
+
+
+def _kernel(cfg: _Config, body, out_type, scratch, num_items: int, wgs: int, name: str):
   params = plgpu.InterpretGPUParams() if cfg.interpret else None
   return plgpu.kernel(
     functools.partial(body, cfg, num_items),
@@ -386,12 +571,18 @@ def _kernel(cfg: _Config, body, out_type, scratch, num_items: int, name: str):
     scratch_types=scratch,
     grid=(min(cfg.num_ctas, num_items),),
     grid_names=("cta",),
-    num_threads=cfg.wgs + 1,
+    num_threads=wgs + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),
     interpret=params,
     kernel_name=name,
   )
+
+
+def _barriers(*counts: int | None, consumers: int, stages: int) -> tuple:
+  """One barrier array per entry (None: absent), then the ring's consumed barriers."""
+  bars = tuple(None if n is None else plgpu.Barrier(num_barriers=n) for n in counts)
+  return (*bars, plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
 
 def _route_arrays(cfg: _Config, routes, batch: int):
@@ -410,15 +601,135 @@ def _route_arrays(cfg: _Config, routes, batch: int):
 def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   del q_view  # the transposed view serves the backward pass only
   b, _, hq, _ = q.shape
-  meta, tiles = _work_list(cfg, *kv_view, b, hq, along_q=False)
-  sq, _ = cfg.padded
+  meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
+  wgs, s, bk, r, dt = cfg.wgs, cfg.num_stages, cfg.block_kv, cfg.num_routes, q.dtype
+  d, dv = cfg.head_dim, cfg.v_head_dim
+  smem = (
+    _smem((wgs, ROWS, d), dt),  # q
+    _smem((wgs, ROWS, dv), dt),  # o
+    _smem((s, bk, d), dt),  # k ring
+    _smem((s, bk, dv), dt),  # v ring
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # lse
+    _smem((wgs, ROWS, bk), dt) if cfg.interpret else None,  # P, staged (interpret)
+    plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,  # query routes
+    plgpu.SMEM((s, bk), jnp.int32) if r else None,  # key routes ring
+  )
+  rw, rs = (wgs, s) if r else (None, None)
+  bars = _barriers(wgs, rw, s, s, rs, consumers=wgs, stages=s)
   out_type = (
-    jax.ShapeDtypeStruct((b, cfg.q_len, hq, cfg.v_head_dim), q.dtype),
-    jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+    jax.ShapeDtypeStruct((b, cfg.q_len, hq, dv), dt),
+    jax.ShapeDtypeStruct((b, hq, cfg.padded[0]), jnp.float32),
   )
-  num_items = meta.shape[0]
-  scratch = _scratch(cfg, q.dtype, cfg.num_stages, with_out=True)
-  out, lse = _kernel(cfg, _forward_kernel, out_type, scratch, num_items, "block_sparse_fwd")(
-    meta, tiles, q, k, v, *_route_arrays(cfg, routes, b)
-  )
+  call = _kernel(cfg, _forward_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_fwd")
+  out, lse = call(meta, tiles, q, k, v, *_route_arrays(cfg, routes, b))
   return out, lse[..., : cfg.q_len]
+
+
+def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
+  b, _, hq, _ = q.shape
+  hkv = k.shape[2]
+  wgs, wgs_kv, s, r, dt = cfg.wgs, cfg.wgs_kv, cfg.num_stages, cfg.num_routes, q.dtype
+  bq, bk, d, dv = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.v_head_dim
+  sq = cfg.padded[0]
+  pad = lambda x, value: jnp.pad(x, ((0, 0), (0, 0), (0, sq - cfg.q_len)), constant_values=value)
+  # log2-unit lse; +inf on rows that see nothing (and the padding) makes p = 0 there.
+  lse2 = pad(jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E), jnp.inf)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = pad(delta - d_lse, 0.0)
+  route_args = _route_arrays(cfg, routes, b)
+  inputs = (q, k, v, d_out, lse2, delta, *route_args)
+
+  meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
+  smem = (
+    _smem((wgs, ROWS, d), dt),  # q, then dq
+    _smem((wgs, ROWS, dv), dt),  # dO
+    _smem((s, bk, d), dt),  # k ring
+    _smem((s, bk, dv), dt),  # v ring
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # lse
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # delta
+    _smem((wgs, ROWS, bk), dt) if cfg.interpret else None,  # dS, staged (interpret)
+    plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,
+    plgpu.SMEM((s, bk), jnp.int32) if r else None,
+  )
+  rw, rs = (wgs, s) if r else (None, None)
+  bars = _barriers(wgs, wgs, wgs, wgs, rw, s, s, rs, consumers=wgs, stages=s)
+  out_type = jax.ShapeDtypeStruct(q.shape, dt)
+  dq = _kernel(cfg, _dq_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_dq")(
+    meta, tiles, *inputs
+  )
+
+  meta, tiles = _work_list(cfg, *q_view, b, hq, cfg.group, along_q=True)
+  smem = (
+    _smem((wgs_kv, ROWS, d), dt),  # k, then dk
+    _smem((wgs_kv, ROWS, dv), dt),  # v, then dv
+    _smem((s, bq, d), dt),  # q ring
+    _smem((s, bq, dv), dt),  # dO ring
+    plgpu.SMEM((s, bq), jnp.float32),  # lse ring
+    plgpu.SMEM((s, bq), jnp.float32),  # delta ring
+    _smem((wgs_kv, ROWS, bq), dt) if cfg.interpret else None,  # P, dS staged (interpret)
+    plgpu.SMEM((s, r, bq), jnp.int32) if r else None,  # query routes ring
+    plgpu.SMEM((wgs_kv, ROWS), jnp.int32) if r else None,  # key routes
+  )
+  rw, rs = (wgs_kv, s) if r else (None, None)
+  bars = _barriers(wgs_kv, wgs_kv, rw, s, s, s, s, rs, consumers=wgs_kv, stages=s)
+  out_type = (
+    jax.ShapeDtypeStruct((b, cfg.kv_len, hkv, d), dt),
+    jax.ShapeDtypeStruct((b, cfg.kv_len, hkv, dv), dt),
+  )
+  dk, dv_ = _kernel(cfg, _dkdv_kernel, out_type, [smem, bars], meta.shape[0], wgs_kv, "bs_dkdv")(
+    meta, tiles, *inputs
+  )
+  return dq, dk, dv_
+
+
+_attention = common.attention_with_vjp(_forward, _backward)
+
+
+def block_sparse_attention_mosaic_gpu(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: common.BlockSparseLayout,
+  *,
+  scale: float,
+  interpret: bool = False,
+  routes: common.TokenRoutes | None = None,
+  num_stages: int | None = None,
+  num_ctas: int = NUM_SMS,
+) -> tuple[jax.Array, jax.Array]:
+  """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
+
+  Differentiable (Mosaic GPU backward kernels). Inputs are assumed validated by
+  `ops.block_sparse_attention`; `check_supported` is run here.
+
+  Args:
+    interpret: run the kernels in Mosaic GPU's interpreter (on CPU) instead of
+      compiling them for the GPU.
+    routes: optional per-token routes (`common.TokenRoutes`).
+    num_stages: depth of the SMEM ring (default: 3 where it fits, else 2).
+    num_ctas: width of the persistent grid (default: the H100/H200 SM count).
+
+  Raises:
+    common.Unsupported: a call this kernel does not take (see `check_supported`).
+  """
+  check_supported(q, k, v, mask, routes)
+  d, dv = q.shape[-1], v.shape[-1]
+  if num_stages is None:
+    fits = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 3) <= SMEM_BYTES
+    num_stages = 3 if fits else 2
+  cfg = _Config(
+    **common.Tiling.fields_of(mask),
+    scale=scale,
+    head_dim=d,
+    v_head_dim=dv,
+    group=q.shape[2] // k.shape[2],
+    num_routes=0 if routes is None else routes.query.shape[-1],
+    route_group=1 if routes is None else q.shape[2] // routes.query.shape[1],
+    interpret=bool(interpret),
+    num_stages=num_stages,
+    num_ctas=num_ctas,
+  )
+  as_int = lambda x: x.astype(jnp.int32)
+  kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
+  q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
+  return _attention(cfg, q, k, v, kv_view, q_view, routes)
