@@ -10,7 +10,7 @@ import pytest
 import testutil
 
 from sparse_attention.ops import masks
-from sparse_attention.pallas_kernels.block_sparse import gpu
+from sparse_attention.pallas_kernels.block_sparse import common, gpu
 
 MASKS = testutil.mask_cases()
 
@@ -58,7 +58,7 @@ def test_explicit_scale():
 def test_unsupported_raises(block_q, block_kv, head_dim, match):
   q, k, v = testutil.qkv(1, 64, 64, 2, 2, head_dim)
   m = masks.causal(64, 64, block_q=block_q, block_kv=block_kv)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(common.Unsupported, match=match):
     triton(q, k, v, m)
 
 

@@ -17,7 +17,7 @@ import testutil
 from jax.experimental.pallas import tpu as pltpu
 
 from sparse_attention.ops import masks
-from sparse_attention.pallas_kernels.block_sparse import tpu
+from sparse_attention.pallas_kernels.block_sparse import common, tpu
 
 # Ragged lengths: with block_kv = 128, 3 kv blocks; with block_q = 64 (dK/dV
 # transposes its tiles) 4 q blocks, with block_q = 128 (dK/dV kv-major) 2.
@@ -158,9 +158,9 @@ def test_unsupported_raises(block_q, block_kv, dtype, match):
   q, k, v = testutil.qkv(1, 256, 256, 2, 2, 64)
   q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
   m = masks.causal(256, 256, block_q=block_q, block_kv=block_kv)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(common.Unsupported, match=match):
     tpu.check_supported(q, k, v, m)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(common.Unsupported, match=match):
     mosaic(q, k, v, m)
 
 
@@ -175,7 +175,7 @@ def test_smem_limit_raises(monkeypatch, shape, block_q, block_kv, match):
   m = masks.from_layout(
     np.ones(shape, bool), block_q=block_q, block_kv=block_kv, q_len=256, kv_len=256
   )
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(common.Unsupported, match=match):
     tpu.check_supported(q, k, v, m)
 
 

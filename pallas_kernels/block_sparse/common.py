@@ -74,6 +74,13 @@ class Tiling:
   def num_kv_blocks(self) -> int:
     return -(-self.kv_len // self.block_kv)
 
+  def tail_tile(self, ids: jax.Array, along_q: bool) -> jax.Array:
+    """bool: which of the tile ids are the ragged last tile of their axis."""
+    length, block = (self.q_len, self.block_q) if along_q else (self.kv_len, self.block_kv)
+    if length % block == 0:
+      return jnp.zeros(ids.shape, bool)
+    return ids == length // block
+
   def visible(
     self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array, routed: jax.Array | None = None
   ) -> jax.Array | None:
@@ -89,6 +96,28 @@ class Tiling:
       block_kv=self.block_kv,
       routed=routed,
     )
+
+
+def full_tiles_first(
+  tiling: Tiling,
+  count: jax.Array,  # int32 [..., N]
+  index: jax.Array,  # int32 [..., N, M]
+  partial: jax.Array,  # bool/int [..., N, M]
+  along_q: bool,  # the listed tiles are q tiles (the transposed view)
+  routed: bool,  # token routes: every tile is masked
+) -> tuple[jax.Array, jax.Array]:
+  """Each row's tiles reordered so that the full ones come first, for kernels that run
+  two loops (the element mask only in the second): (int32 [..., N, M] tile id * 2 +
+  partial, int32 [..., N] the number of full tiles). Masked tiles are the partial ones,
+  the ragged last tile of the axis, and all of them under token routes; softmax
+  accumulation does not depend on the order. Padding slots go last."""
+  partial = partial.astype(bool)
+  masked = partial | tiling.tail_tile(index, along_q) | routed
+  valid = jnp.arange(index.shape[-1]) < count[..., None]
+  order = jnp.argsort(jnp.where(valid, masked.astype(jnp.int32), 2), axis=-1, stable=True)
+  pick = lambda x: jnp.take_along_axis(x, order, -1)
+  tiles = pick(index) * 2 + pick(partial.astype(jnp.int32))
+  return tiles.astype(jnp.int32), jnp.sum(valid & ~masked, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,13 +118,6 @@ class _Config(common.Tiling):
     """Sequence lengths rounded up to whole tiles."""
     return self.num_q_blocks * self.block_q, self.num_kv_blocks * self.block_kv
 
-  def tail_tile(self, ids: jax.Array, along_q: bool) -> jax.Array:
-    """bool: which of the tile ids are the ragged last tile of their axis."""
-    length, block = (self.q_len, self.block_q) if along_q else (self.kv_len, self.block_kv)
-    if length % block == 0:
-      return jnp.zeros(ids.shape, bool)
-    return ids == length // block
-
 
 # ---------------------------------------------------------------------------
 # Work lists (XLA, O(B * H * Qb * Kmax) integers).
@@ -154,12 +147,7 @@ def _work_list(
   count = jnp.broadcast_to(count, (batch, heads, n))
   index = jnp.broadcast_to(index, (batch, heads, n, m))
   partial = jnp.broadcast_to(partial, (batch, heads, n, m)).astype(bool)
-  masked = partial | cfg.tail_tile(index, along_q) | (cfg.num_routes > 0)
-  valid = jnp.arange(m) < count[..., None]
-  order = jnp.argsort(jnp.where(valid, masked.astype(jnp.int32), 2), axis=-1, stable=True)
-  pick = lambda x: jnp.take_along_axis(x, order, -1)
-  tiles = pick(index) * 2 + pick(partial.astype(jnp.int32))
-  full = jnp.sum(valid & ~masked, axis=-1)
+  tiles, full = common.full_tiles_first(cfg, count, index, partial, along_q, cfg.num_routes > 0)
   b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), jnp.arange(n), indexing="ij")
   meta = jnp.stack([b, h, i, count, full], -1)  # [B, H, N, 5]
   # Items: (batch, head group, tile), each holding its group's rows.
