@@ -586,8 +586,15 @@ def _route_arrays(cfg: _Config, routes, batch: int):
   return [query, jnp.broadcast_to(key, (batch, sk))]
 
 
+def _pad8(x: jax.Array) -> jax.Array:
+  """[B, S, H, D] padded along S to a multiple of 8 rows (TMA's tiling of the
+  sequence dim; whole tiles past the end are then read as zeros by TMA itself)."""
+  return jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8), (0, 0), (0, 0)))
+
+
 def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   del q_view  # the transposed view serves the backward pass only
+  q, k, v = _pad8(q), _pad8(k), _pad8(v)
   b, _, hq, _ = q.shape
   meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
   wgs, s, bk, r, dt = cfg.wgs, cfg.num_stages, cfg.block_kv, cfg.num_routes, q.dtype
@@ -605,17 +612,16 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   rw, rs = (wgs, s) if r else (None, None)
   bars = _barriers(wgs, rw, s, s, rs, consumers=wgs, stages=s)
   out_type = (
-    jax.ShapeDtypeStruct((b, cfg.q_len, hq, dv), dt),
+    jax.ShapeDtypeStruct((*q.shape[:3], dv), dt),
     jax.ShapeDtypeStruct((b, hq, cfg.padded[0]), jnp.float32),
   )
   call = _kernel(cfg, _forward_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_fwd")
   out, lse = call(meta, tiles, q, k, v, *_route_arrays(cfg, routes, b))
-  return out, lse[..., : cfg.q_len]
+  return out[:, : cfg.q_len], lse[..., : cfg.q_len]
 
 
 def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
   b, _, hq, _ = q.shape
-  hkv = k.shape[2]
   wgs, wgs_kv, s, r, dt = cfg.wgs, cfg.wgs_kv, cfg.num_stages, cfg.num_routes, q.dtype
   bq, bk, d, dv = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.v_head_dim
   sq = cfg.padded[0]
@@ -625,6 +631,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = pad(delta - d_lse, 0.0)
   route_args = _route_arrays(cfg, routes, b)
+  q, k, v, d_out = _pad8(q), _pad8(k), _pad8(v), _pad8(d_out)
   inputs = (q, k, v, d_out, lse2, delta, *route_args)
 
   meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
@@ -661,13 +668,13 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   rw, rs = (wgs_kv, s) if r else (None, None)
   bars = _barriers(wgs_kv, wgs_kv, rw, s, s, s, s, rs, consumers=wgs_kv, stages=s)
   out_type = (
-    jax.ShapeDtypeStruct((b, cfg.kv_len, hkv, d), dt),
-    jax.ShapeDtypeStruct((b, cfg.kv_len, hkv, dv), dt),
+    jax.ShapeDtypeStruct((*k.shape[:3], d), dt),
+    jax.ShapeDtypeStruct((*k.shape[:3], dv), dt),
   )
   dk, dv_ = _kernel(cfg, _dkdv_kernel, out_type, [smem, bars], meta.shape[0], wgs_kv, "bs_dkdv")(
     meta, tiles, *inputs
   )
-  return dq, dk, dv_
+  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv_[:, : cfg.kv_len]
 
 
 _attention = common.attention_with_vjp(_forward, _backward)
