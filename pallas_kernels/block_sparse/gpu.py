@@ -298,7 +298,8 @@ def _dkdv_kernel(
   kv_pos = _positions(pl.program_id(0) * sub, sub)
   k = _load(k_ref, cfg.head_dim)
   v = _load(v_ref, cfg.v_head_dim)
-  row = (lambda ref, h: ref.at[h]) if cfg.mask_heads else (lambda ref, h: ref)
+  per_head = cfg.mask_heads and cfg.group > 1  # as _row_specs selects the rows
+  row = (lambda ref, h: ref.at[h]) if per_head else (lambda ref, h: ref)
 
   def head(h, carry):  # the group's query heads, one after the other
     def step(masked, i, partial, carry):
