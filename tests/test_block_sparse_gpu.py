@@ -2,6 +2,7 @@
 for CUDA (the Triton IR is built on CPU, so lowering errors show up here)."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,29 @@ def test_unsupported_raises(block_q, block_kv, head_dim, match):
   m = masks.causal(64, 64, block_q=block_q, block_kv=block_kv)
   with pytest.raises(common.Unsupported, match=match):
     triton(q, k, v, m)
+
+
+def test_int32_offsets_guard():
+  """B x H x padded S x padded D >= 2**31 elements overflows the int32 offsets: refused
+  (shapes only; the mask stand-in carries just the geometry)."""
+  big = jax.ShapeDtypeStruct((1, 2**20, 16, 128), jnp.bfloat16)  # 2**31 elements
+  geometry = lambda n: types.SimpleNamespace(block_q=128, block_kv=128, q_len=n, kv_len=n)
+  with pytest.raises(common.Unsupported, match="int32 offsets"):
+    gpu.check_supported(big, big, big, geometry(2**20))
+  ok = jax.ShapeDtypeStruct((1, 2**20 - 128, 16, 128), jnp.bfloat16)
+  gpu.check_supported(ok, ok, ok, geometry(2**20 - 128))
+
+
+def test_pipeline_depth_fits_shared_memory():
+  """128 x 128 bf16 tiles, head dim 128, on sm90 (227 KB): the forward keeps 3 stages
+  (224 KB), dQ drops to 2 (3 would need 256 KB, which would not launch), f32 to 1."""
+  mask = masks.causal(256, 256, block_q=128, block_kv=128)
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  cfg = gpu._config(q, q, q, mask, scale=1.0, interpret=False)
+  tile = 128 * 128 * 2
+  assert gpu._stages(cfg, tile, 2 * tile) == 3
+  assert gpu._stages(cfg, 2 * tile, 2 * tile) == 2
+  assert gpu._stages(cfg, 2 * tile, 4 * tile) == 1
 
 
 def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) -> int:

@@ -49,6 +49,10 @@ MIN_BLOCK = 16
 DKDV_ROWS = 64
 # Offsets are int32: the largest operand, padded, must stay below 2**31 elements.
 MAX_ELEMENTS = 2**31 - 1
+# Shared memory one program may use (bytes): sm90/sm100's opt-in maximum, also the
+# budget when lowering on a host without a GPU; A100-class 163 KB, other GPUs 99 KB.
+SMEM_BYTES = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024}
+SMEM_BYTES_OTHER = 99 * 1024
 
 
 def check_supported(
@@ -421,14 +425,35 @@ def _vector_spec(block: int | None, length: int):
   return pl.BlockSpec((None, None, block), lambda t, b, h: (b, h, t))
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str):
+def smem_budget() -> int:
+  """Shared memory a Triton program may use on the default device, bytes."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or not capability:
+    return SMEM_BYTES[9, 0]
+  major, minor = (int(x) for x in str(capability).split(".")[:2])
+  return SMEM_BYTES.get((major, minor), SMEM_BYTES_OTHER)
+
+
+def _stages(cfg: _Config, fixed: int, per_stage: int) -> int:
+  """The deepest software pipeline, at most cfg.num_stages, whose SMEM fits: `fixed`
+  bytes of tiles held for the whole program plus `per_stage` bytes per ring slot (the
+  k/v or q/dO tiles a step loads). At 128 x 128 bf16 tiles and head dim 128 the
+  forward takes 3 stages (224 KB), dQ 2 (192 KB: 3 would need 256 KB)."""
+  budget = smem_budget()
+  fits = [s for s in range(2, cfg.num_stages + 1) if fixed + s * per_stage <= budget]
+  return max(fits, default=1)
+
+
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem):
+  """`smem`: (fixed, per-stage) SMEM bytes of the kernel's tiles (see `_stages`)."""
   return pl.pallas_call(
     functools.partial(kernel, cfg=cfg),
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
-    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=cfg.num_stages),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=_stages(cfg, *smem)),
     interpret=cfg.interpret,
     name=name,
   )
@@ -474,6 +499,7 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   dp, dvp = cfg.padded_dims
   kv_head = lambda h: h // cfg.group
   same = lambda h: h
+  size = q.dtype.itemsize
   route_args, route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
   tiles, full = common.full_tiles_first(cfg, *kv_view, False, routes is not None)
   out, lse = _call(
@@ -493,6 +519,7 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
       jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
     ],
     name="block_sparse_forward",
+    smem=(cfg.block_q * dp * size, cfg.block_kv * (dp + dvp) * size),
   )(kv_view[0], full, tiles, *route_args, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
 
@@ -513,7 +540,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   delta = pad_rows(delta)
   q, d_out = _pad_seq(q, sq), _pad_seq(d_out, sq)
   k, v = _pad_seq(k, sk), _pad_seq(v, sk)
-  routed = routes is not None
+  routed, size = routes is not None, q.dtype.itemsize
   tile_route_args, tile_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
   tiles, full = common.full_tiles_first(cfg, *kv_view, False, routed)
 
@@ -534,6 +561,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
     out_specs=_tile_spec(cfg.block_q, dp, same),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     name="block_sparse_dq",
+    smem=(cfg.block_q * (dp + dvp) * size, cfg.block_kv * (dp + dvp) * size),
   )(kv_view[0], full, tiles, *tile_route_args, q, k, v, d_out, lse, delta)
 
   # dK/dV: one program per (sub-tile of <= 64 kv rows, batch, kv head); the GQA
@@ -563,6 +591,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
       jax.ShapeDtypeStruct((b, sk, hkv, cfg.v_head_dim), v.dtype),
     ],
     name="block_sparse_dkdv",
+    smem=(sub * (dp + dvp) * size, cfg.block_q * ((dp + dvp) * size + 8)),  # + lse, delta
   )(q_view[0], full, tiles, *head_route_args, q, k, v, d_out, lse, delta)
   return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv[:, : cfg.kv_len]
 
@@ -667,7 +696,7 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
   ]
-  kernel = _calibrate_kernel
+  kernel, size = _calibrate_kernel, q.dtype.itemsize
   if masked_output:
     out_specs.append(_tile_spec(cfg.block_q, dvp, same))
     out_shape.append(jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype))
@@ -686,6 +715,7 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     out_specs=out_specs,
     out_shape=out_shape,
     name="block_sparse_calibrate",
+    smem=(cfg.block_q * dp * size, cfg.block_kv * (dp + dvp) * size),
   )(tile_codes.astype(jnp.int32), _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   out, lse, lse_m = outs[0][:, : cfg.q_len], outs[1][..., : cfg.q_len], outs[2][..., : cfg.q_len]
   out_m = outs[3][:, : cfg.q_len] if masked_output else None
