@@ -72,7 +72,11 @@ def test_work_list_longest_items_first_and_full_tiles_first():
   mask = masks.union(
     masks.sliding_window(256, 256, window=40, block_q=64, block_kv=64),
     masks.from_layout(
-      testutil.random_layout(1, 1, 256, 256, 64, 64, 0.4, seed=1), 256, 256, 64, 64
+      testutil.random_layout(1, 1, 256, 256, 64, 64, 0.4, seed=1),
+      block_q=64,
+      block_kv=64,
+      q_len=256,
+      kv_len=256,
     ),
   )
   cfg = mosaic_gpu._Config(
