@@ -114,7 +114,7 @@ def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) 
         q_len=1024,
         kv_len=1024,
       ),
-      (4, 4),
+      (4, 2),  # GQA under a per-head mask: dK/dV reads its group's mask rows
       (96, 64),
     ),
     (masks.chunked(512, 512, chunk=100, causal=True, block_q=64, block_kv=64), (2, 2), (256, 256)),

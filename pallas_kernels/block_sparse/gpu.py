@@ -150,11 +150,14 @@ def _positions(start, size: int) -> jax.Array:
   return start + jnp.arange(size, dtype=jnp.int32)
 
 
-def _route_columns(cfg: _Config, q_route_ref, rows=slice(None)) -> list[jax.Array]:
-  """The query routes of a tile, one int32 [block_q] vector per route slot."""
+def _route_columns(cfg: _Config, q_route_ref, *index) -> list[jax.Array]:
+  """The query routes of a tile, one int32 [block_q] vector per route slot; `index`
+  selects the rows (default: all of the block). One indexer per read: jax 0.11's
+  Triton lowering takes no `ref.at[...][...]` chains."""
   if q_route_ref is None:
     return []
-  return [q_route_ref[rows, r] for r in range(cfg.num_routes)]
+  index = index or (slice(None),)
+  return [q_route_ref[(*index, r)] for r in range(cfg.num_routes)]
 
 
 def _routed(columns: list[jax.Array], kv_route_ref, kv_rows) -> jax.Array | None:
@@ -180,21 +183,23 @@ def _scores(
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
 
-def _walk(count, full, tiles_ref, step, init):
+def _walk(count, full, tiles_ref, step, init, head=None):
   """step(masked, tile id, partial, carry) over a row's full tiles, then its masked
-  ones. The next id is read one step ahead and carried, so the software pipeliner
-  sees the k/v (or q/dO) loads of a step depend on the carry, not on a load."""
-  last = tiles_ref.shape[0] - 1
+  ones (the row `tiles_ref[head]` if head is given). The next id is read one step
+  ahead and carried, so the software pipeliner sees the k/v (or q/dO) loads of a
+  step depend on the carry, not on a load."""
+  last = tiles_ref.shape[-1] - 1
+  tile_at = (lambda t: tiles_ref[t]) if head is None else (lambda t: tiles_ref[head, t])
 
   def loop(masked):
     def body(t, carry):
       tile, inner = carry
-      upcoming = tiles_ref[jnp.minimum(t + 1, last)]
+      upcoming = tile_at(jnp.minimum(t + 1, last))
       return upcoming, step(masked, tile // 2, tile % 2 == 1, inner)
 
     return body
 
-  carry = jax.lax.fori_loop(0, full, loop(False), (tiles_ref[0], init))
+  carry = jax.lax.fori_loop(0, full, loop(False), (tile_at(0), init))
   return jax.lax.fori_loop(full, count, loop(True), carry)[1]
 
 
@@ -303,7 +308,8 @@ def _dkdv_kernel(
   k = _load(k_ref, cfg.head_dim)
   v = _load(v_ref, cfg.v_head_dim)
   per_head = cfg.mask_heads and cfg.group > 1  # as _row_specs selects the rows
-  row = (lambda ref, h: ref.at[h]) if per_head else (lambda ref, h: ref)
+  # Read outside the loops: the Pallas interpreter substitutes program ids only there.
+  first_head = pl.program_id(2) * cfg.group
 
   def head(h, carry):  # the group's query heads, one after the other
     def step(masked, i, partial, carry):
@@ -313,8 +319,8 @@ def _dkdv_kernel(
       do = _load(do_ref.at[rows, h, :], cfg.v_head_dim)
       routed = None
       if masked and q_route_ref is not None:
-        route_head = (pl.program_id(2) * cfg.group + h) // cfg.route_group
-        columns = _route_columns(cfg, q_route_ref.at[route_head], rows)
+        route_head = (first_head + h) // cfg.route_group
+        columns = _route_columns(cfg, q_route_ref, route_head, rows)
         routed = _routed(columns, kv_route_ref, slice(None))
       q_pos = _positions(i * bq, bq)
       s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
@@ -323,8 +329,9 @@ def _dkdv_kernel(
       ds = p * (_dot(do, v.T) - delta_ref[h, rows][:, None])
       return dk + _dot(ds.astype(q.dtype).T, q), dv
 
-    count, full = row(count_ref, h)[...], row(full_ref, h)[...]
-    return _walk(count, full, row(tiles_ref, h), step, carry)
+    if not per_head:
+      return _walk(count_ref[...], full_ref[...], tiles_ref, step, carry)
+    return _walk(count_ref[h], full_ref[h], tiles_ref, step, carry, head=h)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)
