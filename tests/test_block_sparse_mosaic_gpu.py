@@ -38,15 +38,16 @@ def test_every_mask_gqa(name):
   testutil.assert_matches_reference(q, k, v, MASKS[name], mosaic, what=name)
 
 
-def test_two_consumer_warpgroups_mqa_and_empty_rows():
-  """128-row tiles (2 consumer warpgroups in every kernel), MQA, D != Dv, and a
-  random layout whose rows and columns are partly empty."""
+def test_two_consumer_warpgroups_mqa_empty_rows_and_explicit_scale():
+  """128-row tiles (2 consumer warpgroups in every kernel), MQA, D != Dv, a random
+  layout whose rows and columns are partly empty, and a scale that is not the default."""
   q_len, kv_len = 200, 150
   layout = testutil.random_layout(1, 2, q_len, kv_len, 128, 128, 0.6, seed=3)
   layout[0, 1, 0] = False  # a q tile that sees nothing
   mask = masks.from_layout(layout, block_q=128, block_kv=128, q_len=q_len, kv_len=kv_len)
   q, k, v = testutil.qkv(1, q_len, kv_len, 2, 1, 128, 64, dtype=jnp.bfloat16)
-  testutil.assert_matches_reference(q, k, v, mask, mosaic, what="128x128")
+  attend = functools.partial(mosaic, scale=0.7)
+  testutil.assert_matches_reference(q, k, v, mask, attend, what="128x128", scale=0.7)
 
 
 def test_token_routes():
@@ -59,13 +60,6 @@ def test_token_routes():
   )
   attend = lambda q, k, v, m: mosaic(q, k, v, m, routes)
   testutil.assert_matches_reference(q, k, v, MASKS["causal"], attend, what="routes", routes=routes)
-
-
-def test_explicit_scale():
-  q, k, v = testutil.qkv(1, 64, 64, 2, 2, 64, dtype=jnp.bfloat16)
-  m = masks.causal(64, 64, block_q=64, block_kv=64)
-  attend = functools.partial(mosaic, scale=0.7)
-  testutil.assert_matches_reference(q, k, v, m, attend, what="scale", scale=0.7)
 
 
 def test_work_list_longest_items_first_and_full_tiles_first():
