@@ -2,6 +2,7 @@
 for CUDA (the Triton IR is built on CPU, so lowering errors show up here)."""
 
 import functools
+import re
 import types
 
 import jax
@@ -45,6 +46,14 @@ def test_mqa_and_head_dims_that_are_not_powers_of_two(q_heads, kv_heads, head_di
   testutil.assert_matches_reference(q, k, v, m, triton, what=f"d={head_dim}/{v_head_dim}")
 
 
+def test_dq_in_64_key_steps():
+  """128 x 128 bf16 tiles at head dim 128: dQ walks each kv tile in two 64-key steps
+  (whole tiles would not fit a 3-deep ring in SMEM); causal, ragged, GQA."""
+  q, k, v = testutil.qkv(1, 200, 250, 2, 1, 128, dtype=jnp.bfloat16)
+  m = masks.causal(200, 250, block_q=128, block_kv=128, offset=50)
+  testutil.assert_matches_reference(q, k, v, m, triton, what="64-key dq")
+
+
 def test_explicit_scale():
   q, k, v = testutil.qkv(1, 64, 64, 2, 2, 16)
   m = masks.causal(64, 64, block_q=16, block_kv=16)
@@ -75,15 +84,22 @@ def test_int32_offsets_guard():
 
 
 def test_pipeline_depth_fits_shared_memory():
-  """128 x 128 bf16 tiles, head dim 128, on sm90 (227 KB): the forward keeps 3 stages
-  (224 KB), dQ drops to 2 (3 would need 256 KB, which would not launch), f32 to 1."""
+  """Each kernel gets the deepest pipeline whose SMEM fits (227 KB on sm90, the budget
+  when lowering on a host): 3 stages for all three at 128 x 128 bf16 tiles and head dim
+  128 (dQ in 64-key steps: whole 128-key steps would need 256 KB), 1 for f32 here."""
   mask = masks.causal(256, 256, block_q=128, block_kv=128)
-  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
-  cfg = gpu._config(q, q, q, mask, scale=1.0, interpret=False)
   tile = 128 * 128 * 2
-  assert gpu._stages(cfg, tile, 2 * tile) == 3
-  assert gpu._stages(cfg, 2 * tile, 2 * tile) == 2
-  assert gpu._stages(cfg, 2 * tile, 4 * tile) == 1
+  q = jnp.zeros((1, 256, 2, 128))
+  cfg = gpu._config(q, q, q, mask, scale=1.0, interpret=False)
+  assert gpu._stages(cfg, 2 * tile, 4 * tile) == 1  # f32 tiles
+  for dtype, stages in ((jnp.bfloat16, [3, 3, 3]), (jnp.float32, [1, 1, 1])):
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), dtype)
+
+    def loss(q, k, v, m):
+      return gpu.block_sparse_attention_triton(q, k, v, m, scale=0.1)[0].astype(jnp.float32).sum()
+
+    text = testutil.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, mask)
+    assert [int(n) for n in re.findall(r"num_stages = (\d+)", text)] == stages, dtype
 
 
 def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) -> int:

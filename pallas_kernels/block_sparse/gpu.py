@@ -7,12 +7,19 @@ Three `pl.pallas_call`s, tied together by `jax.custom_vjp`:
                              entries of kv_index), loads each k/v tile straight
                              from HBM by its id, and runs the online softmax.
                              Writes the output and the natural-log lse.
-  dq       grid (Qb, B, Hq)  the same walk, accumulating dQ from p = exp(s - lse).
-  dk/dv    grid (Kb, B, Hq)  one program per kv tile and *query* head: it walks
-                             the transposed view (q_count/q_index) and
-                             accumulates that head's share of dK, dV; shares of
-                             the heads of a GQA group are summed afterwards (as
-                             FlashAttention-2 does), so k/v are never repeated.
+  dq       grid (Qb, B, Hq)  the same walk, accumulating dQ from p = exp(s - lse),
+                             in steps of 64 keys where a deep ring of whole k/v
+                             tiles would not fit SMEM (see DQ_KV_ROWS).
+  dk/dv    grid (Kb * subs, B, Hkv)  one program per 64-row sub-tile of a kv tile
+                             and kv head: it walks the transposed view
+                             (q_count/q_index) for each query head of the GQA
+                             group in turn, and writes dK, dV once, in the input
+                             dtype (no per-query-head shares summed afterwards).
+
+The kernels run a row's full tiles in one loop and its masked ones (partial,
+ragged tail, token routes) in a second; the next tile id is read one step ahead,
+so Triton pipelines the k/v (q/dO) loads `num_stages` deep, as deep as SMEM allows.
+Softmax runs in base 2 (exp2, log2 e folded into the scale).
 
 Tiles not listed cost nothing: no load, no matmul, no program step. The
 element mask runs only on tiles the mask flags partial, and the position
@@ -47,6 +54,12 @@ MIN_BLOCK = 16
 # f32 accumulators plus s, p and dS of one 128-row program need 255 registers and
 # spill (~150 spill instructions per tile, ptxas for sm_90a); 64 rows do not.
 DKDV_ROWS = 64
+# dQ walks a kv tile in steps of 64 keys where a `num_stages`-deep ring of whole k/v
+# tiles does not fit SMEM beside the resident q and dO: at 128 x 128 bf16 tiles and
+# head dim 128 that ring needs 256 KB (> 227 KB: 2 stages, whose loads Triton does not
+# overlap), of 64-key halves 160 KB. Each k/v tile is still read once; the halves cost
+# ~40% more instructions per tile (narrower wgmma), the overlap hides the loads.
+DQ_KV_ROWS = 64
 # Offsets are int32: the largest operand, padded, must stay below 2**31 elements.
 MAX_ELEMENTS = 2**31 - 1
 # Shared memory one program may use (bytes): sm90/sm100's opt-in maximum, also the
@@ -183,24 +196,29 @@ def _scores(
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
 
 
-def _walk(count, full, tiles_ref, step, init, head=None):
+def _walk(count, full, tiles_ref, step, init, head=None, subs: int = 1):
   """step(masked, tile id, partial, carry) over a row's full tiles, then its masked
   ones (the row `tiles_ref[head]` if head is given). The next id is read one step
   ahead and carried, so the software pipeliner sees the k/v (or q/dO) loads of a
-  step depend on the carry, not on a load."""
+  step depend on the carry, not on a load. `subs` > 1: each tile is walked in `subs`
+  steps, and `tile id` is that of the sub-tile (tile id * subs + the step within)."""
   last = tiles_ref.shape[-1] - 1
   tile_at = (lambda t: tiles_ref[t]) if head is None else (lambda t: tiles_ref[head, t])
 
   def loop(masked):
     def body(t, carry):
       tile, inner = carry
-      upcoming = tile_at(jnp.minimum(t + 1, last))
-      return upcoming, step(masked, tile // 2, tile % 2 == 1, inner)
+      if subs == 1:
+        upcoming, part = tile_at(jnp.minimum(t + 1, last)), tile // 2
+      else:  # t >= 0: truncating division is floor division
+        upcoming = tile_at(jnp.minimum(jax.lax.div(t + 1, subs), last))
+        part = tile // 2 * subs + jax.lax.rem(t, subs)
+      return upcoming, step(masked, part, tile % 2 == 1, inner)
 
     return body
 
-  carry = jax.lax.fori_loop(0, full, loop(False), (tile_at(0), init))
-  return jax.lax.fori_loop(full, count, loop(True), carry)[1]
+  carry = jax.lax.fori_loop(0, full * subs, loop(False), (tile_at(0), init))
+  return jax.lax.fori_loop(full * subs, count * subs, loop(True), carry)[1]
 
 
 # ---------------------------------------------------------------------------
@@ -262,15 +280,16 @@ def _dq_kernel(
   dq_ref,  # [block_q, Dp]
   *,
   cfg: _Config,
+  keys: int,  # keys per step: the kv tile, or a part of it (see DQ_KV_ROWS)
 ):
-  bq, bk = cfg.block_q, cfg.block_kv
+  bq, bk = cfg.block_q, keys
   q_pos = _positions(pl.program_id(0) * bq, bq)
   q = _load(q_ref, cfg.head_dim)
   do = _load(do_ref, cfg.v_head_dim)
   lse, delta = lse_ref[...], delta_ref[...]
   routes = _route_columns(cfg, q_route_ref)
 
-  def step(masked, j, partial, dq):
+  def step(masked, j, partial, dq):  # j: the step's part of the kv tile
     keys = pl.ds(j * bk, bk)
     k = _load(k_ref.at[keys, :], cfg.head_dim)
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
@@ -282,7 +301,8 @@ def _dq_kernel(
     return dq + _dot(ds.astype(k.dtype), k)
 
   init = jnp.zeros(q.shape, jnp.float32)
-  dq = _walk(count_ref[...], full_ref[...], tiles_ref, step, init)
+  subs = cfg.block_kv // bk
+  dq = _walk(count_ref[...], full_ref[...], tiles_ref, step, init, subs=subs)
   _store(dq_ref, dq * cfg.scale, cfg.head_dim)
 
 
@@ -446,7 +466,7 @@ def _stages(cfg: _Config, fixed: int, per_stage: int) -> int:
   """The deepest software pipeline, at most cfg.num_stages, whose SMEM fits: `fixed`
   bytes of tiles held for the whole program plus `per_stage` bytes per ring slot (the
   k/v or q/dO tiles a step loads). At 128 x 128 bf16 tiles and head dim 128 the
-  forward takes 3 stages (224 KB), dQ 2 (192 KB: 3 would need 256 KB)."""
+  forward takes 3 stages (224 KB), dQ 3 (160 KB, of 64-key steps), f32 inputs fewer."""
   budget = smem_budget()
   fits = [s for s in range(2, cfg.num_stages + 1) if fixed + s * per_stage <= budget]
   return max(fits, default=1)
@@ -551,8 +571,13 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   tile_route_args, tile_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
   tiles, full = common.full_tiles_first(cfg, *kv_view, False, routed)
 
+  # Whole kv tiles per step where `num_stages` of them fit SMEM, else 64-key parts.
+  fixed, per_key = cfg.block_q * (dp + dvp) * size, (dp + dvp) * size
+  keys = cfg.block_kv
+  if _stages(cfg, fixed, keys * per_key) < cfg.num_stages:
+    keys = min(keys, DQ_KV_ROWS)
   dq = _call(
-    _dq_kernel,
+    functools.partial(_dq_kernel, keys=keys),
     cfg,
     grid=(qb, b, hq),
     in_specs=[
@@ -568,7 +593,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
     out_specs=_tile_spec(cfg.block_q, dp, same),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     name="block_sparse_dq",
-    smem=(cfg.block_q * (dp + dvp) * size, cfg.block_kv * (dp + dvp) * size),
+    smem=(fixed, keys * per_key),
   )(kv_view[0], full, tiles, *tile_route_args, q, k, v, d_out, lse, delta)
 
   # dK/dV: one program per (sub-tile of <= 64 kv rows, batch, kv head); the GQA
