@@ -9,16 +9,22 @@ from sparse_attention.ops import checks, dispatch, sharding
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
-from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse import gpu, mosaic_gpu, tpu
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", *dispatch.KERNELS)
 
-# The Pallas kernel of each backend: (check_supported, kernel).
+# The Pallas kernels: (check_supported, kernel).
 _KERNELS = {
+  "pallas_mosaic_gpu": (mosaic_gpu.check_supported, mosaic_gpu.block_sparse_attention_mosaic_gpu),
   "pallas_triton": (gpu.check_supported, gpu.block_sparse_attention_triton),
   "pallas_tpu": (tpu.check_supported, tpu.block_sparse_attention_tpu),
 }
+
+
+def check_kernel(kernel: str, q, k, v, mask, routes=None) -> None:
+  """Raises `Unsupported` if the Pallas kernel `kernel` cannot take this call."""
+  _KERNELS[kernel][0](q, k, v, mask, routes)
 
 
 def _resolve(
@@ -30,7 +36,7 @@ def _resolve(
     interpret=interpret,
     op=op,
     implementations=IMPLEMENTATIONS,
-    check=lambda kernel: _KERNELS[kernel][0](q, k, v, mask, routes),
+    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes),
   )
 
 
@@ -58,12 +64,13 @@ def block_sparse_attention(
     mask: a `BlockMask` for exactly (q_len, kv_len); its batch/head dims are 1
       or match q's (heads are query heads).
     scale: softmax scale, default `head_dim ** -0.5`.
-    implementation: None: the Pallas kernel of the platform (GPU: Triton
-      lowering; TPU: Mosaic) when it supports the call, else "xla" (always on
-      CPU). "reference": the naive O(S^2) float32 oracle. "xla": pure JAX,
-      O(S) memory, work proportional to the kept tiles, runs everywhere.
-      "pallas": the platform's kernel (on CPU only with interpret=True, which
-      runs the GPU kernel interpreted). "pallas_triton" / "pallas_tpu": that
+    implementation: None: the first Pallas kernel of the platform that supports
+      the call (Hopper GPUs: Mosaic GPU, then Triton; other GPUs: Triton; TPU:
+      Mosaic TPU), else "xla" (always on CPU). "reference": the naive O(S^2)
+      float32 oracle. "xla": pure JAX, O(S) memory, work proportional to the kept
+      tiles, runs everywhere. "pallas": the platform's kernels as for None, but
+      never "xla" (on CPU only with interpret=True, which runs the Triton kernel
+      interpreted). "pallas_mosaic_gpu" / "pallas_triton" / "pallas_tpu": that
       kernel, whatever the platform (with interpret=True off its hardware).
     return_lse: also return the natural-log logsumexp, float32
       `[batch, q_heads, q_len]`.

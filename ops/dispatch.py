@@ -1,10 +1,11 @@
 """The `implementation=` argument every attention op takes, resolved in one place.
 
-None            the backend's Pallas kernel (GPU: Triton lowering, TPU: Mosaic) when
-                it takes the call, else "xla" (always "xla" on CPU)
-"pallas"        the backend's kernel; off GPU/TPU only with interpret=True, which
-                runs the GPU kernel in the Pallas interpreter
-"pallas_triton", "pallas_tpu"
+None            the backend's first Pallas kernel that takes the call (Hopper GPUs:
+                Mosaic GPU, then Triton; other GPUs: Triton; TPU: Mosaic TPU), else
+                "xla" (always "xla" on CPU)
+"pallas"        the same kernels, but never "xla"; off GPU/TPU only with interpret=True,
+                which runs the Triton kernel in the Pallas interpreter
+"pallas_mosaic_gpu", "pallas_triton", "pallas_tpu"
                 that kernel on any backend (interpret=True off its hardware)
 "reference", "xla", ...
                 the op's own pure-JAX paths, returned as they are
@@ -17,8 +18,21 @@ from typing import Any
 
 import jax
 
-KERNELS = ("pallas_triton", "pallas_tpu")
-BACKEND_KERNEL = {"gpu": "pallas_triton", "cuda": "pallas_triton", "tpu": "pallas_tpu"}
+from sparse_attention.pallas_kernels.block_sparse.common import Unsupported
+
+KERNELS = ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu")
+
+
+def backend_kernels(backend: str) -> tuple[str, ...]:
+  """The Pallas kernels of a backend, best first: Mosaic GPU on Hopper (sm90, whose
+  wgmma it uses), Triton on every GPU, Mosaic TPU on TPUs; none elsewhere."""
+  if backend == "tpu":
+    return ("pallas_tpu",)
+  if backend not in ("gpu", "cuda"):
+    return ()
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  hopper = str(capability).split(".")[0] == "9"
+  return ("pallas_mosaic_gpu", "pallas_triton") if hopper else ("pallas_triton",)
 
 
 def resolve(
@@ -36,13 +50,13 @@ def resolve(
     interpret: the user's `interpret` argument.
     op: the op's name, for error messages.
     implementations: the names the op accepts.
-    check: `check(kernel)` raises ValueError, saying why, when that kernel cannot
-      take the call (shapes, dtypes, block sizes).
+    check: `check(kernel)` raises `Unsupported`, saying why, when that kernel cannot
+      take the call (shapes, dtypes, block sizes). Any other exception propagates.
 
   Raises:
     ValueError: `interpret` not a bool, an unknown name, "pallas" on a backend without
-      a kernel and without interpret=True, or a kernel asked for by name that cannot
-      take the call.
+      a kernel and without interpret=True, or kernels asked for ("pallas" or a name) that
+      cannot take the call.
   """
   if not isinstance(interpret, bool):
     raise ValueError(f"{op}: interpret must be a bool, got {interpret!r}.")
@@ -54,26 +68,32 @@ def resolve(
       f"got {implementation!r}."
     )
   backend = jax.default_backend()
-  native = BACKEND_KERNEL.get(backend)
-  if implementation is None:
-    if native is None:  # CPU: the xla path is the fast one
-      return "xla"
-    try:
-      check(native)
-    except ValueError:
-      return "xla"  # a call the kernel does not take: still correct, slower
-    return native
+  native = [k for k in backend_kernels(backend) if k in implementations]
+  if implementation in (None, "pallas") and native:
+    refusals = []
+    for kernel in native:
+      try:
+        check(kernel)
+      except Unsupported as e:
+        refusals.append(f"{kernel}: {e}")
+        continue
+      return kernel
+    if implementation is None:
+      return "xla"  # a call no kernel takes: still correct, slower
+    raise ValueError(f"{op}: implementation='pallas': " + "; ".join(refusals))
+  if implementation is None:  # CPU: the xla path is the fast one
+    return "xla"
   if implementation == "pallas":
-    if native is None and not interpret:
+    if not interpret:
       raise ValueError(
         f"{op}: implementation='pallas': no Pallas kernel compiles for the {backend!r} "
         "backend; pass interpret=True to run the GPU kernel in the Pallas interpreter, or "
         "use implementation='xla'."
       )
-    implementation = native or "pallas_triton"
+    implementation = "pallas_triton"
   if implementation in KERNELS:
     try:
       check(implementation)
-    except ValueError as e:
+    except Unsupported as e:
       raise ValueError(f"{op}: implementation={implementation!r}: {e}") from None
   return implementation

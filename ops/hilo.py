@@ -51,11 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention.ops import checks, dispatch, masks
+from sparse_attention.ops import block_sparse, checks, dispatch, masks
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", *dispatch.KERNELS)
 _OP = "hilo_attention"
 # Lo-Fi scores per chunk of the xla path: 2**21 float32 scores (8 MiB) keep a chunk's
 # softmax near the cache; measured on CPU (2 cores), 1.3-5x faster than one
@@ -91,7 +91,8 @@ def hilo_attention(
     scale: softmax scale of both branches, default `head_dim ** -0.5`.
     implementation: None (the best available: "pallas" on GPU and TPU, "xla"
       elsewhere), "reference", "xla", or a Pallas kernel: "pallas" (the
-      platform's), "pallas_triton", "pallas_tpu" (see `block_sparse_attention`).
+      platform's), "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu" (see
+      `block_sparse_attention`).
       The Pallas path runs each branch through the block-sparse kernels: Hi-Fi
       as window-major tokens under a `chunked(ws*ws)` mask (only diagonal tiles
       are visited), Lo-Fi as dense attention on the pooled keys.
@@ -123,13 +124,20 @@ def hilo_attention(
       f"{_OP}: hi_q head_dim {hi.head_dim} != lo_q head_dim {lo.head_dim}; pass one `scale`."
     )
   scale = checks.check_scale(scale, hi or lo, _OP)  # default head_dim ** -0.5
-  # The kernels check the call themselves (block_sparse_attention), so no check here.
+
+  def check(kernel: str) -> None:  # each present branch, on the mask it would use
+    if hi is not None:
+      bq, bk = _HIFI_BLOCKS[kernel]
+      mask = masks.chunked(n, n, chunk=ws * ws, block_q=bq, block_kv=bk)
+      block_sparse.check_kernel(kernel, hi_q, hi_k, hi_v, mask)
+    if lo is not None:
+      bq, bk = _LOFI_BLOCKS[kernel]
+      block_sparse.check_kernel(
+        kernel, lo_q, lo_k, lo_v, masks.dense(n, m, block_q=bq, block_kv=bk)
+      )
+
   implementation = dispatch.resolve(
-    implementation,
-    interpret=interpret,
-    op=_OP,
-    implementations=IMPLEMENTATIONS,
-    check=lambda kernel: None,
+    implementation, interpret=interpret, op=_OP, implementations=IMPLEMENTATIONS, check=check
   )
   if implementation == "reference":
     hi_fn, lo_fn = _hifi_reference, _lofi_reference
@@ -346,9 +354,10 @@ def _lofi_block(
 # ---------------------------------------------------------------------------- pallas
 
 # Tile sizes of the block-sparse kernels per branch (block_q, block_kv): Triton
-# needs powers of two >= 16; Mosaic fills its 128 lanes with 128.
-_HIFI_BLOCKS = {"pallas_triton": (16, 16), "pallas_tpu": (128, 128)}
-_LOFI_BLOCKS = {"pallas_triton": (64, 64), "pallas_tpu": (128, 128)}
+# needs powers of two >= 16; Mosaic TPU fills its 128 lanes with 128; Mosaic GPU's
+# smallest wgmma tile is 64.
+_HIFI_BLOCKS = {"pallas_mosaic_gpu": (64, 64), "pallas_triton": (16, 16), "pallas_tpu": (128, 128)}
+_LOFI_BLOCKS = {"pallas_mosaic_gpu": (64, 64), "pallas_triton": (64, 64), "pallas_tpu": (128, 128)}
 
 
 def _hifi_pallas(q, k, v, grid, ws, scale, *, blocks, implementation, interpret):

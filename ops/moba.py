@@ -96,7 +96,7 @@ from sparse_attention.ops import checks, dispatch, element_masks
 from sparse_attention.ops.block_mask import BlockMask, classify_tiles, from_block_layout
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
-from sparse_attention.pallas_kernels.block_sparse import common, gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse import common, gpu, mosaic_gpu, tpu
 
 _OP = "moba_attention"
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -593,11 +593,14 @@ def _block_sizes(
   kernel: str, q_len: int, kv_len: int, block_q: int | None, block_kv: int | None
 ) -> tuple[int, int]:
   """(block_q, block_kv): the user's, else 64 clipped to the lengths in the kernel's
-  granularity (Triton: powers of two >= 16; TPU: multiples of 8)."""
+  granularity (Triton: powers of two >= 16; TPU: multiples of 8; Mosaic GPU: 64, its
+  smallest tile)."""
 
   def pick(user: int | None, default: int, length: int) -> int:
     if user is not None:
       return user
+    if kernel == "pallas_mosaic_gpu":
+      return default
     if kernel == "pallas_triton":
       return max(gpu.MIN_BLOCK, min(default, pl.next_power_of_2(length)))
     return min(default, -(-length // tpu.SUBLANES) * tpu.SUBLANES)
@@ -669,11 +672,13 @@ def _pallas_geometry(kernel, q, k, chunk_size, topk, block_q, block_kv) -> _Geom
 
 
 def _check_kernel(kernel: str, geo: _Geometry, q, k, v) -> None:
-  check = gpu.check_supported if kernel == "pallas_triton" else tpu.check_supported
-  try:
-    check(q, k, v, geo)
-  except ValueError as e:
-    raise ValueError(f"{_OP}: implementation={kernel!r}: {e}") from None
+  """Raises `common.Unsupported` if `kernel` cannot take the call (dispatch reports it)."""
+  checks = {
+    "pallas_mosaic_gpu": mosaic_gpu.check_supported,
+    "pallas_triton": gpu.check_supported,
+    "pallas_tpu": tpu.check_supported,
+  }
+  checks[kernel](q, k, v, geo)
 
 
 def _visited_tiles(

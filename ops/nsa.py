@@ -147,8 +147,8 @@ from sparse_attention.ops import checks, dispatch, element_masks, masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
-from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
-from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
+from sparse_attention.pallas_kernels.block_sparse import gpu, mosaic_gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes, Unsupported
 
 __all__ = [
   "IMPLEMENTATIONS",
@@ -944,19 +944,20 @@ def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
 # docstring for the design). Tiles are powers of two in [16, cap]: the Triton kernel needs
 # that, the TPU kernel needs multiples of 8 (128 fills its lanes: its cap).
 
-# The kernel each "pallas" backend runs, and its (check_supported, tile cap).
+# The kernel each "pallas" backend runs, and its (check_supported, tile cap, tile floor).
 _KERNELS = {
-  "pallas_triton": (gpu.check_supported, 64),
-  "pallas_tpu": (tpu.check_supported, 128),
+  "pallas_mosaic_gpu": (mosaic_gpu.check_supported, 64, 64),
+  "pallas_triton": (gpu.check_supported, 64, 16),
+  "pallas_tpu": (tpu.check_supported, 128, 16),
 }
 # Query tile of the selection branch (a tile visits the union of its queries' blocks, so
 # it stays small whatever the kernel's cap).
 _SLC_KERNEL_BLOCK_Q = 64
 
 
-def _pow2_tile(length: int, cap: int) -> int:
-  """The least power of two >= length, clipped to [16, cap]."""
-  return max(16, min(cap, 1 << max(0, length - 1).bit_length()))
+def _pow2_tile(length: int, cap: int, floor: int = 16) -> int:
+  """The least power of two >= length, clipped to [floor, cap]."""
+  return max(floor, min(cap, 1 << max(0, length - 1).bit_length()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -974,17 +975,17 @@ class _KernelPlan:
 
 
 def _kernel_plan(cfg: _Config, kernel: str, interpret: bool) -> _KernelPlan:
-  cap = _KERNELS[kernel][1]
+  _, cap, floor = _KERNELS[kernel]
   floor_sel = 1 << (cfg.select_len.bit_length() - 1)  # kv tiles no longer than a block
   return _KernelPlan(
     cfg,
     kernel,
     interpret,
-    block_q=_pow2_tile(cfg.q_len, cap),
-    window_kv=_pow2_tile(cfg.kv_len, cap),
-    cmp_kv=_pow2_tile(max(1, cfg.num_compressed), cap),
-    slc_block_q=_pow2_tile(cfg.q_len, min(cap, _SLC_KERNEL_BLOCK_Q)),
-    slc_kv=_pow2_tile(min(cfg.kv_len, floor_sel), cap),
+    block_q=_pow2_tile(cfg.q_len, cap, floor),
+    window_kv=_pow2_tile(cfg.kv_len, cap, floor),
+    cmp_kv=_pow2_tile(max(1, cfg.num_compressed), cap, floor),
+    slc_block_q=_pow2_tile(cfg.q_len, min(cap, _SLC_KERNEL_BLOCK_Q), floor),
+    slc_kv=_pow2_tile(min(cfg.kv_len, floor_sel), cap),  # a kernel may refuse it
   )
 
 
@@ -1117,7 +1118,7 @@ def _kernel_problem(
   for k, v, mask, rt in calls:
     try:
       check(q, k, v, mask, rt)
-    except ValueError as e:
+    except Unsupported as e:
       return str(e)
   return ""
 
@@ -1158,7 +1159,7 @@ def _resolve(
   def check(kernel: str) -> None:
     problem = _kernel_problem(_kernel_plan(cfg, kernel, interpret), *shapes)
     if problem:
-      raise ValueError(problem)
+      raise Unsupported(problem)
 
   return dispatch.resolve(
     implementation, interpret=interpret, op=_OP, implementations=IMPLEMENTATIONS, check=check

@@ -2,6 +2,8 @@
 for CUDA (the Triton IR is built on CPU, so lowering errors show up here)."""
 
 import functools
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 import testutil
 
 from sparse_attention.ops import masks
-from sparse_attention.pallas_kernels.block_sparse import gpu
+from sparse_attention.pallas_kernels.block_sparse import common, gpu
 
 MASKS = testutil.mask_cases()
 
@@ -44,6 +46,14 @@ def test_mqa_and_head_dims_that_are_not_powers_of_two(q_heads, kv_heads, head_di
   testutil.assert_matches_reference(q, k, v, m, triton, what=f"d={head_dim}/{v_head_dim}")
 
 
+def test_dq_in_64_key_steps():
+  """128 x 128 bf16 tiles at head dim 128: dQ walks each kv tile in two 64-key steps
+  (whole tiles would not fit a 3-deep ring in SMEM); causal, ragged, GQA."""
+  q, k, v = testutil.qkv(1, 200, 250, 2, 1, 128, dtype=jnp.bfloat16)
+  m = masks.causal(200, 250, block_q=128, block_kv=128, offset=50)
+  testutil.assert_matches_reference(q, k, v, m, triton, what="64-key dq")
+
+
 def test_explicit_scale():
   q, k, v = testutil.qkv(1, 64, 64, 2, 2, 16)
   m = masks.causal(64, 64, block_q=16, block_kv=16)
@@ -58,8 +68,38 @@ def test_explicit_scale():
 def test_unsupported_raises(block_q, block_kv, head_dim, match):
   q, k, v = testutil.qkv(1, 64, 64, 2, 2, head_dim)
   m = masks.causal(64, 64, block_q=block_q, block_kv=block_kv)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(common.Unsupported, match=match):
     triton(q, k, v, m)
+
+
+def test_int32_offsets_guard():
+  """B x H x padded S x padded D >= 2**31 elements overflows the int32 offsets: refused
+  (shapes only; the mask stand-in carries just the geometry)."""
+  big = jax.ShapeDtypeStruct((1, 2**20, 16, 128), jnp.bfloat16)  # 2**31 elements
+  geometry = lambda n: types.SimpleNamespace(block_q=128, block_kv=128, q_len=n, kv_len=n)
+  with pytest.raises(common.Unsupported, match="int32 offsets"):
+    gpu.check_supported(big, big, big, geometry(2**20))
+  ok = jax.ShapeDtypeStruct((1, 2**20 - 128, 16, 128), jnp.bfloat16)
+  gpu.check_supported(ok, ok, ok, geometry(2**20 - 128))
+
+
+def test_pipeline_depth_fits_shared_memory():
+  """Each kernel gets the deepest pipeline whose SMEM fits (227 KB on sm90, the budget
+  when lowering on a host): 3 stages for all three at 128 x 128 bf16 tiles and head dim
+  128 (dQ in 64-key steps: whole 128-key steps would need 256 KB), 1 for f32 here."""
+  mask = masks.causal(256, 256, block_q=128, block_kv=128)
+  tile = 128 * 128 * 2
+  q = jnp.zeros((1, 256, 2, 128))
+  cfg = gpu._config(q, q, q, mask, scale=1.0, interpret=False)
+  assert gpu._stages(cfg, 2 * tile, 4 * tile) == 1  # f32 tiles
+  for dtype, stages in ((jnp.bfloat16, [3, 3, 3]), (jnp.float32, [1, 1, 1])):
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), dtype)
+
+    def loss(q, k, v, m):
+      return gpu.block_sparse_attention_triton(q, k, v, m, scale=0.1)[0].astype(jnp.float32).sum()
+
+    text = testutil.lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, mask)
+    assert [int(n) for n in re.findall(r"num_stages = (\d+)", text)] == stages, dtype
 
 
 def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) -> int:
@@ -90,7 +130,7 @@ def _lowered_kernels(mask, q_heads, kv_heads, head_dim, v_head_dim, grad: bool) 
         q_len=1024,
         kv_len=1024,
       ),
-      (4, 4),
+      (4, 2),  # GQA under a per-head mask: dK/dV reads its group's mask rows
       (96, 64),
     ),
     (masks.chunked(512, 512, chunk=100, causal=True, block_q=64, block_kv=64), (2, 2), (256, 256)),

@@ -430,7 +430,7 @@ def test_default_implementation_and_block_sizes(monkeypatch):
     (dict(implementation="pallas"), "implementation='pallas'.*interpret=True"),
     (
       dict(implementation="cudnn"),
-      r"\('reference', 'xla', 'pallas', 'pallas_triton', 'pallas_tpu'\)",
+      r"\('reference', 'xla', 'pallas', 'pallas_mosaic_gpu', 'pallas_triton', 'pallas_tpu'\)",
     ),
     (dict(implementation="Pallas"), "implementation"),
     (dict(implementation=3), "implementation"),

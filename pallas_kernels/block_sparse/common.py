@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)
+
+
+class Unsupported(NotImplementedError):
+  """A kernel cannot take this call (its shapes, dtypes or block sizes), raised before
+  any work; `implementation=None` then falls back to the next implementation. Distinct
+  from ValueError, which means the call itself is wrong."""
 
 
 class BlockSparseLayout(Protocol):
@@ -64,6 +74,13 @@ class Tiling:
   def num_kv_blocks(self) -> int:
     return -(-self.kv_len // self.block_kv)
 
+  def tail_tile(self, ids: jax.Array, along_q: bool) -> jax.Array:
+    """bool: which of the tile ids are the ragged last tile of their axis."""
+    length, block = (self.q_len, self.block_q) if along_q else (self.kv_len, self.block_kv)
+    if length % block == 0:
+      return jnp.zeros(ids.shape, bool)
+    return ids == length // block
+
   def visible(
     self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array, routed: jax.Array | None = None
   ) -> jax.Array | None:
@@ -79,6 +96,28 @@ class Tiling:
       block_kv=self.block_kv,
       routed=routed,
     )
+
+
+def full_tiles_first(
+  tiling: Tiling,
+  count: jax.Array,  # int32 [..., N]
+  index: jax.Array,  # int32 [..., N, M]
+  partial: jax.Array,  # bool/int [..., N, M]
+  along_q: bool,  # the listed tiles are q tiles (the transposed view)
+  routed: bool,  # token routes: every tile is masked
+) -> tuple[jax.Array, jax.Array]:
+  """Each row's tiles reordered so that the full ones come first, for kernels that run
+  two loops (the element mask only in the second): (int32 [..., N, M] tile id * 2 +
+  partial, int32 [..., N] the number of full tiles). Masked tiles are the partial ones,
+  the ragged last tile of the axis, and all of them under token routes; softmax
+  accumulation does not depend on the order. Padding slots go last."""
+  partial = partial.astype(bool)
+  masked = partial | tiling.tail_tile(index, along_q) | routed
+  valid = jnp.arange(index.shape[-1]) < count[..., None]
+  order = jnp.argsort(jnp.where(valid, masked.astype(jnp.int32), 2), axis=-1, stable=True)
+  pick = lambda x: jnp.take_along_axis(x, order, -1)
+  tiles = pick(index) * 2 + pick(partial.astype(jnp.int32))
+  return tiles.astype(jnp.int32), jnp.sum(valid & ~masked, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,35 +180,51 @@ def visibility(
   return vis
 
 
+def per_row(x: jax.Array, shape) -> jax.Array:
+  """A [rows] vector broadcast over the columns of a [rows, cols] tile (explicitly:
+  Mosaic GPU lowers this form, not `x[:, None]`)."""
+  return jax.lax.broadcast_in_dim(x, shape, (0,))
+
+
 def online_softmax_update(
-  s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden
+  s: jax.Array,  # f32 [bq, bk] scaled scores, -inf where hidden (log2 units if base2)
   m_prev: jax.Array,  # f32 [bq] running max (-inf: nothing seen yet)
   l_prev: jax.Array,  # f32 [bq] running sum of exp(s - m)
   acc_prev: jax.Array | None,  # f32 [bq, Dv] running sum of exp(s - m) v; None: no output
   v: jax.Array,  # [bk, Dv]
   dot,  # (a, b) -> f32 a @ b, the backend's matmul
+  *,
+  base2: bool = False,
+  accumulate=None,  # (acc, p) -> acc + p @ v, in place of dot where given
 ):
   """One flash-attention step; rows that have seen nothing stay (-inf, 0, 0).
-  With acc_prev None only the statistics (m, l) are updated (acc stays None)."""
+  With acc_prev None only the statistics (m, l) are updated (acc stays None).
+
+  With base2, scores are in log2 units (the softmax scale times log2(e) folded in)
+  and exp2 replaces exp: one `ex2` per element on GPUs instead of a libdevice expf.
+  """
+  exp = jnp.exp2 if base2 else jnp.exp
   m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
   m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no (-inf) - (-inf)
-  correction = jnp.exp(m_prev - m_safe)
-  p = jnp.exp(s - m_safe[:, None])
+  correction = exp(m_prev - m_safe)
+  p = exp(s - per_row(m_safe, s.shape))
   l_next = correction * l_prev + jnp.sum(p, axis=-1)
   if acc_prev is None:
     return m_next, l_next, None
-  acc_next = correction[:, None] * acc_prev + dot(p.astype(v.dtype), v)
-  return m_next, l_next, acc_next
+  acc_scaled = per_row(correction, acc_prev.shape) * acc_prev
+  if accumulate is not None:
+    return m_next, l_next, accumulate(acc_scaled, p)
+  return m_next, l_next, acc_scaled + dot(p.astype(v.dtype), v)
 
 
-def finalize(m: jax.Array, l: jax.Array, acc: jax.Array | None):
-  """(normalised output f32 [bq, Dv] (None if acc is), natural-log lse f32 [bq]);
-  empty rows give 0 and -inf."""
+def finalize(m: jax.Array, l: jax.Array, acc: jax.Array | None, *, base2: bool = False):
+  """(normalised output f32 [bq, Dv] (None if acc is), natural-log lse f32 [bq]); empty
+  rows give 0 and -inf. With base2, m is in log2 units."""
   nonempty = l > 0
   l_safe = jnp.where(nonempty, l, 1.0)
-  out = None if acc is None else acc / l_safe[:, None]
-  lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
-  return out, lse
+  out = None if acc is None else acc * per_row(1.0 / l_safe, acc.shape)
+  lse = (m + jnp.log2(l_safe)) * LN2 if base2 else m + jnp.log(l_safe)
+  return out, jnp.where(nonempty, lse, -jnp.inf)
 
 
 def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:

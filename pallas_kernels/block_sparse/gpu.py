@@ -7,12 +7,19 @@ Three `pl.pallas_call`s, tied together by `jax.custom_vjp`:
                              entries of kv_index), loads each k/v tile straight
                              from HBM by its id, and runs the online softmax.
                              Writes the output and the natural-log lse.
-  dq       grid (Qb, B, Hq)  the same walk, accumulating dQ from p = exp(s - lse).
-  dk/dv    grid (Kb, B, Hq)  one program per kv tile and *query* head: it walks
-                             the transposed view (q_count/q_index) and
-                             accumulates that head's share of dK, dV; shares of
-                             the heads of a GQA group are summed afterwards (as
-                             FlashAttention-2 does), so k/v are never repeated.
+  dq       grid (Qb, B, Hq)  the same walk, accumulating dQ from p = exp(s - lse),
+                             in steps of 64 keys where a deep ring of whole k/v
+                             tiles would not fit SMEM (see DQ_KV_ROWS).
+  dk/dv    grid (Kb * subs, B, Hkv)  one program per 64-row sub-tile of a kv tile
+                             and kv head: it walks the transposed view
+                             (q_count/q_index) for each query head of the GQA
+                             group in turn, and writes dK, dV once, in the input
+                             dtype (no per-query-head shares summed afterwards).
+
+The kernels run a row's full tiles in one loop and its masked ones (partial,
+ragged tail, token routes) in a second; the next tile id is read one step ahead,
+so Triton pipelines the k/v (q/dO) loads `num_stages` deep, as deep as SMEM allows.
+Softmax runs in base 2 (exp2, log2 e folded into the scale).
 
 Tiles not listed cost nothing: no load, no matmul, no program step. The
 element mask runs only on tiles the mask flags partial, and the position
@@ -43,24 +50,51 @@ from sparse_attention.pallas_kernels.block_sparse import common
 
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
+# dK/dV computes kv tiles in sub-tiles of at most 64 rows: at 128 x 128 tiles the two
+# f32 accumulators plus s, p and dS of one 128-row program need 255 registers and
+# spill (~150 spill instructions per tile, ptxas for sm_90a); 64 rows do not.
+DKDV_ROWS = 64
+# dQ walks a kv tile in steps of 64 keys where a `num_stages`-deep ring of whole k/v
+# tiles does not fit SMEM beside the resident q and dO: at 128 x 128 bf16 tiles and
+# head dim 128 that ring needs 256 KB (> 227 KB: 2 stages, whose loads Triton does not
+# overlap), of 64-key halves 160 KB. Each k/v tile is still read once; the halves cost
+# ~40% more instructions per tile (narrower wgmma), the overlap hides the loads.
+DQ_KV_ROWS = 64
+# Offsets are int32: the largest operand, padded, must stay below 2**31 elements.
+MAX_ELEMENTS = 2**31 - 1
+# Shared memory one program may use (bytes): sm90/sm100's opt-in maximum, also the
+# budget when lowering on a host without a GPU; A100-class 163 KB, other GPUs 99 KB.
+SMEM_BYTES = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024}
+SMEM_BYTES_OTHER = 99 * 1024
 
 
 def check_supported(
   q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
 ) -> None:
-  """Raises ValueError if this kernel cannot run the call (before any work)."""
+  """Raises `common.Unsupported` if this kernel cannot run the call (before any work)."""
   del routes  # token routes of any shape are supported
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):
-      raise ValueError(
+      raise common.Unsupported(
         f"the Triton block-sparse kernel needs {name} to be a power of two >= "
         f"{MIN_BLOCK}; the mask has {name}={block}."
       )
   for name, dim in (("head_dim", q.shape[-1]), ("v head_dim", v.shape[-1])):
     if dim > MAX_HEAD_DIM:
-      raise ValueError(
+      raise common.Unsupported(
         f"the Triton block-sparse kernel supports {name} <= {MAX_HEAD_DIM}, got {dim}."
       )
+  tiles = lambda length, block: -(-length // block) * block
+  sq, sk = tiles(mask.q_len, mask.block_q), tiles(mask.kv_len, mask.block_kv)
+  sizes = (
+    q.shape[0] * q.shape[2] * max(sq, sk) * pl.next_power_of_2(max(q.shape[-1], v.shape[-1])),
+  )
+  if max(sizes) > MAX_ELEMENTS:
+    raise common.Unsupported(
+      f"the Triton block-sparse kernel addresses its operands with int32 offsets; "
+      f"batch x heads x padded length x padded head dim = {max(sizes)} elements "
+      f"exceeds 2**31 - 1. Split the batch or heads (or use the Mosaic GPU kernel)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +163,14 @@ def _positions(start, size: int) -> jax.Array:
   return start + jnp.arange(size, dtype=jnp.int32)
 
 
-def _route_columns(cfg: _Config, q_route_ref, rows=slice(None)) -> list[jax.Array]:
-  """The query routes of a tile, one int32 [block_q] vector per route slot."""
+def _route_columns(cfg: _Config, q_route_ref, *index) -> list[jax.Array]:
+  """The query routes of a tile, one int32 [block_q] vector per route slot; `index`
+  selects the rows (default: all of the block). One indexer per read: jax 0.11's
+  Triton lowering takes no `ref.at[...][...]` chains."""
   if q_route_ref is None:
     return []
-  return [q_route_ref[rows, r] for r in range(cfg.num_routes)]
+  index = index or (slice(None),)
+  return [q_route_ref[(*index, r)] for r in range(cfg.num_routes)]
 
 
 def _routed(columns: list[jax.Array], kv_route_ref, kv_rows) -> jax.Array | None:
@@ -147,11 +184,41 @@ def _routed(columns: list[jax.Array], kv_route_ref, kv_rows) -> jax.Array | None
   return match
 
 
-def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial, routed=None) -> jax.Array:
-  """Scaled scores of one tile, -inf where the pair is hidden."""
-  s = _dot(q, k.T) * cfg.scale
+def _scores(
+  cfg: _Config, q, k, q_pos, kv_pos, partial, routed=None, *, log2=False, masked=True
+) -> jax.Array:
+  """Scaled scores of one tile (in log2 units if log2: the scale times log2 e), -inf
+  where the pair is hidden; `masked=False` (a full tile) skips the visibility test."""
+  s = _dot(q, k.T) * (cfg.scale * common.LOG2E if log2 else cfg.scale)
+  if not masked:
+    return s
   vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :], routed)
   return s if vis is None else jnp.where(vis, s, -jnp.inf)
+
+
+def _walk(count, full, tiles_ref, step, init, head=None, subs: int = 1):
+  """step(masked, tile id, partial, carry) over a row's full tiles, then its masked
+  ones (the row `tiles_ref[head]` if head is given). The next id is read one step
+  ahead and carried, so the software pipeliner sees the k/v (or q/dO) loads of a
+  step depend on the carry, not on a load. `subs` > 1: each tile is walked in `subs`
+  steps, and `tile id` is that of the sub-tile (tile id * subs + the step within)."""
+  last = tiles_ref.shape[-1] - 1
+  tile_at = (lambda t: tiles_ref[t]) if head is None else (lambda t: tiles_ref[head, t])
+
+  def loop(masked):
+    def body(t, carry):
+      tile, inner = carry
+      if subs == 1:
+        upcoming, part = tile_at(jnp.minimum(t + 1, last)), tile // 2
+      else:  # t >= 0: truncating division is floor division
+        upcoming = tile_at(jnp.minimum(jax.lax.div(t + 1, subs), last))
+        part = tile // 2 * subs + jax.lax.rem(t, subs)
+      return upcoming, step(masked, part, tile % 2 == 1, inner)
+
+    return body
+
+  carry = jax.lax.fori_loop(0, full * subs, loop(False), (tile_at(0), init))
+  return jax.lax.fori_loop(full * subs, count * subs, loop(True), carry)[1]
 
 
 # ---------------------------------------------------------------------------
@@ -161,8 +228,8 @@ def _scores(cfg: _Config, q, k, q_pos, kv_pos, partial, routed=None) -> jax.Arra
 
 def _forward_kernel(
   count_ref,  # int32 []           kv tiles of this q tile
-  index_ref,  # int32 [Kmax]       their ids
-  partial_ref,  # int32 [Kmax]     1: apply mask_fn
+  full_ref,  # int32 []            how many of them are full (listed first)
+  tiles_ref,  # int32 [Kmax]       their ids * 2 + partial
   q_route_ref,  # int32 [block_q, R] or None: token routes of these queries
   kv_route_ref,  # int32 [Sk_pad] or None: the keys' routes
   q_ref,  # [block_q, Dp]
@@ -178,102 +245,116 @@ def _forward_kernel(
   q = _load(q_ref, cfg.head_dim)
   routes = _route_columns(cfg, q_route_ref)
 
-  def step(t, carry):
-    j = index_ref[t]
+  def step(masked, j, partial, carry):
     keys = pl.ds(j * bk, bk)
     k = _load(k_ref.at[keys, :], cfg.head_dim)
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
-    routed = _routed(routes, kv_route_ref, keys)
-    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0, routed)
-    return common.online_softmax_update(s, *carry, v, _dot)
+    routed = _routed(routes, kv_route_ref, keys) if masked else None
+    kv_pos = _positions(j * bk, bk)
+    s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+    return common.online_softmax_update(s, *carry, v, _dot, base2=True)
 
   init = (
     jnp.full((bq,), -jnp.inf, jnp.float32),
     jnp.zeros((bq,), jnp.float32),
     jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
   )
-  m, l, acc = jax.lax.fori_loop(0, count_ref[...], step, init)
-  out, lse = common.finalize(m, l, acc)
+  m, l, acc = _walk(count_ref[...], full_ref[...], tiles_ref, step, init)
+  out, lse = common.finalize(m, l, acc, base2=True)
   _store(o_ref, out, cfg.v_head_dim)
   lse_ref[...] = lse
 
 
 def _dq_kernel(
   count_ref,  # int32 []
-  index_ref,  # int32 [Kmax]
-  partial_ref,  # int32 [Kmax]
+  full_ref,  # int32 []
+  tiles_ref,  # int32 [Kmax]
   q_route_ref,  # int32 [block_q, R] or None
   kv_route_ref,  # int32 [Sk_pad] or None
   q_ref,  # [block_q, Dp]
   k_ref,  # [Sk_pad, Dp]
   v_ref,  # [Sk_pad, Dvp]
   do_ref,  # [block_q, Dvp]
-  lse_ref,  # f32 [block_q]  (+inf on empty rows: p = 0 there)
+  lse_ref,  # f32 [block_q]  log2 units (+inf on empty rows: p = 0 there)
   delta_ref,  # f32 [block_q]  rowsum(dO * O) - dlse
   dq_ref,  # [block_q, Dp]
   *,
   cfg: _Config,
+  keys: int,  # keys per step: the kv tile, or a part of it (see DQ_KV_ROWS)
 ):
-  bq, bk = cfg.block_q, cfg.block_kv
+  bq, bk = cfg.block_q, keys
   q_pos = _positions(pl.program_id(0) * bq, bq)
   q = _load(q_ref, cfg.head_dim)
   do = _load(do_ref, cfg.v_head_dim)
   lse, delta = lse_ref[...], delta_ref[...]
   routes = _route_columns(cfg, q_route_ref)
 
-  def step(t, dq):
-    j = index_ref[t]
+  def step(masked, j, partial, dq):  # j: the step's part of the kv tile
     keys = pl.ds(j * bk, bk)
     k = _load(k_ref.at[keys, :], cfg.head_dim)
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
-    routed = _routed(routes, kv_route_ref, keys)
-    s = _scores(cfg, q, k, q_pos, _positions(j * bk, bk), partial_ref[t] != 0, routed)
-    p = jnp.exp(s - lse[:, None])
+    routed = _routed(routes, kv_route_ref, keys) if masked else None
+    kv_pos = _positions(j * bk, bk)
+    s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+    p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot(do, v.T) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(0, count_ref[...], step, jnp.zeros(q.shape, jnp.float32))
+  init = jnp.zeros(q.shape, jnp.float32)
+  subs = cfg.block_kv // bk
+  dq = _walk(count_ref[...], full_ref[...], tiles_ref, step, init, subs=subs)
   _store(dq_ref, dq * cfg.scale, cfg.head_dim)
 
 
 def _dkdv_kernel(
-  count_ref,  # int32 []        q tiles that visit this kv tile
-  index_ref,  # int32 [Qmax]    their ids
-  partial_ref,  # int32 [Qmax]
-  q_route_ref,  # int32 [Sq_pad, R] or None: routes of the whole query head
-  kv_route_ref,  # int32 [block_kv] or None: routes of this tile's keys
-  q_ref,  # [Sq_pad, Dp]        the whole query head
-  k_ref,  # [block_kv, Dp]
-  v_ref,  # [block_kv, Dvp]
-  do_ref,  # [Sq_pad, Dvp]
-  lse_ref,  # f32 [Sq_pad]
-  delta_ref,  # f32 [Sq_pad]
-  dk_ref,  # f32 [block_kv, Dp]   this query head's share
-  dv_ref,  # f32 [block_kv, Dvp]
+  count_ref,  # int32 [G] or []   per query head of the group (one row if the mask
+  full_ref,  # int32 [G] or []    broadcasts over heads): q tiles that visit this kv tile
+  tiles_ref,  # int32 [G, Qmax] or [Qmax]
+  q_route_ref,  # int32 [Hr, Sq_pad, R] or None: routes of every query head
+  kv_route_ref,  # int32 [sub] or None: routes of this sub-tile's keys
+  q_ref,  # [Sq_pad, G, Dp]      the group's query heads
+  k_ref,  # [sub, Dp]            a sub-tile of <= 64 rows of the kv tile
+  v_ref,  # [sub, Dvp]
+  do_ref,  # [Sq_pad, G, Dvp]
+  lse_ref,  # f32 [G, Sq_pad]
+  delta_ref,  # f32 [G, Sq_pad]
+  dk_ref,  # [sub, Dp]           the group's sum, in the input dtype
+  dv_ref,  # [sub, Dvp]
   *,
   cfg: _Config,
 ):
-  bq, bk = cfg.block_q, cfg.block_kv
-  kv_pos = _positions(pl.program_id(0) * bk, bk)
+  bq, sub = cfg.block_q, k_ref.shape[0]
+  kv_pos = _positions(pl.program_id(0) * sub, sub)
   k = _load(k_ref, cfg.head_dim)
   v = _load(v_ref, cfg.v_head_dim)
+  per_head = cfg.mask_heads and cfg.group > 1  # as _row_specs selects the rows
+  # Read outside the loops: the Pallas interpreter substitutes program ids only there.
+  first_head = pl.program_id(2) * cfg.group
 
-  def step(t, carry):
-    dk, dv = carry
-    i = index_ref[t]
-    rows = pl.ds(i * bq, bq)
-    q = _load(q_ref.at[rows, :], cfg.head_dim)
-    do = _load(do_ref.at[rows, :], cfg.v_head_dim)
-    routed = _routed(_route_columns(cfg, q_route_ref, rows), kv_route_ref, slice(None))
-    s = _scores(cfg, q, k, _positions(i * bq, bq), kv_pos, partial_ref[t] != 0, routed)
-    p = jnp.exp(s - lse_ref[rows][:, None])
-    dv = dv + _dot(p.astype(do.dtype).T, do)
-    ds = p * (_dot(do, v.T) - delta_ref[rows][:, None])
-    dk = dk + _dot(ds.astype(q.dtype).T, q)
-    return dk, dv
+  def head(h, carry):  # the group's query heads, one after the other
+    def step(masked, i, partial, carry):
+      dk, dv = carry
+      rows = pl.ds(i * bq, bq)
+      q = _load(q_ref.at[rows, h, :], cfg.head_dim)
+      do = _load(do_ref.at[rows, h, :], cfg.v_head_dim)
+      routed = None
+      if masked and q_route_ref is not None:
+        route_head = (first_head + h) // cfg.route_group
+        columns = _route_columns(cfg, q_route_ref, route_head, rows)
+        routed = _routed(columns, kv_route_ref, slice(None))
+      q_pos = _positions(i * bq, bq)
+      s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+      p = jnp.exp2(s - lse_ref[h, rows][:, None])
+      dv = dv + _dot(p.astype(do.dtype).T, do)
+      ds = p * (_dot(do, v.T) - delta_ref[h, rows][:, None])
+      return dk + _dot(ds.astype(q.dtype).T, q), dv
+
+    if not per_head:
+      return _walk(count_ref[...], full_ref[...], tiles_ref, step, carry)
+    return _walk(count_ref[h], full_ref[h], tiles_ref, step, carry, head=h)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  dk, dv = jax.lax.fori_loop(0, count_ref[...], step, init)
+  dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)
   _store(dk_ref, dk * cfg.scale, cfg.head_dim)
   _store(dv_ref, dv, cfg.v_head_dim)
 
@@ -334,17 +415,20 @@ def _calibrate_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _row_specs(cfg: _Config, slots: int):
-  """BlockSpecs selecting one row (count, ids, flags) of a mask view for the
-  program at grid point (tile, b, h)."""
+def _row_specs(cfg: _Config, slots: int, heads: int = 1, subs: int = 1):
+  """BlockSpecs selecting one row (count, full count, tiles) of a mask view for the
+  program at grid point (t, b, h). `heads` > 1: h is a kv head and the block holds the
+  rows of its group's query heads (where the mask has heads); `subs`: programs per
+  mask tile along t (sub-tiles)."""
+  block = heads if heads > 1 and cfg.mask_heads else None
 
-  def row(tile, b, h):
-    return (*cfg.mask_row(b, h), tile)
+  def row(t, b, h):
+    return (*cfg.mask_row(b, h), t // subs)
 
   return [
-    pl.BlockSpec((None, None, None), row),
-    pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
-    pl.BlockSpec((None, None, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
+    pl.BlockSpec((None, block, None), row),
+    pl.BlockSpec((None, block, None), row),
+    pl.BlockSpec((None, block, None, slots), lambda t, b, h: (*row(t, b, h), 0)),
   ]
 
 
@@ -365,14 +449,35 @@ def _vector_spec(block: int | None, length: int):
   return pl.BlockSpec((None, None, block), lambda t, b, h: (b, h, t))
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str):
+def smem_budget() -> int:
+  """Shared memory a Triton program may use on the default device, bytes."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or not capability:
+    return SMEM_BYTES[9, 0]
+  major, minor = (int(x) for x in str(capability).split(".")[:2])
+  return SMEM_BYTES.get((major, minor), SMEM_BYTES_OTHER)
+
+
+def _stages(cfg: _Config, fixed: int, per_stage: int) -> int:
+  """The deepest software pipeline, at most cfg.num_stages, whose SMEM fits: `fixed`
+  bytes of tiles held for the whole program plus `per_stage` bytes per ring slot (the
+  k/v or q/dO tiles a step loads). At 128 x 128 bf16 tiles and head dim 128 the
+  forward takes 3 stages (224 KB), dQ 3 (160 KB, of 64-key steps), f32 inputs fewer."""
+  budget = smem_budget()
+  fits = [s for s in range(2, cfg.num_stages + 1) if fixed + s * per_stage <= budget]
+  return max(fits, default=1)
+
+
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem):
+  """`smem`: (fixed, per-stage) SMEM bytes of the kernel's tiles (see `_stages`)."""
   return pl.pallas_call(
     functools.partial(kernel, cfg=cfg),
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
-    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=cfg.num_stages),
+    compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=_stages(cfg, *smem)),
     interpret=cfg.interpret,
     name=name,
   )
@@ -382,9 +487,10 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
-def _route_inputs(cfg: _Config, routes, sq: int, sk: int, query_tiles: bool):
+def _route_inputs(cfg: _Config, routes, sq: int, sk: int, query_tiles: bool, sub: int = 0):
   """(arrays, BlockSpecs) of the token routes, padded so padding matches nothing;
-  query routes as tiles (forward, dq) or whole heads (dk/dv), key routes the other way."""
+  query routes as tiles (forward, dq) or every route head whole (dk/dv), key routes
+  the other way (dk/dv: `sub`-row sub-tiles)."""
   if routes is None:
     return [None, None], [None, None]
   query = jnp.pad(
@@ -401,9 +507,10 @@ def _route_inputs(cfg: _Config, routes, sq: int, sk: int, query_tiles: bool):
       pl.BlockSpec((None, sk), lambda t, b, h: (batch(b), 0)),
     ]
   else:
+    hr = query.shape[1]
     specs = [
-      pl.BlockSpec((None, None, sq, r), lambda t, b, h: (*cfg.route_row(b, h), 0, 0)),
-      pl.BlockSpec((None, cfg.block_kv), lambda t, b, h: (batch(b), t)),
+      pl.BlockSpec((None, hr, sq, r), lambda t, b, h: (batch(b), 0, 0, 0)),
+      pl.BlockSpec((None, sub), lambda t, b, h: (batch(b), t)),
     ]
   return [query, key], specs
 
@@ -416,7 +523,9 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   dp, dvp = cfg.padded_dims
   kv_head = lambda h: h // cfg.group
   same = lambda h: h
+  size = q.dtype.itemsize
   route_args, route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
+  tiles, full = common.full_tiles_first(cfg, *kv_view, False, routes is not None)
   out, lse = _call(
     _forward_kernel,
     cfg,
@@ -434,7 +543,8 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
       jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
     ],
     name="block_sparse_forward",
-  )(*kv_view, *route_args, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
+    smem=(cfg.block_q * dp * size, cfg.block_kv * (dp + dvp) * size),
+  )(kv_view[0], full, tiles, *route_args, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
 
 
@@ -449,16 +559,22 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = delta - d_lse
   pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, sq - cfg.q_len)))
-  # +inf lse on rows that see nothing makes p = exp(s - lse) = 0 there.
-  lse = pad_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse))
+  # log2-unit lse; +inf on rows that see nothing makes p = exp2(s - lse) = 0 there.
+  lse = pad_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse * common.LOG2E))
   delta = pad_rows(delta)
   q, d_out = _pad_seq(q, sq), _pad_seq(d_out, sq)
   k, v = _pad_seq(k, sk), _pad_seq(v, sk)
+  routed, size = routes is not None, q.dtype.itemsize
   tile_route_args, tile_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=True)
-  head_route_args, head_route_specs = _route_inputs(cfg, routes, sq, sk, query_tiles=False)
+  tiles, full = common.full_tiles_first(cfg, *kv_view, False, routed)
 
+  # Whole kv tiles per step where `num_stages` of them fit SMEM, else 64-key parts.
+  fixed, per_key = cfg.block_q * (dp + dvp) * size, (dp + dvp) * size
+  keys = cfg.block_kv
+  if _stages(cfg, fixed, keys * per_key) < cfg.num_stages:
+    keys = min(keys, DQ_KV_ROWS)
   dq = _call(
-    _dq_kernel,
+    functools.partial(_dq_kernel, keys=keys),
     cfg,
     grid=(qb, b, hq),
     in_specs=[
@@ -474,34 +590,39 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
     out_specs=_tile_spec(cfg.block_q, dp, same),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     name="block_sparse_dq",
-  )(*kv_view, *tile_route_args, q, k, v, d_out, lse, delta)
+    smem=(fixed, keys * per_key),
+  )(kv_view[0], full, tiles, *tile_route_args, q, k, v, d_out, lse, delta)
 
+  # dK/dV: one program per (sub-tile of <= 64 kv rows, batch, kv head); the GQA
+  # group's query heads are walked inside it, so dK/dV are written once, in k's dtype.
+  sub = min(cfg.block_kv, DKDV_ROWS)
+  subs, g = cfg.block_kv // sub, cfg.group
+  head_route_args, head_route_specs = _route_inputs(cfg, routes, sq, sk, False, sub)
+  tiles, full = common.full_tiles_first(cfg, *q_view, True, routed)
+  group_spec = lambda width: pl.BlockSpec((None, sq, g, width), lambda t, b, h: (b, 0, h, 0))
   dk, dv = _call(
     _dkdv_kernel,
     cfg,
-    grid=(kb, b, hq),
+    grid=(kb * subs, b, hkv),
     in_specs=[
-      *_row_specs(cfg, q_view[1].shape[-1]),
+      *_row_specs(cfg, q_view[1].shape[-1], heads=g, subs=subs),
       *head_route_specs,
-      _whole_spec(sq, dp, same),
-      _tile_spec(cfg.block_kv, dp, kv_head),
-      _tile_spec(cfg.block_kv, dvp, kv_head),
-      _whole_spec(sq, dvp, same),
-      _vector_spec(None, sq),
-      _vector_spec(None, sq),
+      group_spec(dp),
+      _tile_spec(sub, dp, same),
+      _tile_spec(sub, dvp, same),
+      group_spec(dvp),
+      pl.BlockSpec((None, g, sq), lambda t, b, h: (b, h, 0)),
+      pl.BlockSpec((None, g, sq), lambda t, b, h: (b, h, 0)),
     ],
-    out_specs=[_tile_spec(cfg.block_kv, dp, same), _tile_spec(cfg.block_kv, dvp, same)],
+    out_specs=[_tile_spec(sub, dp, same), _tile_spec(sub, dvp, same)],
     out_shape=[
-      jax.ShapeDtypeStruct((b, sk, hq, cfg.head_dim), jnp.float32),
-      jax.ShapeDtypeStruct((b, sk, hq, cfg.v_head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((b, sk, hkv, cfg.head_dim), k.dtype),
+      jax.ShapeDtypeStruct((b, sk, hkv, cfg.v_head_dim), v.dtype),
     ],
     name="block_sparse_dkdv",
-  )(*q_view, *head_route_args, q, k, v, d_out, lse, delta)
-  # Sum the shares of the query heads of each kv head's group.
-  group_sum = lambda x: x.reshape(b, sk, hkv, cfg.group, x.shape[-1]).sum(3)
-  dk = group_sum(dk)[:, : cfg.kv_len].astype(k.dtype)
-  dv = group_sum(dv)[:, : cfg.kv_len].astype(v.dtype)
-  return dq[:, : cfg.q_len], dk, dv
+    smem=(sub * (dp + dvp) * size, cfg.block_q * ((dp + dvp) * size + 8)),  # + lse, delta
+  )(q_view[0], full, tiles, *head_route_args, q, k, v, d_out, lse, delta)
+  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv[:, : cfg.kv_len]
 
 
 _attention = common.attention_with_vjp(_forward, _backward)
@@ -517,7 +638,7 @@ def block_sparse_attention_triton(
   interpret: bool = False,
   routes: common.TokenRoutes | None = None,
   num_warps: int | None = None,
-  num_stages: int = 2,
+  num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -530,7 +651,8 @@ def block_sparse_attention_triton(
     routes: optional per-token routes (`common.TokenRoutes`): inside the visited
       tiles, a query sees only keys whose route it lists.
     num_warps, num_stages: Triton launch parameters (default: 4 warps for head
-      dims <= 64, else 8; 2 pipeline stages).
+      dims <= 64, else 8; 3 pipeline stages: a 3-deep k/v ring, as the tile id
+      is read one step ahead).
   """
   check_supported(q, k, v, mask, routes)
   cfg = _config(
@@ -550,7 +672,7 @@ def block_sparse_attention_triton(
   return _attention(cfg, q, k, v, kv_view, q_view, routes)
 
 
-def _config(q, k, v, mask, *, scale, interpret, routes=None, num_warps=None, num_stages=2):
+def _config(q, k, v, mask, *, scale, interpret, routes=None, num_warps=None, num_stages=3):
   bm, hm = mask.kv_count.shape[:2]
   return _Config(
     **common.Tiling.fields_of(mask),
@@ -603,7 +725,7 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
     jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
   ]
-  kernel = _calibrate_kernel
+  kernel, size = _calibrate_kernel, q.dtype.itemsize
   if masked_output:
     out_specs.append(_tile_spec(cfg.block_q, dvp, same))
     out_shape.append(jax.ShapeDtypeStruct((b, sq, hq, cfg.v_head_dim), q.dtype))
@@ -622,6 +744,7 @@ def _calibrate_kernels(cfg: _Config, masked_output: bool, q, k, v, tile_codes):
     out_specs=out_specs,
     out_shape=out_shape,
     name="block_sparse_calibrate",
+    smem=(cfg.block_q * dp * size, cfg.block_kv * (dp + dvp) * size),
   )(tile_codes.astype(jnp.int32), _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   out, lse, lse_m = outs[0][:, : cfg.q_len], outs[1][..., : cfg.q_len], outs[2][..., : cfg.q_len]
   out_m = outs[3][:, : cfg.q_len] if masked_output else None

@@ -127,7 +127,7 @@ def _words_per_row(*arrays: jax.Array) -> int:
 def check_supported(
   q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
 ) -> None:
-  """Raises ValueError if the TPU kernel cannot run this call (before any work).
+  """Raises `common.Unsupported` if the TPU kernel cannot run this call (before any work).
 
   Args:
     q, k, v: as for `block_sparse_attention_tpu`; only q's dtype is read.
@@ -136,7 +136,7 @@ def check_supported(
   """
   del k, v, routes
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise ValueError(
+    raise common.Unsupported(
       f"the TPU block-sparse kernel supports float32, bfloat16 and float16, got {q.dtype}."
     )
   for name, block, length in (
@@ -144,7 +144,7 @@ def check_supported(
     ("block_kv", mask.block_kv, mask.kv_len),
   ):
     if block % SUBLANES and block < length:
-      raise ValueError(
+      raise common.Unsupported(
         f"the TPU block-sparse kernel needs {name} to be a multiple of {SUBLANES} "
         f"(Mosaic's sublane tiling) unless one block covers the sequence; the mask "
         f"has {name}={block} for a length of {length}."
@@ -170,7 +170,7 @@ def _check_prefetch(what: str, advice: str, *arrays) -> None:
   words = _words_per_row(*arrays)
   if words > MAX_PREFETCH_WORDS:
     bm, hm = arrays[0].shape[:2]
-    raise ValueError(
+    raise common.Unsupported(
       f"the TPU block-sparse kernel prefetches the mask to SMEM, at least one block row "
       f"at a time (batch/heads {(bm, hm)} x ({what}) = {words} int32 entries), at most "
       f"{MAX_PREFETCH_WORDS}. Broadcast the mask over batch or heads, or {advice}."

@@ -1,0 +1,730 @@
+"""Block-sparse flash attention for Hopper GPUs (sm90+): Pallas on Mosaic GPU.
+
+FlashAttention-3's schedule, driven by a BlockMask. Three `plgpu.kernel`s, tied
+together by `jax.custom_vjp`:
+
+  forward  one CTA per 128-row (or 64-row) mask q tile at a time, persistent: the
+           (batch, head, q tile) work items are sorted by their kv tile count,
+           most first, and dealt round-robin to `num_ctas` CTAs, so rows with few
+           tiles fill in behind the long ones instead of idling SMs. Each CTA
+           has one producer warpgroup, which reads the tile ids from the mask
+           and TMA-copies k/v tiles into a `num_stages`-deep SMEM ring, and
+           block_q // 64 consumer warpgroups of 64 query rows each (wgmma QK^T,
+           base-2 online softmax, wgmma PV). A row's full tiles run first, in a
+           loop without the element mask; its partial and ragged-tail tiles
+           follow, masked.
+  dq       the same walk, accumulating dQ (p from the saved lse).
+  dk/dv    the transposed walk: one CTA per (kv tile, kv head); the producer
+           streams the q, dO, lse and delta tiles of every query head of the
+           GQA group, one after the other, and the consumers (64 kv rows each)
+           accumulate the group's dK and dV in registers, written once in the
+           input dtype (no per-query-head copies summed in XLA).
+
+Ragged lengths cost no padding copies: TMA reads past the end of k/v/q fill
+zeros and writes past the end are dropped; positions past q_len/kv_len are
+masked on the (statically known) tail tiles only.
+
+Limits (`check_supported`, shapes only): bf16/f16 inputs; block_q in {64, 128};
+block_kv in {64, 128}; head dims 64, 128 or 256 (others: refused, the Triton
+kernel takes them); the SMEM ring must fit (256-wide heads need block_kv 64).
+Mosaic GPU's interpreter (jax >= 0.11.2) runs these kernels on CPU
+(`interpret=True`); it takes wgmma operands from SMEM only, so the interpreted
+build stages P and dS in SMEM where the compiled one feeds them from registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sparse_attention.pallas_kernels.block_sparse import common
+
+HEAD_DIMS = (64, 128, 256)
+BLOCK_Q = (64, 128)
+BLOCK_KV = (64, 128)
+ROWS = 64  # query (kv) rows per consumer warpgroup: one wgmma M tile
+SMEM_BYTES = 227 * 1024  # per CTA on sm90
+NUM_SMS = 132  # H100/H200: the persistent grid's default width
+LOG2E = math.log2(math.e)
+
+
+def _smem_bytes(block_q: int, block_kv: int, d: int, dv: int, stages: int) -> int:
+  """SMEM (bf16/f16 tiles) of the larger kernel: forward/dq hold their q-side tiles
+  and a k/v ring; dK/dV holds its k/v tiles and a q/dO/lse/delta ring."""
+  rows = block_q * (d + dv) + stages * block_kv * (d + dv)
+  cols = block_kv * (d + dv) + stages * block_q * (d + dv)
+  return max(2 * rows + 8 * block_q, 2 * cols + 8 * stages * block_q)
+
+
+def check_supported(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+) -> None:
+  """Raises `common.Unsupported` if this kernel cannot run the call (shapes only)."""
+  del k, routes  # any GQA grouping and token routes of any shape are supported
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise common.Unsupported(f"the Mosaic GPU kernel takes bf16/f16 inputs, got {q.dtype}.")
+  if mask.block_q not in BLOCK_Q or mask.block_kv not in BLOCK_KV:
+    raise common.Unsupported(
+      f"the Mosaic GPU kernel needs block_q in {BLOCK_Q} and block_kv in {BLOCK_KV}; the "
+      f"mask has block_q={mask.block_q}, block_kv={mask.block_kv}."
+    )
+  d, dv = q.shape[-1], v.shape[-1]
+  if d not in HEAD_DIMS or dv not in HEAD_DIMS:
+    raise common.Unsupported(
+      f"the Mosaic GPU kernel supports head dims {HEAD_DIMS}, got head_dim={d}, v_head_dim={dv}."
+    )
+  size = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 2)
+  if size > SMEM_BYTES:
+    raise common.Unsupported(
+      f"the Mosaic GPU kernel's tiles need {size} bytes of SMEM (> {SMEM_BYTES}) at "
+      f"block_q={mask.block_q}, block_kv={mask.block_kv}, head dims {d}/{dv}; use block_kv=64."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config(common.Tiling):
+  """Static facts of one call (hashable: jit/custom_vjp static argument)."""
+
+  scale: float
+  head_dim: int
+  v_head_dim: int
+  group: int  # query heads per kv head
+  num_routes: int  # R routes per query (0: no token routes)
+  route_group: int  # query heads per route head (Hq // Hr)
+  interpret: bool
+  num_stages: int
+  num_ctas: int  # persistent grid width (the SM count on hardware)
+
+  @property
+  def wgs(self) -> int:
+    """Consumer warpgroups of the forward/dq kernels (64 query rows each)."""
+    return self.block_q // ROWS
+
+  @property
+  def wgs_kv(self) -> int:
+    """Consumer warpgroups of the dK/dV kernel (64 kv rows each)."""
+    return self.block_kv // ROWS
+
+  @property
+  def padded(self) -> tuple[int, int]:
+    """Sequence lengths rounded up to whole tiles."""
+    return self.num_q_blocks * self.block_q, self.num_kv_blocks * self.block_kv
+
+
+# ---------------------------------------------------------------------------
+# Work lists (XLA, O(B * H * Qb * Kmax) integers).
+# ---------------------------------------------------------------------------
+
+
+def _work_list(
+  cfg: _Config, count, index, partial, batch: int, heads: int, group: int, along_q: bool
+):
+  """The persistent grid's work items, longest first, and their tiles, full first.
+
+  An item is `group` consecutive heads of one (batch, tile): the forward and dq take
+  one query head per item; dK/dV takes a kv head's GQA group, whose query heads'
+  lists it walks one after the other.
+
+  Args:
+    count, index, partial: one view of the mask ([Bm, Hm, N], [Bm, Hm, N, M] x2).
+    batch, heads: the (batch, query head) rows the items cover.
+    group: heads per item.
+    along_q: the listed tiles are q tiles (the transposed view).
+
+  Returns:
+    meta int32 [W, group, 5]: (batch, head, tile, tile count, full-tile count).
+    tiles int32 [W, group, M]: tile id * 2 + partial, the full tiles first.
+  """
+  n, m = index.shape[-2:]
+  count = jnp.broadcast_to(count, (batch, heads, n))
+  index = jnp.broadcast_to(index, (batch, heads, n, m))
+  partial = jnp.broadcast_to(partial, (batch, heads, n, m)).astype(bool)
+  tiles, full = common.full_tiles_first(cfg, count, index, partial, along_q, cfg.num_routes > 0)
+  b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), jnp.arange(n), indexing="ij")
+  meta = jnp.stack([b, h, i, count, full], -1)  # [B, H, N, 5]
+  # Items: (batch, head group, tile), each holding its group's rows.
+  by_item = lambda x: jnp.moveaxis(
+    x.reshape(batch, heads // group, group, n, *x.shape[3:]), 2, 3
+  ).reshape(-1, group, *x.shape[3:])
+  meta, tiles = by_item(meta), by_item(tiles)
+  items = jnp.argsort(-jnp.sum(meta[..., 3], -1), stable=True)
+  return meta[items].astype(jnp.int32), tiles[items].astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Tile math inside the consumers (layouts: WGMMA and its row/column reductions).
+# ---------------------------------------------------------------------------
+
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a [64, n] wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+def _zeros(shape, layout=plgpu.Layout.WGMMA, value=0.0) -> jax.Array:
+  return plgpu.layout_cast(jnp.full(shape, value, jnp.float32), layout)
+
+
+def _cols(x: jax.Array, shape) -> jax.Array:
+  """A per-column vector broadcast over the rows of `shape`."""
+  return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _mma(cfg: _Config, a, b, acc: jax.Array | None = None) -> jax.Array:
+  """acc + a @ b with wgmma (f32 accumulation); a: an SMEM ref or a register value,
+  b: an SMEM ref. Compiled, wgmma accumulates into acc in place (`run_state`); the
+  interpreter does not discharge `run_state`, so it adds a fresh product."""
+  shape = (a.shape[0], b.shape[1])
+  if acc is not None and not cfg.interpret:
+
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(run)(plgpu.ACC.init(acc))
+
+  def scoped(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  product = pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32))
+  return product if acc is None else acc + product
+
+
+def _operand(cfg: _Config, x: jax.Array, scratch, index):
+  """A register value as wgmma's left operand: itself when compiled; staged in
+  SMEM (`scratch.at[index]`) when interpreted, as the interpreter takes SMEM
+  operands only."""
+  if not cfg.interpret:
+    return x
+  scratch = scratch.at[index]
+  scratch[...] = x
+  plgpu.commit_smem()
+  return scratch
+
+
+def _positions(start, shape, dim: int) -> jax.Array:
+  """int32 [rows, cols]: start + the index along `dim`, in the wgmma layout."""
+  return start + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _routed(q_routes, kv_routes, shape, q_dim: int) -> jax.Array | None:
+  """bool [rows, cols]: the key's route is one of the query's (queries along q_dim)."""
+  if q_routes is None:
+    return None
+  spread = lambda x, dim: lax.broadcast_in_dim(x, shape, (dim,))
+  key = spread(kv_routes, 1 - q_dim)
+  match = [spread(r, q_dim) == key for r in q_routes]
+  return functools.reduce(jnp.logical_or, match)
+
+
+def _layouts(dtype) -> tuple[Any, ...]:
+  """SMEM transforms of the wgmma operand tiles: 128-byte rows, swizzled."""
+  cols = 128 // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128))
+
+
+def _smem(shape, dtype) -> Any:
+  return plgpu.SMEM(shape, dtype, transforms=_layouts(dtype))
+
+
+def _persistent(cfg: _Config, num_items: int, body, init):
+  """Runs body(w, carry) over this CTA's work items (w = cta, cta + num_ctas, ...)."""
+  cta = lax.axis_index("cta")
+  mine = (num_items - cta + cfg.num_ctas - 1) // cfg.num_ctas
+  return lax.fori_loop(0, mine, lambda n, c: body(cta + n * cfg.num_ctas, c), init)
+
+
+def _produce(cfg: _Config, num_items: int, group: int, count_of, copies, consumed):
+  """The producer warpgroup: fills the `num_stages` ring with `copies(w, h, t, slot)`
+  for every tile t of every head h < group of every work item, each slot once its
+  previous tenant is consumed; then waits out the last consumed phases, so that
+  every barrier phase is observed."""
+  plgpu.set_max_registers(40, action="decrease")
+  stages = cfg.num_stages
+
+  def head(w, h, g):
+    def step(t, g):
+      slot = lax.rem(g, stages)
+
+      @pl.when(g >= stages)
+      def _():
+        plgpu.barrier_wait(consumed.at[slot])
+
+      copies(w, h, t, slot)
+      return g + 1
+
+    return lax.fori_loop(0, count_of(w, h), step, g)
+
+  def item(w, g):
+    return lax.fori_loop(0, group, lambda h, g: head(w, h, g), g)
+
+  total = _persistent(cfg, num_items, item, jnp.int32(0))
+
+  def drain(g, _):
+    plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+  lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+
+
+def _tile_loops(full, count, step, carry):
+  """step(masked, t, carry) over a list's full tiles, then its masked ones."""
+  carry = lax.fori_loop(0, full, functools.partial(step, False), carry)
+  return lax.fori_loop(full, count, functools.partial(step, True), carry)
+
+
+def _kv_copies(cfg: _Config, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars):
+  """The producer's copies of the forward and dq kernels: kv tile t of item w."""
+  k_smem, v_smem, kr_smem = smem
+  k_bar, v_bar, kr_bar = bars
+
+  def copies(w, h, t, slot):
+    b, hk = meta_ref[w, h, 0], meta_ref[w, h, 1] // cfg.group
+    rows = pl.ds(tiles_ref[w, h, t] // 2 * cfg.block_kv, cfg.block_kv)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
+    if kr_ref is not None:
+      plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], kr_bar.at[slot])
+
+  return copies
+
+
+def _load_rows(cfg: _Config, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg):
+  """A consumer's 64 query rows into SMEM, and their token routes into registers."""
+  rows = pl.ds(q0, ROWS)
+  plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[wg], q_bar.at[wg])
+  if qr_ref is None:
+    return None
+  hr = h // cfg.route_group
+  plgpu.copy_gmem_to_smem(qr_ref.at[b, hr, :, rows], qr_smem.at[wg], qr_bar.at[wg])
+  plgpu.barrier_wait(qr_bar.at[wg])
+  return [plgpu.load(qr_smem.at[wg, r], layout=_ROW) for r in range(cfg.num_routes)]
+
+
+def _scores(cfg: _Config, a, b_t, masked, tile, q0, kv0, shape, q_dim, q_routes, kv_routes):
+  """Scores of one tile in log2 units (the scale times log2 e folded in), -inf where
+  hidden when `masked`; queries along `q_dim` (0: forward/dq, 1: the dK/dV view)."""
+  s = _mma(cfg, a, b_t) * (cfg.scale * LOG2E)
+  if not masked:
+    return s
+  q_pos, kv_pos = _positions(q0, shape, q_dim), _positions(kv0, shape, 1 - q_dim)
+  routed = _routed(q_routes, kv_routes, shape, q_dim)
+  vis = cfg.visible(tile % 2 == 1, q_pos, kv_pos, routed)
+  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+
+
+def _forward_kernel(cfg: _Config, num_items: int, *refs):
+  nr = 2 if cfg.num_routes else 0
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref = refs[:5]  # meta [W, 1, 5], tiles [W, 1, Kmax]
+  qr_ref, kr_ref = refs[5 : 5 + nr] if nr else (None, None)  # [B, Hr, R, Sq_p], [B, Sk_p]
+  o_ref, lse_ref, scratch, barriers = refs[5 + nr :]  # o [B, Sq, Hq, Dv], lse [B, Hq, Sq_p]
+  q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem, qr_smem, kr_smem = scratch
+  q_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
+  bk, wg = cfg.block_kv, lax.axis_index("wg")
+
+  @pl.when(wg == cfg.wgs)
+  def _producer():
+    copies = _kv_copies(
+      cfg,
+      meta_ref,
+      tiles_ref,
+      k_ref,
+      v_ref,
+      kr_ref,
+      (k_smem, v_smem, kr_smem),
+      (k_bar, v_bar, kr_bar),
+    )
+    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+
+  @pl.when(wg < cfg.wgs)
+  def _consumer():
+    plgpu.set_max_registers(232 if cfg.wgs == 2 else 240, action="increase")
+    shape = (ROWS, bk)
+
+    def step(w, q0, q_routes, masked, t, carry):
+      g, m, l, acc = carry
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.barrier_wait(kr_bar.at[slot])
+        kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
+      plgpu.barrier_wait(k_bar.at[slot])
+      k_t = k_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
+      )
+      plgpu.barrier_wait(v_bar.at[slot])
+
+      def accumulate(acc, p):
+        p = _operand(cfg, p.astype(q_ref.dtype), p_smem, wg)
+        return _mma(cfg, p, v_smem.at[slot], acc)
+
+      m, l, acc = common.online_softmax_update(
+        s, m, l, acc, None, None, base2=True, accumulate=accumulate
+      )
+      plgpu.barrier_arrive(consumed.at[slot])
+      return g + 1, m, l, acc
+
+    def item(w, g):
+      b, h, i, count, full = (meta_ref[w, 0, c] for c in range(5))
+      q0 = i * cfg.block_q + wg * ROWS
+      q_routes = _load_rows(cfg, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg)
+      plgpu.barrier_wait(q_bar.at[wg])
+      carry = (g, _zeros((ROWS,), _ROW, -jnp.inf), _zeros((ROWS,), _ROW))
+      carry = (*carry, _zeros((ROWS, cfg.v_head_dim)))
+      step_ = functools.partial(step, w, q0, q_routes)
+      g, m, l, acc = _tile_loops(full, count, step_, carry)
+      out, lse = common.finalize(m, l, acc, base2=True)
+      o_smem.at[wg][...] = out.astype(o_smem.dtype)
+      lse_smem.at[wg][...] = lse
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(q0, ROWS), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q0, ROWS)])
+      plgpu.wait_smem_to_gmem(0)  # the next item reuses o_smem
+      return g
+
+    _persistent(cfg, num_items, item, jnp.int32(0))
+
+
+def _dq_kernel(cfg: _Config, num_items: int, *refs):
+  nr = 2 if cfg.num_routes else 0
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
+  qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
+  dq_ref, scratch, barriers = refs[8 + nr :]  # dq [B, Sq, Hq, D]
+  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, qr_smem, kr_smem = scratch
+  q_bar, do_bar, lse_bar, delta_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
+  bk, wg = cfg.block_kv, lax.axis_index("wg")
+
+  @pl.when(wg == cfg.wgs)
+  def _producer():
+    copies = _kv_copies(
+      cfg,
+      meta_ref,
+      tiles_ref,
+      k_ref,
+      v_ref,
+      kr_ref,
+      (k_smem, v_smem, kr_smem),
+      (k_bar, v_bar, kr_bar),
+    )
+    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+
+  @pl.when(wg < cfg.wgs)
+  def _consumer():
+    plgpu.set_max_registers(232 if cfg.wgs == 2 else 240, action="increase")
+    shape = (ROWS, bk)
+
+    def step(w, q0, q_routes, lse, delta, masked, t, carry):
+      g, dq = carry
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.barrier_wait(kr_bar.at[slot])
+        kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
+      plgpu.barrier_wait(k_bar.at[slot])
+      k_t = k_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
+      )
+      p = jnp.exp2(s - common.per_row(lse, shape))
+      plgpu.barrier_wait(v_bar.at[slot])
+      dp = _mma(cfg, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
+      ds = p * (dp - common.per_row(delta, shape))
+      ds = _operand(cfg, ds.astype(q_ref.dtype), ds_smem, wg)
+      dq = _mma(cfg, ds, k_smem.at[slot], dq)
+      plgpu.barrier_arrive(consumed.at[slot])
+      return g + 1, dq
+
+    def item(w, g):
+      b, h, i, count, full = (meta_ref[w, 0, c] for c in range(5))
+      q0 = i * cfg.block_q + wg * ROWS
+      rows = pl.ds(q0, ROWS)
+      q_routes = _load_rows(cfg, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg)
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], delta_bar.at[wg])
+      for bar in (q_bar, do_bar, lse_bar, delta_bar):
+        plgpu.barrier_wait(bar.at[wg])
+      lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
+      delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+      step_ = functools.partial(step, w, q0, q_routes, lse, delta)
+      g, dq = _tile_loops(full, count, step_, (g, _zeros((ROWS, cfg.head_dim))))
+      q_smem.at[wg][...] = (dq * cfg.scale).astype(q_smem.dtype)  # q is done: dq's staging
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+      return g
+
+    _persistent(cfg, num_items, item, jnp.int32(0))
+
+
+def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
+  nr = 2 if cfg.num_routes else 0
+  meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
+  qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
+  dk_ref, dv_ref, scratch, barriers = refs[8 + nr :]  # [B, Sk, Hkv, D], [B, Sk, Hkv, Dv]
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem, qr_smem, kr_smem = scratch
+  k_bar, v_bar, kr_bar, q_bar, do_bar, lse_bar, delta_bar, qr_bar, consumed = barriers
+  bq, wg = cfg.block_q, lax.axis_index("wg")
+  shape = (ROWS, bq)  # kv rows x query columns
+
+  @pl.when(wg == cfg.wgs_kv)
+  def _producer():
+    def copies(w, h, t, slot):
+      b, hq = meta_ref[w, h, 0], meta_ref[w, h, 1]
+      rows = pl.ds(tiles_ref[w, h, t] // 2 * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, hq], q_smem.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hq], do_smem.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, hq, rows], lse_smem.at[slot], lse_bar.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, hq, rows], delta_smem.at[slot], delta_bar.at[slot])
+      if qr_ref is not None:
+        src = qr_ref.at[b, hq // cfg.route_group, :, rows]
+        plgpu.copy_gmem_to_smem(src, qr_smem.at[slot], qr_bar.at[slot])
+
+    _produce(cfg, num_items, cfg.group, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+
+  @pl.when(wg < cfg.wgs_kv)
+  def _consumer():
+    plgpu.set_max_registers(232 if cfg.wgs_kv == 2 else 240, action="increase")
+
+    def step(w, h, kv0, kv_routes, masked, t, carry):
+      g, dk, dv = carry
+      slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, h, t]
+      q_routes = None
+      if qr_ref is not None:
+        plgpu.barrier_wait(qr_bar.at[slot])
+        q_routes = [plgpu.load(qr_smem.at[slot, r], layout=_COL) for r in range(cfg.num_routes)]
+      plgpu.barrier_wait(q_bar.at[slot])
+      q_t = q_smem.at[slot].transpose((1, 0))
+      s = _scores(
+        cfg, k_smem.at[wg], q_t, masked, tile, tile // 2 * bq, kv0, shape, 1, q_routes, kv_routes
+      )
+      plgpu.barrier_wait(lse_bar.at[slot])
+      p = jnp.exp2(s - _cols(plgpu.load(lse_smem.at[slot], layout=_COL), shape))
+      plgpu.barrier_wait(do_bar.at[slot])
+      dv = _mma(cfg, _operand(cfg, p.astype(q_ref.dtype), p_smem, wg), do_smem.at[slot], dv)
+      dp = _mma(cfg, v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))
+      plgpu.barrier_wait(delta_bar.at[slot])
+      ds = p * (dp - _cols(plgpu.load(delta_smem.at[slot], layout=_COL), shape))
+      dk = _mma(cfg, _operand(cfg, ds.astype(q_ref.dtype), p_smem, wg), q_smem.at[slot], dk)
+      plgpu.barrier_arrive(consumed.at[slot])
+      return g + 1, dk, dv
+
+    def item(w, g):
+      b, hk, j = meta_ref[w, 0, 0], meta_ref[w, 0, 1] // cfg.group, meta_ref[w, 0, 2]
+      kv0 = j * cfg.block_kv + wg * ROWS
+      rows = pl.ds(kv0, ROWS)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[wg], v_bar.at[wg])
+      kv_routes = None
+      if kr_ref is not None:
+        plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[wg], kr_bar.at[wg])
+        plgpu.barrier_wait(kr_bar.at[wg])
+        kv_routes = plgpu.load(kr_smem.at[wg], layout=_ROW)
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+
+      def head(h, carry):  # the GQA group's query heads, one after the other
+        step_ = functools.partial(step, w, h, kv0, kv_routes)
+        return _tile_loops(meta_ref[w, h, 4], meta_ref[w, h, 3], step_, carry)
+
+      init = (g, _zeros((ROWS, cfg.head_dim)), _zeros((ROWS, cfg.v_head_dim)))
+      g, dk, dv = lax.fori_loop(0, cfg.group, head, init)
+      k_smem.at[wg][...] = (dk * cfg.scale).astype(k_smem.dtype)  # k/v are done: staging
+      v_smem.at[wg][...] = dv.astype(v_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, rows, hk])
+      plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, hk])
+      plgpu.wait_smem_to_gmem(0)
+      return g
+
+    _persistent(cfg, num_items, item, jnp.int32(0))
+
+
+# ---------------------------------------------------------------------------
+# Kernel calls.
+# ---------------------------------------------------------------------------
+
+
+def _kernel(cfg: _Config, body, out_type, scratch, num_items: int, wgs: int, name: str):
+  params = plgpu.InterpretGPUParams() if cfg.interpret else None
+  return plgpu.kernel(
+    functools.partial(body, cfg, num_items),
+    out_type=out_type,
+    scratch_types=scratch,
+    grid=(min(cfg.num_ctas, num_items),),
+    grid_names=("cta",),
+    num_threads=wgs + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=params,
+    kernel_name=name,
+  )
+
+
+def _barriers(*counts: int | None, consumers: int, stages: int) -> tuple:
+  """One barrier array per entry (None: absent), then the ring's consumed barriers."""
+  bars = tuple(None if n is None else plgpu.Barrier(num_barriers=n) for n in counts)
+  return (*bars, plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
+
+
+def _route_arrays(cfg: _Config, routes, batch: int):
+  """Token routes padded to whole tiles and broadcast over the batch: query routes
+  [B, Hr, R, Sq_p] (each route slot contiguous over the queries), key routes [B, Sk_p]."""
+  if routes is None:
+    return []
+  sq, sk = cfg.padded
+  query = jnp.swapaxes(routes.query.astype(jnp.int32), 2, 3)
+  query = jnp.pad(query, ((0, 0), (0, 0), (0, 0), (0, sq - cfg.q_len)), constant_values=-1)
+  key = jnp.pad(routes.key.astype(jnp.int32), ((0, 0), (0, sk - cfg.kv_len)), constant_values=-2)
+  query = jnp.broadcast_to(query, (batch, *query.shape[1:]))
+  return [query, jnp.broadcast_to(key, (batch, sk))]
+
+
+def _pad8(x: jax.Array) -> jax.Array:
+  """[B, S, H, D] padded along S to a multiple of 8 rows (TMA's tiling of the
+  sequence dim; whole tiles past the end are then read as zeros by TMA itself)."""
+  return jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8), (0, 0), (0, 0)))
+
+
+def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
+  del q_view  # the transposed view serves the backward pass only
+  q, k, v = _pad8(q), _pad8(k), _pad8(v)
+  b, _, hq, _ = q.shape
+  meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
+  wgs, s, bk, r, dt = cfg.wgs, cfg.num_stages, cfg.block_kv, cfg.num_routes, q.dtype
+  d, dv = cfg.head_dim, cfg.v_head_dim
+  smem = (
+    _smem((wgs, ROWS, d), dt),  # q
+    _smem((wgs, ROWS, dv), dt),  # o
+    _smem((s, bk, d), dt),  # k ring
+    _smem((s, bk, dv), dt),  # v ring
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # lse
+    _smem((wgs, ROWS, bk), dt) if cfg.interpret else None,  # P, staged (interpret)
+    plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,  # query routes
+    plgpu.SMEM((s, bk), jnp.int32) if r else None,  # key routes ring
+  )
+  rw, rs = (wgs, s) if r else (None, None)
+  bars = _barriers(wgs, rw, s, s, rs, consumers=wgs, stages=s)
+  out_type = (
+    jax.ShapeDtypeStruct((*q.shape[:3], dv), dt),
+    jax.ShapeDtypeStruct((b, hq, cfg.padded[0]), jnp.float32),
+  )
+  call = _kernel(cfg, _forward_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_fwd")
+  out, lse = call(meta, tiles, q, k, v, *_route_arrays(cfg, routes, b))
+  return out[:, : cfg.q_len], lse[..., : cfg.q_len]
+
+
+def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
+  b, _, hq, _ = q.shape
+  wgs, wgs_kv, s, r, dt = cfg.wgs, cfg.wgs_kv, cfg.num_stages, cfg.num_routes, q.dtype
+  bq, bk, d, dv = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.v_head_dim
+  sq = cfg.padded[0]
+  pad = lambda x, value: jnp.pad(x, ((0, 0), (0, 0), (0, sq - cfg.q_len)), constant_values=value)
+  # log2-unit lse; +inf on rows that see nothing (and the padding) makes p = 0 there.
+  lse2 = pad(jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E), jnp.inf)
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = pad(delta - d_lse, 0.0)
+  route_args = _route_arrays(cfg, routes, b)
+  q, k, v, d_out = _pad8(q), _pad8(k), _pad8(v), _pad8(d_out)
+  inputs = (q, k, v, d_out, lse2, delta, *route_args)
+
+  meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
+  smem = (
+    _smem((wgs, ROWS, d), dt),  # q, then dq
+    _smem((wgs, ROWS, dv), dt),  # dO
+    _smem((s, bk, d), dt),  # k ring
+    _smem((s, bk, dv), dt),  # v ring
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # lse
+    plgpu.SMEM((wgs, ROWS), jnp.float32),  # delta
+    _smem((wgs, ROWS, bk), dt) if cfg.interpret else None,  # dS, staged (interpret)
+    plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,
+    plgpu.SMEM((s, bk), jnp.int32) if r else None,
+  )
+  rw, rs = (wgs, s) if r else (None, None)
+  bars = _barriers(wgs, wgs, wgs, wgs, rw, s, s, rs, consumers=wgs, stages=s)
+  out_type = jax.ShapeDtypeStruct(q.shape, dt)
+  dq = _kernel(cfg, _dq_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_dq")(
+    meta, tiles, *inputs
+  )
+
+  meta, tiles = _work_list(cfg, *q_view, b, hq, cfg.group, along_q=True)
+  smem = (
+    _smem((wgs_kv, ROWS, d), dt),  # k, then dk
+    _smem((wgs_kv, ROWS, dv), dt),  # v, then dv
+    _smem((s, bq, d), dt),  # q ring
+    _smem((s, bq, dv), dt),  # dO ring
+    plgpu.SMEM((s, bq), jnp.float32),  # lse ring
+    plgpu.SMEM((s, bq), jnp.float32),  # delta ring
+    _smem((wgs_kv, ROWS, bq), dt) if cfg.interpret else None,  # P, dS staged (interpret)
+    plgpu.SMEM((s, r, bq), jnp.int32) if r else None,  # query routes ring
+    plgpu.SMEM((wgs_kv, ROWS), jnp.int32) if r else None,  # key routes
+  )
+  rw, rs = (wgs_kv, s) if r else (None, None)
+  bars = _barriers(wgs_kv, wgs_kv, rw, s, s, s, s, rs, consumers=wgs_kv, stages=s)
+  out_type = (
+    jax.ShapeDtypeStruct((*k.shape[:3], d), dt),
+    jax.ShapeDtypeStruct((*k.shape[:3], dv), dt),
+  )
+  dk, dv_ = _kernel(cfg, _dkdv_kernel, out_type, [smem, bars], meta.shape[0], wgs_kv, "bs_dkdv")(
+    meta, tiles, *inputs
+  )
+  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv_[:, : cfg.kv_len]
+
+
+_attention = common.attention_with_vjp(_forward, _backward)
+
+
+def block_sparse_attention_mosaic_gpu(
+  q: jax.Array,  # [batch, q_len, q_heads, head_dim]
+  k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
+  v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
+  mask: common.BlockSparseLayout,
+  *,
+  scale: float,
+  interpret: bool = False,
+  routes: common.TokenRoutes | None = None,
+  num_stages: int | None = None,
+  num_ctas: int = NUM_SMS,
+) -> tuple[jax.Array, jax.Array]:
+  """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
+
+  Differentiable (Mosaic GPU backward kernels). Inputs are assumed validated by
+  `ops.block_sparse_attention`; `check_supported` is run here.
+
+  Args:
+    interpret: run the kernels in Mosaic GPU's interpreter (on CPU) instead of
+      compiling them for the GPU.
+    routes: optional per-token routes (`common.TokenRoutes`).
+    num_stages: depth of the SMEM ring (default: 3 where it fits, else 2).
+    num_ctas: width of the persistent grid (default: the H100/H200 SM count).
+
+  Raises:
+    common.Unsupported: a call this kernel does not take (see `check_supported`).
+  """
+  check_supported(q, k, v, mask, routes)
+  d, dv = q.shape[-1], v.shape[-1]
+  if num_stages is None:
+    fits = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 3) <= SMEM_BYTES
+    num_stages = 3 if fits else 2
+  cfg = _Config(
+    **common.Tiling.fields_of(mask),
+    scale=scale,
+    head_dim=d,
+    v_head_dim=dv,
+    group=q.shape[2] // k.shape[2],
+    num_routes=0 if routes is None else routes.query.shape[-1],
+    route_group=1 if routes is None else q.shape[2] // routes.query.shape[1],
+    interpret=bool(interpret),
+    num_stages=num_stages,
+    num_ctas=num_ctas,
+  )
+  as_int = lambda x: x.astype(jnp.int32)
+  kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
+  q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
+  return _attention(cfg, q, k, v, kv_view, q_view, routes)
