@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 import testutil
+from tensorboard.backend.event_processing import event_accumulator
 
-from sparse_attention.train import checkpoint, summary, trainer
+from sparse_attention.train import checkpoint, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "litv2_digits.py")
@@ -76,6 +77,13 @@ def test_bad_setup_fails_before_training(tmp_path, overrides, match):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def _tensorboard_steps(workdir, tag: str) -> list[int]:
+  """The steps TensorBoard shows for `tag` (its reader applies the runs' purge_step)."""
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"scalars": 0})
+  events.Reload()
+  return [e.step for e in events.Scalars(tag)]
+
+
 def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
   config = load_config(
     *FAST, "--config.steps=4", "--config.checkpoint_every=2", "--config.eval_every=2"
@@ -89,8 +97,8 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
   for key in ("loss", "accuracy", "learning_rate", "steps_per_s", "examples_per_s", "eta_s"):
     assert all(np.isfinite(r[key]) for r in train), key
   assert {r["split"] for r in records} == {"train", "eval", "test"}
-  scalars = summary.read_scalars(str(tmp_path))
-  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4]
+  assert _tensorboard_steps(tmp_path, "test/accuracy") == [4]
   assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 4
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3).all_steps() == [2, 4]
 
@@ -117,6 +125,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     if json.loads(line)["split"] == "train"
   ]
   assert steps == [1, 2, 3, 4, 5, 6]
+  assert _tensorboard_steps(tmp_path, "train/loss") == steps  # the first 3-4 purged
   assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()
 
 

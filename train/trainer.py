@@ -15,9 +15,9 @@
      position (the grain iterator's state), so a killed job continues exactly where
      the last checkpoint left it;
   5. trains, logging every `log_every` steps (stderr, `<workdir>/metrics.jsonl`,
-     TensorBoard event files in `<workdir>`), evaluating every `eval_every` steps and
-     checkpointing every `checkpoint_every` steps, at the end, and on SIGINT / SIGTERM
-     (then raising `Interrupted`);
+     TensorBoard event files in `<workdir>`, by tensorboardX), evaluating every
+     `eval_every` steps and checkpointing every `checkpoint_every` steps, at the end,
+     and on SIGINT / SIGTERM (then raising `Interrupted`);
   6. evaluates on the eval and test splits and returns (and logs) the summary.
 
 A step whose loss or gradients are not finite never changes the state: with
@@ -52,8 +52,9 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
 
-from sparse_attention.train import checkpoint, data, optim, partitioning, summary, tasks
+from sparse_attention.train import checkpoint, data, optim, partitioning, tasks
 from sparse_attention.train import workdir as workdir_lib
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -153,7 +154,9 @@ class MetricsLog:
 
   A run resumed at step S first drops the rows metrics.jsonl holds for steps after S
   (written by the attempt that was killed), and, when it only evaluates (S is the last
-  step), the evaluation rows of step S it is about to write again: every row once.
+  step), the evaluation rows of step S it is about to write again: every row once. Its
+  TensorBoard event file starts with `purge_step` S + 1, so TensorBoard drops the
+  killed attempt's events of the steps after S too.
   """
 
   def __init__(self, workdir: str, total_steps: int, unit: str, enabled: bool, start: int):
@@ -162,19 +165,20 @@ class MetricsLog:
     self.unit = unit
     self.tty = enabled and sys.stderr.isatty()
     self._bar_open = False
-    self._jsonl = None
+    self._jsonl = self._writer = None
     if enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, start, drop_evaluations=start == total_steps)
       self._jsonl = open(path, "a")
-    self._writer = summary.SummaryWriter(workdir, enabled=enabled)
+      self._writer = SummaryWriter(workdir, purge_step=start + 1 if start else None, flush_secs=10)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
     self._jsonl.flush()
-    self._writer.scalars({f"{split}/{k}": v for k, v in values.items()}, step)
+    for key, value in values.items():
+      self._writer.add_scalar(f"{split}/{key}", value, step)
 
   def say(self, message: str, *args: Any) -> None:
     """A message on its own line, never glued to the live bar."""
@@ -215,7 +219,7 @@ class MetricsLog:
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
-    self._writer.close()
+      self._writer.close()
     if self._bar_open:
       sys.stderr.write("\n")
       self._bar_open = False
