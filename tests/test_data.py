@@ -215,6 +215,8 @@ def test_array_record_holds_the_same_examples(tmp_path):
     ({"interpolation": "nearest"}, "config.data.interpolation"),
     ({"worker_count": -1}, "config.data.worker_count"),
     ({"prefetch": 0}, "config.data.prefetch"),
+    ({"eval_path": "/tmp"}, "config.data.eval_path"),  # not for digits
+    ({"kind": "images", "path": "/a", "eval_path": "/b"}, "config.data.eval_fraction must be 0"),
   ],
 )
 def test_config_errors_name_the_field(fields, field):

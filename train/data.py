@@ -46,6 +46,9 @@ takes the training config or its data block, and missing fields take these defau
 
   kind                "digits"   digits | images | array_record | npz | text
   path                None       None (embedded data) or a file / folder, per kind
+  eval_path           None       images / array_record: a second folder (same classes)
+                                 that is the eval split (e.g. ImageNet's val/); then
+                                 eval_fraction must be 0
   image_size          32         images are made image_size x image_size
   channels            3          1 or 3 (gray repeated to 3; RGB to luma for 1)
   seq_len             256        text: tokens per example
@@ -122,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "digits"
   c.path = ml_collections.config_dict.placeholder(str)
+  c.eval_path = ml_collections.config_dict.placeholder(str)
   c.image_size = 32
   c.channels = 3
   c.seq_len = 256
@@ -288,6 +292,7 @@ class Datasets:
 class _Fields:
   kind: str
   path: str | None
+  eval_path: str | None
   image_size: int
   channels: int
   seq_len: int
@@ -345,6 +350,19 @@ def _read_config(config: Any) -> _Fields:
     )
   if kind in ("images", "array_record", "npz") and path is None:
     raise ValueError(f"config.data.path is required for kind {kind!r} (got None).")
+  eval_path = get("eval_path")
+  if eval_path is not None:
+    if kind not in ("images", "array_record") or not os.fspath(eval_path):
+      raise ValueError(
+        f"config.data.eval_path must be None, or a folder for kind 'images' / 'array_record' "
+        f"(kind {kind!r}), got {eval_path!r}."
+      )
+    if get("eval_fraction"):
+      raise ValueError(
+        f"config.data.eval_fraction must be 0 when config.data.eval_path gives the eval split, "
+        f"got {get('eval_fraction')!r}."
+      )
+    eval_path = os.fspath(eval_path)
 
   def integer(name, minimum):
     v = get(name)
@@ -392,6 +410,7 @@ def _read_config(config: Any) -> _Fields:
   return _Fields(
     kind=kind,
     path=path,
+    eval_path=eval_path,
     image_size=integer("image_size", 1),
     channels=channels,
     seq_len=integer("seq_len", 1),
@@ -452,12 +471,19 @@ def make_datasets(config: ml_collections.ConfigDict) -> Datasets:
   if f.kind == "npz":
     return _load_npz(f)
   if f.kind == "digits":
-    source, names = _load_digits(), tuple(str(i) for i in range(10))
-  elif f.kind == "images":
-    source, names = _list_image_folder(f.path)
-  else:
-    source, names = _list_array_record(f.path)
-  return _image_datasets(source, len(names), names, f)
+    return _image_datasets(_load_digits(), tuple(str(i) for i in range(10)), f)
+  listing = _list_image_folder if f.kind == "images" else _list_array_record
+  source, names = listing(f.path)
+  eval_source = None
+  if f.eval_path is not None:
+    eval_source, eval_names = listing(f.eval_path, "eval_path")
+    if eval_names != names:
+      raise ValueError(
+        f"config.data.eval_path {f.eval_path!r} holds the classes {list(eval_names)[:5]}... "
+        f"({len(eval_names)}), config.data.path {f.path!r} {list(names)[:5]}... "
+        f"({len(names)}): both need the same class names."
+      )
+  return _image_datasets(source, names, f, eval_source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,25 +498,26 @@ def _load_digits() -> ArrayImages:
   return ArrayImages(x, digits.target.astype(np.int32))
 
 
-def _list_image_folder(path: str) -> tuple[ImageFiles, tuple[str, ...]]:
+def _list_image_folder(path: str, field: str = "path") -> tuple[ImageFiles, tuple[str, ...]]:
+  where = f"config.data.{field}"
   root = Path(path)
   if not root.exists():
-    raise ValueError(f"config.data.path {path!r} does not exist.")
+    raise ValueError(f"{where} {path!r} does not exist.")
   if not root.is_dir():
     raise ValueError(
-      f"config.data.path {path!r} is not a folder; kind 'images' expects a folder with one "
+      f"{where} {path!r} is not a folder; kind 'images' expects a folder with one "
       "subfolder of images per class (use kind 'npz' for an .npz file)."
     )
   try:
     entries = sorted(root.iterdir(), key=lambda p: p.name)
   except OSError as e:
-    raise ValueError(f"config.data.path {path!r} cannot be listed: {e.strerror or e}.") from e
+    raise ValueError(f"{where} {path!r} cannot be listed: {e.strerror or e}.") from e
   classes = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
   if not classes:
     files = [p for p in entries if not p.name.startswith(".")]
     found = f"only {len(files)} files" if files else "it is empty"
     raise ValueError(
-      f"config.data.path {path!r} has no class subfolders ({found}); kind 'images' expects "
+      f"{where} {path!r} has no class subfolders ({found}); kind 'images' expects "
       "one subfolder per class, e.g. path/cat/*.jpg, path/dog/*.jpg."
     )
   relative, labels, skipped = [], [], []
@@ -499,12 +526,13 @@ def _list_image_folder(path: str) -> tuple[ImageFiles, tuple[str, ...]]:
     skipped += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-      raise ValueError(f"config.data.path: class folder {str(folder)!r} holds no image files.")
+      raise ValueError(f"{where}: class folder {str(folder)!r} holds no image files.")
     relative += [str(f.relative_to(root)) for f in files]
     labels += [label] * len(files)
   if skipped:
     logging.warning(
-      "config.data.path %r: skipped %d files that are not images (by their extension), e.g. %r.",
+      "%s %r: skipped %d files that are not images (by their extension), e.g. %r.",
+      where,
       path,
       len(skipped),
       str(skipped[0].relative_to(root)),
@@ -512,23 +540,23 @@ def _list_image_folder(path: str) -> tuple[ImageFiles, tuple[str, ...]]:
   return ImageFiles(str(root), relative, np.asarray(labels)), tuple(p.name for p in classes)
 
 
-def _list_array_record(path: str) -> tuple[ArrayRecordImages, tuple[str, ...]]:
+def _list_array_record(path: str, field: str = "path") -> tuple[ArrayRecordImages, tuple[str, ...]]:
+  where = f"config.data.{field}"
   folder = Path(path)
   if not folder.is_dir():
     what = "does not exist" if not folder.exists() else "is not a folder"
     raise ValueError(
-      f"config.data.path {path!r} {what}; kind 'array_record' expects a folder of "
+      f"{where} {path!r} {what}; kind 'array_record' expects a folder of "
       f"*.array_record files and {CLASSES_FILE} (see data.write_array_record)."
     )
   files = sorted(str(p) for p in folder.glob("*.array_record"))
   if not files:
-    raise ValueError(f"config.data.path {path!r} holds no *.array_record files.")
+    raise ValueError(f"{where} {path!r} holds no *.array_record files.")
   try:
     names = tuple(n for n in (folder / CLASSES_FILE).read_text().splitlines() if n)
   except OSError as e:
     raise ValueError(
-      f"config.data.path {path!r}: cannot read {CLASSES_FILE} (one class name per line): "
-      f"{e.strerror or e}."
+      f"{where} {path!r}: cannot read {CLASSES_FILE} (one class name per line): {e.strerror or e}."
     ) from e
   return ArrayRecordImages(files), names
 
@@ -553,12 +581,15 @@ def write_array_record(image_folder: str, out_folder: str, *, shards: int = 1) -
   return len(files)
 
 
-def _image_datasets(source: Any, num_classes: int, class_names, f: _Fields) -> Datasets:
+def _image_datasets(source: Any, class_names, f: _Fields, eval_source: Any = None) -> Datasets:
+  """Splits `source` by a seeded permutation; `eval_source`, if given, is the eval split."""
   n = len(source)
   sizes = _split_sizes(n, f, "examples")
   order = np.random.default_rng(f.seed).permutation(n)
   ends = np.cumsum(sizes)
   splits = [Split(source, np.sort(order[e - s : e])) for s, e in zip(sizes, ends, strict=True)]
+  if eval_source is not None:
+    splits[1] = Split(eval_source, np.arange(len(eval_source)))
   transform = images.ImageTransform(
     size=f.image_size,
     channels=f.channels,
@@ -579,7 +610,7 @@ def _image_datasets(source: Any, num_classes: int, class_names, f: _Fields) -> D
   return Datasets(
     *splits,
     kind="image",
-    num_classes=int(num_classes),
+    num_classes=len(class_names),
     image_shape=(f.image_size, f.image_size, f.channels),
     mean=np.asarray(mean, np.float32),
     std=np.asarray(std, np.float32),
@@ -854,7 +885,8 @@ def _load_npz(f: _Fields) -> Datasets:
       )
   else:
     raise ValueError(f"config.data.path {path!r}: `{x_key}` has unsupported dtype {x.dtype}.")
-  return _image_datasets(ArrayImages(x, y.astype(np.int32)), int(y.max()) + 1, None, f)
+  datasets = _image_datasets(ArrayImages(x, y.astype(np.int32)), range(int(y.max()) + 1), f)
+  return dataclasses.replace(datasets, class_names=None)
 
 
 # ---------------------------------------------------------------------------------------
