@@ -18,7 +18,7 @@ import pytest
 import testutil
 from tensorboard.backend.event_processing import event_accumulator
 
-from sparse_attention.train import checkpoint, tasks, trainer
+from sparse_attention.train import checkpoint, data, tasks, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "litv2_digits.py")
@@ -129,6 +129,18 @@ def test_imagenet_config_trains_on_a_folder_of_mixed_images(tmp_path, caplog):
   assert facts["class_names"] == ["cat", "dog"] and facts["image_shape"] == [32, 32, 3]
   assert facts["examples"] == {"train": 15, "eval": 4, "test": 1}
   assert np.isfinite(final["eval"]["loss"]) and np.isfinite(final["test"]["loss"])
+
+
+def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it(tmp_path):
+  testutil.write_image_folder(tmp_path, per_class=4, stray=False)
+  (tmp_path / "cat" / "broken.jpg").write_bytes(b"not a JPEG")
+  fields = {"kind": "images", "path": str(tmp_path), "eval_fraction": 0.0, "test_fraction": 0.0}
+  # mean / std given: no statistics pass reads the files first
+  datasets = data.make_datasets(dict(fields, mean=(0.5,) * 3, std=(0.25,) * 3))
+  batches = data.train_batches(datasets, len(datasets.train), seed=0)
+  with pytest.raises(trainer.UsageError, match="batch of step 1: cannot read .*broken.jpg"):
+    trainer._next_batch(batches, "the training batch of step 1")  # the loop's way
+  batches.close()
 
 
 def test_label_smoothing_trains_on_smoothed_targets_and_reports_cross_entropy():

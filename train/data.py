@@ -96,8 +96,7 @@ DEFAULT_MAX_BYTES = 8 * 2**20
 # Between two documents of a text corpus: the ASCII "file separator" control byte.
 DOCUMENT_SEPARATOR = b"\n\x1c\n"
 TEXT_VOCAB_SIZE = 256
-# Images that measure the normalisation statistics of an image folder / ArrayRecord set:
-# decoding 2,000 JPEGs takes a few seconds; the means settle to ~1e-3 well before.
+# At most this many train images (a seeded sample) measure the normalisation statistics.
 STATS_EXAMPLES = 2000
 CLASSES_FILE = "classes.txt"
 
@@ -164,8 +163,8 @@ class ArrayImages:
 
 
 class ImageFiles:
-  """The files of an image folder and their labels; the relative paths are stored in one
-  byte buffer (a million paths take ~40 MB, copied to each worker process)."""
+  """The files of an image folder and their labels. The relative paths are stored in one
+  byte buffer, not as a million Python strings: grain copies the source to each worker."""
 
   def __init__(self, root: str, relative: Sequence[str], labels: np.ndarray):
     encoded = [p.encode() for p in relative]
@@ -188,9 +187,9 @@ class ImageFiles:
 class ArrayRecordImages:
   """Records of ArrayRecord files: a 4-byte little-endian label, then an encoded image."""
 
-  def __init__(self, files: Sequence[str]):
-    self.files = list(files)
-    self._records = grain.sources.ArrayRecordDataSource(self.files)
+  def __init__(self, folder: str, files: Sequence[str]):
+    self.folder = folder
+    self._records = grain.sources.ArrayRecordDataSource(list(files))
 
   def __len__(self) -> int:
     return len(self._records)
@@ -198,7 +197,7 @@ class ArrayRecordImages:
   def __getitem__(self, i: int) -> dict[str, Any]:
     record = self._records[i]
     label = int.from_bytes(record[:4], "little", signed=True)
-    return {"encoded": record[4:], "file": f"record {i} of {self.files}", "label": label}
+    return {"encoded": record[4:], "file": f"{self.folder} record {i}", "label": label}
 
 
 class Split:
@@ -558,7 +557,7 @@ def _list_array_record(path: str, field: str = "path") -> tuple[ArrayRecordImage
     raise ValueError(
       f"{where} {path!r}: cannot read {CLASSES_FILE} (one class name per line): {e.strerror or e}."
     ) from e
-  return ArrayRecordImages(files), names
+  return ArrayRecordImages(path, files), names
 
 
 def write_array_record(image_folder: str, out_folder: str, *, shards: int = 1) -> int:
@@ -590,23 +589,11 @@ def _image_datasets(source: Any, class_names, f: _Fields, eval_source: Any = Non
   splits = [Split(source, np.sort(order[e - s : e])) for s, e in zip(sizes, ends, strict=True)]
   if eval_source is not None:
     splits[1] = Split(eval_source, np.arange(len(eval_source)))
-  transform = images.ImageTransform(
-    size=f.image_size,
-    channels=f.channels,
-    mean=(0.0,) * f.channels,
-    std=(1.0,) * f.channels,
-    crop_fraction=f.crop_fraction,
-    interpolation=f.interpolation,
-    random_resized_crop=f.random_resized_crop,
-    flip=f.flip,
-  )
-  if not f.normalize:
-    mean, std = transform.mean, transform.std
-  elif f.mean is not None:
+  mean, std = (0.0,) * f.channels, (1.0,) * f.channels
+  if f.normalize and f.mean is not None:
     mean, std = f.mean, f.std
-  else:
-    mean, std = _measure_stats(splits[0], transform, f)
-  transform = dataclasses.replace(transform, mean=tuple(mean), std=tuple(std))
+  elif f.normalize:
+    mean, std = _measure_stats(splits[0], _image_transform(f, mean, std), f)
   return Datasets(
     *splits,
     kind="image",
@@ -615,9 +602,22 @@ def _image_datasets(source: Any, class_names, f: _Fields, eval_source: Any = Non
     mean=np.asarray(mean, np.float32),
     std=np.asarray(std, np.float32),
     class_names=class_names,
-    transform=transform,
+    transform=_image_transform(f, mean, std),
     worker_count=f.worker_count,
     prefetch=f.prefetch,
+  )
+
+
+def _image_transform(f: _Fields, mean: Sequence[float], std: Sequence[float]):
+  return images.ImageTransform(
+    size=f.image_size,
+    channels=f.channels,
+    mean=tuple(float(m) for m in mean),
+    std=tuple(float(s) for s in std),
+    crop_fraction=f.crop_fraction,
+    interpolation=f.interpolation,
+    random_resized_crop=f.random_resized_crop,
+    flip=f.flip,
   )
 
 
@@ -665,15 +665,7 @@ def preprocess_images(x: Any, config: Any) -> np.ndarray:
     )
   if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
     raise ValueError(f"preprocess_images: images must be uint8 or float, got {x.dtype}.")
-  f = _read_config(config)
-  transform = images.ImageTransform(
-    size=f.image_size,
-    channels=f.channels,
-    mean=tuple(config.dataset.mean),
-    std=tuple(config.dataset.std),
-    crop_fraction=f.crop_fraction,
-    interpolation=f.interpolation,
-  )
+  transform = _image_transform(_read_config(config), config.dataset.mean, config.dataset.std)
   return np.stack([transform.eval({"image": image, "label": 0})["image"] for image in x])
 
 
