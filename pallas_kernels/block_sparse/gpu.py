@@ -69,9 +69,16 @@ SMEM_BYTES_OTHER = 99 * 1024
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if this kernel cannot run the call (before any work)."""
+  common.refuse_mods("Triton block-sparse", mask, score_mod)
   del routes  # token routes of any shape are supported
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):

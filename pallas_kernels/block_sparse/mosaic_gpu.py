@@ -65,9 +65,16 @@ def _smem_bytes(block_q: int, block_kv: int, d: int, dv: int, stages: int) -> in
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if this kernel cannot run the call (shapes only)."""
+  common.refuse_mods("Mosaic GPU block-sparse", mask, score_mod)
   del k, routes  # any GQA grouping and token routes of any shape are supported
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise common.Unsupported(f"the Mosaic GPU kernel takes bf16/f16 inputs, got {q.dtype}.")

@@ -125,7 +125,13 @@ def _words_per_row(*arrays: jax.Array) -> int:
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if the TPU kernel cannot run this call (before any work).
 
@@ -134,6 +140,7 @@ def check_supported(
     mask: a `common.BlockSparseLayout` (an `ops.BlockMask`).
     routes: token routes or None; routes of any shape are supported.
   """
+  common.refuse_mods("TPU block-sparse", mask, score_mod)
   del k, v, routes
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise common.Unsupported(
