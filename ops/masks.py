@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention.ops import element_masks
-from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 from sparse_attention.ops.block_mask import (
   BlockMask,
   block_bounds,
@@ -38,6 +37,7 @@ from sparse_attention.ops.block_mask import (
   scatter_columns,
   union,
 )
+from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 
 __all__ = [
   "BlockMask",
@@ -488,7 +488,8 @@ def document(
   """
   if not hasattr(segment_ids, "shape") or segment_ids.ndim != 2:
     raise ValueError(
-      f"segment_ids must be an int array [batch, seq], got {getattr(segment_ids, 'shape', segment_ids)!r}."
+      "segment_ids must be an int array [batch, seq], got "
+      f"{getattr(segment_ids, 'shape', segment_ids)!r}."
     )
   if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}.")
