@@ -197,6 +197,58 @@ class ScoreMod:
     return jax.vjp(lambda s, p: self(s, b, h, q_idx, kv_idx, p), score, params)
 
 
+class _Reader:
+  """A parameter inside a kernel: a Pallas ref read by indexing (`p[h]`, `table[i, h]`,
+  `c[...]`), each read recorded as (leaf, index, value)."""
+
+  def __init__(self, ref: Any, leaf: int, reads: list):
+    self._ref, self._leaf, self._reads = ref, leaf, reads
+
+  def __getitem__(self, index):
+    value = self._ref[index]
+    self._reads.append((self._leaf, index, value))
+    return value
+
+
+class _Replayer:
+  """A parameter replaying recorded values in read order (a pure function of them)."""
+
+  def __init__(self, values: Any):
+    self._values = values
+
+  def __getitem__(self, index):
+    return next(self._values)
+
+
+def score_mod_vjp_in_kernel(
+  score_mod: ScoreMod, score, b, h, q_idx, kv_idx, param_refs: Any
+) -> tuple[jax.Array, Callable]:
+  """A score_mod inside a kernel whose parameters are refs (a pytree of refs, read by
+  indexing). Returns (modified score, pullback); pullback(d_modified) -> (d_score,
+  reads), `reads` a list of (leaf number in the parameters' flattened order, index,
+  cotangent of the value read there): the kernel adds each cotangent into that leaf's
+  gradient at that index (an atomic add on GPUs). Works because every read is recorded
+  on the way and the function is replayed, for jax.vjp, as a pure function of the
+  score and the values read."""
+  leaves, tree = jax.tree.flatten(param_refs)
+  reads: list = []
+  readers = tree.unflatten([_Reader(r, i, reads) for i, r in enumerate(leaves)])
+  out = score_mod(score, b, h, q_idx, kv_idx, readers)
+  where = [(leaf, index) for leaf, index, _ in reads]
+
+  def replay(s, values):
+    it = iter(values)
+    return score_mod(s, b, h, q_idx, kv_idx, tree.unflatten([_Replayer(it)] * len(leaves)))
+
+  _, pull = jax.vjp(replay, score, [v for _, _, v in reads])
+
+  def pullback(d_out):
+    d_score, d_values = pull(d_out)
+    return d_score, [(leaf, index, d) for (leaf, index), d in zip(where, d_values, strict=True)]
+
+  return out, pullback
+
+
 def visibility(
   mask_fn: Any,
   partial: Any,  # bool, broadcastable to the tile: apply mask_fn here
