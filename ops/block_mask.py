@@ -123,6 +123,10 @@ class BlockMask:
     """(Bm, Hm): 1 where the mask broadcasts over batch / heads."""
     return tuple(self.kv_count.shape[:2])
 
+  def replace_params(self, mask_params: tuple) -> BlockMask:
+    """The same mask with other mask_mod parameters (same structure)."""
+    return dataclasses.replace(self, mask_params=mask_params)
+
   def block_layout(self) -> tuple[jax.Array, jax.Array]:
     """Dense tile layout `(visited, full)`, both bool[Bm, Hm, Qb, Kb]."""
     return _block_layout(self)

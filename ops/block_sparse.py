@@ -131,8 +131,9 @@ def block_sparse_attention(
     kernel = _KERNELS[impl][1]
     # Under a mesh, each device runs the kernel on its own batch rows and heads.
     out, lse = sharding.shard_over_batch_and_heads(
-      kernel, q, k, v, mask, routes, scale=scale, interpret=interpret
-    )
+      kernel, q, k, v, mask, routes, score_mod_params, scale=scale, interpret=interpret,
+      score_mod=mod,
+    )  # fmt: skip
   if row_scale is not None:
     scale_rows = jnp.swapaxes(jnp.asarray(row_scale, jnp.float32), 1, 2)[..., None]
     out = (out.astype(jnp.float32) * scale_rows).astype(out.dtype)  # [B, Lq, H, Dv]

@@ -644,6 +644,10 @@ def block_sparse_attention_triton(
   scale: float,
   interpret: bool = False,
   routes: common.TokenRoutes | None = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params: Any = None,
+  batch_offset: Any = 0,
+  head_offset: Any = 0,
   num_warps: int | None = None,
   num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array]:
@@ -661,7 +665,8 @@ def block_sparse_attention_triton(
       dims <= 64, else 8; 3 pipeline stages: a 3-deep k/v ring, as the tile id
       is read one step ahead).
   """
-  check_supported(q, k, v, mask, routes)
+  check_supported(q, k, v, mask, routes, score_mod=score_mod)
+  del score_mod_params, batch_offset, head_offset  # refused above until supported
   cfg = _config(
     q,
     k,
