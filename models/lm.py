@@ -44,18 +44,16 @@ and nsa_select_len behaves exactly as a separate sequence.
 
 KV-cached decoding (`init_cache`, `decode`, `generate`): the cache holds, per layer,
 fixed-size k/v arrays [B, max_len, Hkv, D] written left-aligned (position t at row t)
-plus one int32 length; shapes never change, so a jitted step compiles once. The ops
-take queries that are the LAST Lq of the Lk keys they are given, so a step builds a
-static-size key frame that ends at the newest token:
+plus one int32 length; shapes never change, so a jitted step compiles once. Per kind:
 
-* dense / sliding / MoBA: the frame is the cache "right-aligned" (row f of the frame
-  is position length + n - F + f, gathered; F = max_len, or n + window for sliding).
-  Rows before position 0 (not yet written) are hidden exactly: dense/sliding by token
-  routes (key route 1 = written, the new queries route to 1 only), MoBA by
-  segment_ids (0 = unwritten, 1 = the sequence), which also restarts MoBA's chunk grid
-  at position 0, so chunks, gates and the top-k selection are the full forward's.
-  The block masks are the full forward's, shifted to the frame: causal with offset
-  F - n; the window as an explicit (left, right) band.
+* dense / sliding: `ops.decode_attention` reads the left-aligned cache itself, with
+  the fill level as traced data: only the tiles up to the newest token (and, sliding,
+  back to the window) are visited, so a step costs O(length), not O(max_len).
+* MoBA: the frame is the cache "right-aligned" (row f of the frame is position
+  length + n - F + f, gathered; F = max_len). Rows before position 0 (not yet
+  written) are hidden exactly by segment_ids (0 = unwritten, 1 = the sequence), which
+  also restarts MoBA's chunk grid at position 0, so chunks, gates and the top-k
+  selection are the full forward's.
 * NSA: its block grids are anchored at key 0 and `nsa_attention` has no position
   offset, so the frame is the left-aligned cache itself and the new queries (and
   gates) are placed at their rows of a zero [B, max_len, Hq, *] query array:
@@ -86,6 +84,7 @@ from flax import nnx
 
 from sparse_attention.ops import block_sparse, checks, masks, moba, nsa
 from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.decoding import decode_attention
 from sparse_attention.ops.moba import moba_attention
 from sparse_attention.ops.nsa import compress_mean, nsa_attention, num_compressed_blocks
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
@@ -493,21 +492,10 @@ class Attention(nnx.Module):
     v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
     end = length + n
     k_cmp = v_cmp = None
-    if c.attention in ("dense", "sliding"):
-      frame = s if c.attention == "dense" else min(s, n + c.window)
-      k_f, written = _right_aligned(k_all, end, frame)
-      v_f, _ = _right_aligned(v_all, end, frame)
-      blocks = dict(block_q=_block_q(n, c.block_size), block_kv=c.block_size)
-      if c.attention == "dense":  # the last query sits at the frame's last key
-        mask = masks.causal(n, frame, offset=frame - n, **blocks)
-      else:  # query i at frame row frame - n + i sees rows frame - n + i - window ..
-        window = (n + c.window - frame, frame - n)
-        mask = masks.sliding_window(n, frame, window=window, causal=False, **blocks)
-      routes = TokenRoutes(
-        query=jnp.ones((1, 1, n, 1), jnp.int32), key=written.astype(jnp.int32)[None]
-      )
-      o = block_sparse_attention(
-        q, k_f.astype(q.dtype), v_f.astype(q.dtype), mask, routes=routes,
+    if c.attention in ("dense", "sliding"):  # visits the filled tiles only
+      o = decode_attention(
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), jnp.broadcast_to(length, (b,)),
+        window=c.window if c.attention == "sliding" else None, block_kv=c.block_size,
         implementation=c.implementation,
       )  # fmt: skip
     elif c.attention == "moba":

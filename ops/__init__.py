@@ -8,6 +8,7 @@ Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 from sparse_attention.ops import masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.decoding import decode_attention
 from sparse_attention.ops.hilo import hilo_attention
 from sparse_attention.ops.moba import moba_attention
 from sparse_attention.ops.nsa import nsa_attention
@@ -21,6 +22,7 @@ __all__ = [
   "TokenRoutes",
   "block_sparse_attention",
   "calibrate_attention",
+  "decode_attention",
   "hilo_attention",
   "masks",
   "moba_attention",
