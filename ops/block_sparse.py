@@ -54,9 +54,7 @@ def _resolve(
     interpret=interpret,
     op=op,
     implementations=IMPLEMENTATIONS,
-    check=lambda kernel: check_kernel(
-      kernel, q, k, v, mask, routes, score_mod, score_mod_params
-    ),
+    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes, score_mod, score_mod_params),
   )
 
 

@@ -89,6 +89,26 @@ float16 runs in float32 (Mosaic has no float16 vectors). block_kv a
 multiple of 128 fills the lanes of the score tiles and is what runs fast;
 smaller blocks compile but pad.
 
+score_mod / mask_mod (FlexAttention's contract). A score_mod runs on each
+tile's scaled f32 scores, before the mask, with b and h the global batch row
+and query head (program ids plus `batch_offset` / `head_offset`, which shard_map
+passes; int32 scalars) and q_idx / kv_idx the tile's int32 positions
+([block_kv, block_q] in kv-major dK/dV: the mod must be elementwise). dQ and
+dK/dV replay it per tile for its vjp (`common.score_mod_vjp_in_kernel`). A
+mask_mod (`create_block_mask`) is the element mask of partial tiles, with the
+same b, h. Their parameters are whole flat f32 / int32 arrays in SMEM (`_ModRefs`,
+with the two offsets), read by one integer scalar per dim (`slopes[h]`, `c[()]`),
+so a value read is a scalar broadcast over the tile. dQ accumulates each read's
+cotangent into its program's own f32 row [1, grad_width] (lane = the leaf's
+offset + flat index; per program, so "parallel" axes never share a block); the
+rows are summed outside. `check_supported` traces both mods on abstract tiles and
+refuses (`common.Unsupported`, so None falls back to xla) what Mosaic cannot
+lower: parameters read with per-element indices (a vector gather: T5's bias
+`table[bucket(kv_idx - q_idx), h]`, document ids `seg[b, q_idx]`), slices,
+gathers / scatters / sorts / cumulative ops / callbacks / RNG, captured array
+constants, and parameters beyond MAX_PARAM_WORDS (gradients beyond
+MAX_GRAD_WORDS). Without mods the kernels are what they were.
+
 vmap. Under `jax.vmap` every kernel runs once over the mapped axis folded into
 the batch (`_vmap_into_batch`, a `custom_vmap` rule), a mapped mask or routes
 included; Pallas's own rule would add a grid axis these kernels do not expect.
@@ -250,12 +270,18 @@ class _Params:
   tree: Any  # PyTreeDef
   shapes: tuple[tuple[int, ...], ...]
   dtypes: tuple[str, ...]
+  names: tuple[str, ...]  # for messages: "score_mod_params['slopes']"
 
   @staticmethod
-  def of(params: Any) -> _Params:
-    leaves, tree = jax.tree.flatten(params)
-    shapes = tuple(tuple(x.shape) for x in leaves)
-    return _Params(tree, shapes, tuple(jnp.dtype(x.dtype).name for x in leaves))
+  def of(params: Any, name: str) -> _Params:
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [x for _, x in with_paths]
+    return _Params(
+      tree,
+      tuple(tuple(x.shape) for x in leaves),
+      tuple(jnp.dtype(x.dtype).name for x in leaves),
+      tuple(name + jax.tree_util.keystr(path) for path, _ in with_paths),
+    )
 
   def floating(self, leaf: int) -> bool:
     return jnp.issubdtype(self.dtypes[leaf], jnp.floating)
@@ -279,17 +305,15 @@ class _Params:
     n = sum(math.prod(s) for i, s in enumerate(self.shapes) if self.floating(i))
     return -(-n // LANES) * LANES
 
-  def check(self, name: str) -> None:
-    for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+  def check(self) -> None:
+    for shape, dtype, name in zip(self.shapes, self.dtypes, self.names, strict=True):
       dt = jnp.dtype(dtype)
-      ok = dt == jnp.bool_ or (
-        dt.itemsize <= 4
-        and (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.signedinteger))
-      ) or (jnp.issubdtype(dt, jnp.unsignedinteger) and dt.itemsize <= 2)
-      if not ok:
+      signed = jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.signedinteger)
+      unsigned = jnp.issubdtype(dt, jnp.unsignedinteger)
+      if not (dt == jnp.bool_ or (signed and dt.itemsize <= 4) or (unsigned and dt.itemsize <= 2)):
         raise common.Unsupported(
           f"the TPU block-sparse kernel holds mod parameters as 32-bit SMEM scalars; "
-          f"{name} has a {dtype}{list(shape)} leaf."
+          f"{name} is {dtype}{list(shape)}."
         )
 
   def arrays(self, params: Any) -> tuple[jax.Array, ...]:
@@ -301,10 +325,10 @@ class _Params:
     return tuple(out)
 
   def readers(self, refs: Any, cls: type) -> Any:
-    """The pytree of `cls(ref, shape, dtype)` over the leaves' refs (or Nones)."""
+    """The pytree of `cls(ref, shape, dtype, name)` over the leaves' refs (or Nones)."""
     refs = refs if refs is not None else (None,) * len(self.shapes)
-    leaves = [cls(r, s, d) for r, s, d in zip(refs, self.shapes, self.dtypes, strict=True)]
-    return self.tree.unflatten(leaves)
+    fields = zip(refs, self.shapes, self.dtypes, self.names, strict=True)
+    return self.tree.unflatten([cls(*f) for f in fields])
 
   def grads(self, row: jax.Array | None) -> Any:
     """Cotangents of the parameters from the summed gradient row f32 [grad_width]:
@@ -323,14 +347,15 @@ class _SmemParam:
   """A parameter leaf inside a kernel: a flat SMEM ref read by integer scalars
   (`p[h]`, `table[i, h]`, `c[()]`), giving float32 / int32 / bool scalars."""
 
-  def __init__(self, ref: Any, shape: tuple[int, ...], dtype: str):
+  def __init__(self, ref: Any, shape: tuple[int, ...], dtype: str, name: str):
     self._ref, self.shape, self.ndim = ref, shape, len(shape)
-    self.dtype = jnp.dtype(dtype)
+    self.dtype, self._name = jnp.dtype(dtype), name
 
   def flat(self, index: Any) -> Any:
     """The flat (row-major) position of a scalar index; negative entries wrap."""
     flat, stride = 0, 1
-    for i, n in reversed(list(zip(_scalar_index(index, self.shape, "a parameter"), self.shape))):
+    index = _scalar_index(index, self.shape, self._name)
+    for i, n in reversed(list(zip(index, self.shape, strict=True))):
       if isinstance(i, (int, np.integer)):
         i = int(i) % n
       else:
@@ -362,8 +387,8 @@ def _mod_layouts(mask: Any, score_mod: Any, score_mod_params: Any):
   """(score_mod params layout, mask params layout), each None where not used."""
   sm = None
   if score_mod is not None and score_mod.has_params:
-    sm = _Params.of(score_mod_params)
-  mp = _Params.of(tuple(mask.mask_params)) if _has_mask_mod(mask.mask_fn) else None
+    sm = _Params.of(score_mod_params, "score_mod_params")
+  mp = _Params.of(tuple(mask.mask_params), "mask_params") if _has_mask_mod(mask.mask_fn) else None
   return sm, mp
 
 
@@ -381,9 +406,9 @@ def _check_mods(mask: Any, score_mod: Any, score_mod_params: Any) -> int:
   sm, mp = _mod_layouts(mask, score_mod, score_mod_params)
   if score_mod is None and mp is None:
     return 0
-  for name, layout in (("score_mod_params", sm), ("mask_params", mp)):
+  for layout in (sm, mp):
     if layout is not None:
-      layout.check(name)
+      layout.check()
   words = 2 + sum(x.words for x in (sm, mp) if x is not None)
   if words > MAX_PARAM_WORDS:
     raise common.Unsupported(
@@ -402,7 +427,9 @@ def _check_mods(mask: Any, score_mod: Any, score_mod_params: Any) -> int:
     if score_mod is not None:
       out[0] = score_mod(score, b, h, q_idx, kv_idx, sm and sm.readers(None, _Probe))
     if mp is not None:
-      out.append(common.element_visible(mask.mask_fn, b, h, q_idx, kv_idx, mp.readers(None, _Probe)))
+      out.append(
+        common.element_visible(mask.mask_fn, b, h, q_idx, kv_idx, mp.readers(None, _Probe))
+      )
     return out
 
   i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -1318,9 +1345,7 @@ def _backward_with_params(cfg: _Config, q, k, v, score_params, *rest):
   return dq, dk, dv, cfg.score_params.grads(row)
 
 
-_attention = common.attention_with_vjp(
-  _vmap_into_batch(_forward, **_ARGS), _backward_with_params
-)
+_attention = common.attention_with_vjp(_vmap_into_batch(_forward, **_ARGS), _backward_with_params)
 
 
 def block_sparse_attention_tpu(
@@ -1372,9 +1397,7 @@ def block_sparse_attention_tpu(
   slices of parameters, gathers / scatters / sorts / cumulative ops / callbacks /
   RNG, captured array constants.
   """
-  check_supported(
-    q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params
-  )
+  check_supported(q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params)
   if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
     f32 = lambda x: x.astype(jnp.float32)
     out, lse = block_sparse_attention_tpu(
