@@ -388,7 +388,9 @@ def _mod_layouts(mask: Any, score_mod: Any, score_mod_params: Any):
   sm = None
   if score_mod is not None and score_mod.has_params:
     sm = _Params.of(score_mod_params, "score_mod_params")
-  mp = _Params.of(tuple(mask.mask_params), "mask_params") if _has_mask_mod(mask.mask_fn) else None
+  mp = None
+  if _has_mask_mod(getattr(mask, "mask_fn", None)):  # (shape-only stand-ins have none)
+    mp = _Params.of(tuple(mask.mask_params), "mask_params")
   return sm, mp
 
 
