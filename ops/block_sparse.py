@@ -23,15 +23,30 @@ _KERNELS = {
   "pallas_triton": (gpu.check_supported, gpu.block_sparse_attention_triton),
   "pallas_tpu": (tpu.check_supported, tpu.block_sparse_attention_tpu),
 }
+# Kernels whose check reads the score_mod's parameters (what the mod does with them
+# decides whether the kernel can lower it).
+_CHECKS_PARAMS = ("pallas_tpu",)
 
 
-def check_kernel(kernel: str, q, k, v, mask, routes=None, score_mod=None) -> None:
+def check_kernel(
+  kernel: str, q, k, v, mask, routes=None, score_mod=None, score_mod_params=None
+) -> None:
   """Raises `Unsupported` if the Pallas kernel `kernel` cannot take this call."""
-  _KERNELS[kernel][0](q, k, v, mask, routes, score_mod=score_mod)
+  extra = {"score_mod_params": score_mod_params} if kernel in _CHECKS_PARAMS else {}
+  _KERNELS[kernel][0](q, k, v, mask, routes, score_mod=score_mod, **extra)
 
 
 def _resolve(
-  implementation: str | None, interpret: bool, q, k, v, mask, op: str, routes=None, score_mod=None
+  implementation: str | None,
+  interpret: bool,
+  q,
+  k,
+  v,
+  mask,
+  op: str,
+  routes=None,
+  score_mod=None,
+  score_mod_params=None,
 ) -> str:
   """The concrete implementation to run ("reference", "xla" or a kernel name)."""
   return dispatch.resolve(
@@ -39,7 +54,7 @@ def _resolve(
     interpret=interpret,
     op=op,
     implementations=IMPLEMENTATIONS,
-    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes, score_mod),
+    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes, score_mod, score_mod_params),
   )
 
 
@@ -114,7 +129,7 @@ def block_sparse_attention(
   checks.check_routes(routes, shape, op)
   checks.check_row_scale(row_scale, shape, op)
   mod = checks.check_score_mod(score_mod, score_mod_params, op)
-  impl = _resolve(implementation, interpret, q, k, v, mask, op, routes, mod)
+  impl = _resolve(implementation, interpret, q, k, v, mask, op, routes, mod, score_mod_params)
   if impl == "reference":
     dense = (
       mask if routes is None else mask.to_dense() & checks.routes_to_dense(routes, shape.q_heads)

@@ -89,6 +89,26 @@ float16 runs in float32 (Mosaic has no float16 vectors). block_kv a
 multiple of 128 fills the lanes of the score tiles and is what runs fast;
 smaller blocks compile but pad.
 
+score_mod / mask_mod (FlexAttention's contract). A score_mod runs on each
+tile's scaled f32 scores, before the mask, with b and h the global batch row
+and query head (program ids plus `batch_offset` / `head_offset`, which shard_map
+passes; int32 scalars) and q_idx / kv_idx the tile's int32 positions
+([block_kv, block_q] in kv-major dK/dV: the mod must be elementwise). dQ and
+dK/dV replay it per tile for its vjp (`common.score_mod_vjp_in_kernel`). A
+mask_mod (`create_block_mask`) is the element mask of partial tiles, with the
+same b, h. Their parameters are whole flat f32 / int32 arrays in SMEM (`_ModRefs`,
+with the two offsets), read by one integer scalar per dim (`slopes[h]`, `c[()]`),
+so a value read is a scalar broadcast over the tile. dQ accumulates each read's
+cotangent into its program's own f32 row [1, grad_width] (lane = the leaf's
+offset + flat index; per program, so "parallel" axes never share a block); the
+rows are summed outside. `check_supported` traces both mods on abstract tiles and
+refuses (`common.Unsupported`, so None falls back to xla) what Mosaic cannot
+lower: parameters read with per-element indices (a vector gather: T5's bias
+`table[bucket(kv_idx - q_idx), h]`, document ids `seg[b, q_idx]`), slices,
+gathers / scatters / sorts / cumulative ops / callbacks / RNG, captured array
+constants, and parameters beyond MAX_PARAM_WORDS (gradients beyond
+MAX_GRAD_WORDS). Without mods the kernels are what they were.
+
 vmap. Under `jax.vmap` every kernel runs once over the mapped axis folded into
 the batch (`_vmap_into_batch`, a `custom_vmap` rule), a mapped mask or routes
 included; Pallas's own rule would add a grid axis these kernels do not expect.
@@ -98,10 +118,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -112,6 +134,10 @@ SUBLANES = 8  # a block's second-minor dim is a multiple of this (or the whole d
 # Prefetched int32 entries per pallas_call. TPU v4 and newer have 1 MiB of
 # SMEM per core; a larger view fails to compile. 1/16 is left to the compiler.
 MAX_PREFETCH_WORDS = (1 << 20) * 15 // 16 // 4
+# SMEM words mod parameters may take (beside the prefetched mask), and the float32
+# lanes of the score_mod parameters' gradient row (one per grid program of dQ).
+MAX_PARAM_WORDS = 1 << 14
+MAX_GRAD_WORDS = 1024
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -131,7 +157,8 @@ def check_supported(
   mask: Any,
   routes: Any = None,
   *,
-  score_mod: Any = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if the TPU kernel cannot run this call (before any work).
 
@@ -139,8 +166,10 @@ def check_supported(
     q, k, v: as for `block_sparse_attention_tpu`; only q's dtype is read.
     mask: a `common.BlockSparseLayout` (an `ops.BlockMask`).
     routes: token routes or None; routes of any shape are supported.
+    score_mod, score_mod_params: the score_mod and its parameters (shapes and dtypes
+      are read): the mod, and the mask's mask_mod, are traced on abstract tiles and
+      refused where they do what Mosaic cannot lower (`_check_mods`).
   """
-  common.refuse_mods("TPU block-sparse", mask, score_mod)
   del k, v, routes
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise common.Unsupported(
@@ -156,32 +185,296 @@ def check_supported(
         f"(Mosaic's sublane tiling) unless one block covers the sequence; the mask "
         f"has {name}={block} for a length of {length}."
       )
+  reserved = _check_mods(mask, score_mod, score_mod_params)
   for name, count, index in (
     ("max_kv_blocks", mask.kv_count, mask.kv_index),
     ("max_q_blocks", mask.q_count, mask.q_index),
   ):
-    _check_prefetch(f"1 + {name}={index.shape[-1]}", f"lower {name}", count, index)
+    _check_prefetch(
+      f"1 + {name}={index.shape[-1]}", f"lower {name}", count, index, reserved=reserved
+    )
 
 
 def check_calibration_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> None:
   """`check_supported` for `calibrate_tpu`, whose prefetch is a row of tile
-  codes per (batch, head) of the mask: Bm x Hm x Kb int32 entries."""
+  codes per (batch, head) of the mask: Bm x Hm x Kb int32 entries. It takes no
+  mask_mod."""
+  common.refuse_mods("TPU calibration", mask, None)
   check_supported(q, k, v, mask)
   bm, hm, qb = mask.kv_count.shape
   codes = jax.ShapeDtypeStruct((bm, hm, qb, -(-mask.kv_len // mask.block_kv)), jnp.int32)
   _check_prefetch(f"kv blocks={codes.shape[-1]}", "use larger kv blocks", codes)
 
 
-def _check_prefetch(what: str, advice: str, *arrays) -> None:
-  """One block row of the [Bm, Hm, R, ...] `arrays` must fit in SMEM."""
+def _check_prefetch(what: str, advice: str, *arrays, reserved: int = 0) -> None:
+  """One block row of the [Bm, Hm, R, ...] `arrays` must fit in SMEM (beside
+  `reserved` words of mod parameters)."""
   words = _words_per_row(*arrays)
-  if words > MAX_PREFETCH_WORDS:
+  if words > MAX_PREFETCH_WORDS - reserved:
     bm, hm = arrays[0].shape[:2]
     raise common.Unsupported(
       f"the TPU block-sparse kernel prefetches the mask to SMEM, at least one block row "
       f"at a time (batch/heads {(bm, hm)} x ({what}) = {words} int32 entries), at most "
-      f"{MAX_PREFETCH_WORDS}. Broadcast the mask over batch or heads, or {advice}."
+      f"{MAX_PREFETCH_WORDS - reserved}. Broadcast the mask over batch or heads, or {advice}."
     )
+
+
+# ---------------------------------------------------------------------------
+# score_mod / mask_mod: what the kernels take, and their parameters in SMEM.
+# ---------------------------------------------------------------------------
+
+# Primitives a mod may not use: vector gathers / scatters and friends have no Mosaic
+# lowering in a tile (or none worth having); callbacks and RNG none at all.
+_REFUSED_PRIMITIVES = frozenset({
+  "gather", "scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
+  "scatter-min", "scatter_min", "scatter-max", "scatter_max", "dynamic_slice",
+  "dynamic_update_slice", "sort", "top_k", "cumsum", "cumprod", "cummax", "cummin",
+  "cumlogsumexp", "pure_callback", "io_callback", "random_bits", "random_seed",
+  "threefry2x32",
+})  # fmt: skip
+
+
+def _is_scalar_int(i: Any) -> bool:
+  if isinstance(i, (bool, np.bool_)):
+    return False
+  if isinstance(i, (int, np.integer)):
+    return True
+  return getattr(i, "shape", None) == () and jnp.issubdtype(i.dtype, jnp.integer)
+
+
+def _scalar_index(index: Any, shape: tuple[int, ...], name: str) -> tuple:
+  """A parameter read's index as one integer scalar per dim (`()` for a 0-d leaf read
+  as `p[()]` or `p[...]`); raises Unsupported for anything else (a vector index is a
+  per-element gather, a slice a vector read from SMEM)."""
+  index = index if isinstance(index, tuple) else (index,)
+  if not shape and (not index or (len(index) == 1 and index[0] is Ellipsis)):
+    return ()
+  if len(index) != len(shape) or not all(_is_scalar_int(i) for i in index):
+    described = ", ".join(
+      f"array{tuple(i.shape)}" if hasattr(i, "shape") and i.shape else repr(i) for i in index
+    )
+    raise common.Unsupported(
+      f"the TPU block-sparse kernel reads mod parameters by one integer scalar per dim "
+      f"(as slopes[h] or table[i, h]); {name} of shape {shape} is read at [{described}] "
+      f"(a per-element gather or a slice, which Mosaic does not lower in a tile)."
+    )
+  return index
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+  """A parameter pytree as the kernels hold it: each leaf a flat 32-bit SMEM array
+  (floats as float32, integers and bools as int32). The float leaves' gradients share
+  one float32 row of `grad_width` lanes (a multiple of 128), leaf after leaf."""
+
+  tree: Any  # PyTreeDef
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+  names: tuple[str, ...]  # for messages: "score_mod_params['slopes']"
+
+  @staticmethod
+  def of(params: Any, name: str) -> _Params:
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [x for _, x in with_paths]
+    return _Params(
+      tree,
+      tuple(tuple(x.shape) for x in leaves),
+      tuple(jnp.dtype(x.dtype).name for x in leaves),
+      tuple(name + jax.tree_util.keystr(path) for path, _ in with_paths),
+    )
+
+  def floating(self, leaf: int) -> bool:
+    return jnp.issubdtype(self.dtypes[leaf], jnp.floating)
+
+  @property
+  def words(self) -> int:
+    """SMEM words of the leaves."""
+    return sum(max(1, math.prod(s)) for s in self.shapes)
+
+  @property
+  def grad_offsets(self) -> tuple[int | None, ...]:
+    """Each leaf's first lane in the gradient row (None: an integer leaf)."""
+    offsets, at = [], 0
+    for leaf, shape in enumerate(self.shapes):
+      offsets.append(at if self.floating(leaf) else None)
+      at += math.prod(shape) if self.floating(leaf) else 0
+    return tuple(offsets)
+
+  @property
+  def grad_width(self) -> int:
+    n = sum(math.prod(s) for i, s in enumerate(self.shapes) if self.floating(i))
+    return -(-n // LANES) * LANES
+
+  def check(self) -> None:
+    for shape, dtype, name in zip(self.shapes, self.dtypes, self.names, strict=True):
+      dt = jnp.dtype(dtype)
+      signed = jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.signedinteger)
+      unsigned = jnp.issubdtype(dt, jnp.unsignedinteger)
+      if not (dt == jnp.bool_ or (signed and dt.itemsize <= 4) or (unsigned and dt.itemsize <= 2)):
+        raise common.Unsupported(
+          f"the TPU block-sparse kernel holds mod parameters as 32-bit SMEM scalars; "
+          f"{name} is {dtype}{list(shape)}."
+        )
+
+  def arrays(self, params: Any) -> tuple[jax.Array, ...]:
+    """The leaves, flat, float32 or int32, at least one entry each."""
+    out = []
+    for leaf, x in enumerate(jax.tree.leaves(params)):
+      x = jnp.ravel(x).astype(jnp.float32 if self.floating(leaf) else jnp.int32)
+      out.append(jnp.pad(x, (0, max(1, x.size) - x.size)))
+    return tuple(out)
+
+  def readers(self, refs: Any, cls: type) -> Any:
+    """The pytree of `cls(ref, shape, dtype, name)` over the leaves' refs (or Nones)."""
+    refs = refs if refs is not None else (None,) * len(self.shapes)
+    fields = zip(refs, self.shapes, self.dtypes, self.names, strict=True)
+    return self.tree.unflatten([cls(*f) for f in fields])
+
+  def grads(self, row: jax.Array | None) -> Any:
+    """Cotangents of the parameters from the summed gradient row f32 [grad_width]:
+    in each float leaf's dtype, None for integer leaves."""
+    out = []
+    for leaf, (shape, offset) in enumerate(zip(self.shapes, self.grad_offsets, strict=True)):
+      if offset is None:
+        out.append(None)
+        continue
+      g = row[offset : offset + math.prod(shape)].reshape(shape)
+      out.append(g.astype(self.dtypes[leaf]))
+    return self.tree.unflatten(out)
+
+
+class _SmemParam:
+  """A parameter leaf inside a kernel: a flat SMEM ref read by integer scalars
+  (`p[h]`, `table[i, h]`, `c[()]`), giving float32 / int32 / bool scalars."""
+
+  def __init__(self, ref: Any, shape: tuple[int, ...], dtype: str, name: str):
+    self._ref, self.shape, self.ndim = ref, shape, len(shape)
+    self.dtype, self._name = jnp.dtype(dtype), name
+
+  def flat(self, index: Any) -> Any:
+    """The flat (row-major) position of a scalar index; negative entries wrap."""
+    flat, stride = 0, 1
+    index = _scalar_index(index, self.shape, self._name)
+    for i, n in reversed(list(zip(index, self.shape, strict=True))):
+      if isinstance(i, (int, np.integer)):
+        i = int(i) % n
+      else:
+        i = jnp.where(i < 0, i + n, i)
+      flat, stride = flat + i * stride, stride * n
+    return flat
+
+  def _value(self, flat: Any) -> Any:
+    value = self._ref[flat]
+    return value != 0 if self.dtype == jnp.bool_ else value
+
+  def __getitem__(self, index: Any) -> Any:
+    return self._value(self.flat(index))
+
+
+class _Probe(_SmemParam):
+  """A parameter leaf while `_check_mods` traces a mod: checks each read's index and
+  stands for the value read with a constant scalar of the kernel's dtype."""
+
+  def _value(self, flat: Any) -> Any:
+    del flat
+    if self.dtype == jnp.bool_:
+      return jnp.zeros((), jnp.bool_)
+    floating = jnp.issubdtype(self.dtype, jnp.floating)
+    return jnp.zeros((), jnp.float32 if floating else jnp.int32)
+
+
+def _mod_layouts(mask: Any, score_mod: Any, score_mod_params: Any):
+  """(score_mod params layout, mask params layout), each None where not used."""
+  sm = None
+  if score_mod is not None and score_mod.has_params:
+    sm = _Params.of(score_mod_params, "score_mod_params")
+  mp = None
+  if _has_mask_mod(getattr(mask, "mask_fn", None)):  # (shape-only stand-ins have none)
+    mp = _Params.of(tuple(mask.mask_params), "mask_params")
+  return sm, mp
+
+
+def _has_mask_mod(mask_fn: Any) -> bool:
+  """Whether the element mask reads b, h or parameters (a mask_mod)."""
+  return bool(getattr(mask_fn, "per_batch_head", False))
+
+
+def _check_mods(mask: Any, score_mod: Any, score_mod_params: Any) -> int:
+  """Raises Unsupported for a score_mod or mask_mod the kernels cannot lower: traces
+  both on abstract tiles as the kernels call them and refuses parameter reads that are
+  not one integer scalar per dim (`_scalar_index`), the primitives of
+  `_REFUSED_PRIMITIVES` and captured array constants. Returns the SMEM words the
+  parameters take (0 without mods)."""
+  sm, mp = _mod_layouts(mask, score_mod, score_mod_params)
+  if score_mod is None and mp is None:
+    return 0
+  for layout in (sm, mp):
+    if layout is not None:
+      layout.check()
+  words = 2 + sum(x.words for x in (sm, mp) if x is not None)
+  if words > MAX_PARAM_WORDS:
+    raise common.Unsupported(
+      f"the TPU block-sparse kernel holds mod parameters in SMEM, at most "
+      f"{MAX_PARAM_WORDS} words; these take {words}."
+    )
+  if sm is not None and sm.grad_width > MAX_GRAD_WORDS:
+    raise common.Unsupported(
+      f"the TPU block-sparse kernel accumulates score_mod parameter gradients in rows of "
+      f"at most {MAX_GRAD_WORDS} float32s; these take {sm.grad_width}."
+    )
+  tile = (mask.block_q, mask.block_kv)
+
+  def probe(score, b, h, q_idx, kv_idx):
+    out = [score]
+    if score_mod is not None:
+      out[0] = score_mod(score, b, h, q_idx, kv_idx, sm and sm.readers(None, _Probe))
+    if mp is not None:
+      out.append(
+        common.element_visible(mask.mask_fn, b, h, q_idx, kv_idx, mp.readers(None, _Probe))
+      )
+    return out
+
+  i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  try:
+    closed = jax.make_jaxpr(probe)(
+      jax.ShapeDtypeStruct(tile, jnp.float32), i32(()), i32(()), i32(tile), i32(tile)
+    )
+  except (TypeError, IndexError) as e:
+    raise common.Unsupported(
+      f"the TPU block-sparse kernel could not trace the mod on a {tile} tile with "
+      f"parameters read by indexing ({type(e).__name__}: {e})."
+    ) from e
+  out_score = closed.out_avals[0]
+  if out_score.shape != tile:
+    raise common.Unsupported(
+      f"the TPU block-sparse kernel needs the score_mod to keep the tile's shape {tile}; "
+      f"it returns {out_score.shape}."
+    )
+  _refuse_primitives(closed)
+  return words
+
+
+def _refuse_primitives(closed: Any) -> None:
+  """Raises Unsupported if a traced mod captures an array constant or uses a primitive
+  of `_REFUSED_PRIMITIVES` (sub-jaxprs included)."""
+  if any(np.ndim(c) for c in closed.consts):
+    raise common.Unsupported(
+      "the TPU block-sparse kernel cannot capture array constants of a mod; pass them in "
+      "score_mod_params (or the mask_mod's params)."
+    )
+  stack = [closed.jaxpr]
+  while stack:
+    for eqn in stack.pop().eqns:
+      if eqn.primitive.name in _REFUSED_PRIMITIVES:
+        raise common.Unsupported(
+          f"the TPU block-sparse kernel cannot lower `{eqn.primitive.name}` in a mod "
+          f"(Mosaic has no per-element gather or scatter in a tile)."
+        )
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            stack.append(sub)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +489,27 @@ class _Config(common.Tiling):
   route_group: int  # query heads per route head (Hq // Hr)
   route_batch: bool  # the routes have a batch dim (> 1)
   interpret: Any  # False or a pltpu.InterpretParams
+  score_mod: common.ScoreMod | None = None
+  score_params: _Params | None = None  # the score_mod's parameters (None: it takes none)
+  mask_params: _Params | None = None  # the mask_mod's (None: no mask_mod)
+  mod_batch: int = 0  # > 0: vmap folded the batch, whose rows are b % mod_batch
+
+  @property
+  def has_mods(self) -> bool:
+    """The kernels take `_ModRefs` (global offsets, parameters) and run the mods."""
+    return self.score_mod is not None or self.mask_params is not None
+
+  @property
+  def param_words(self) -> int:
+    """SMEM words of the mod parameters (and the two offsets)."""
+    if not self.has_mods:
+      return 0
+    return 2 + sum(x.words for x in (self.score_params, self.mask_params) if x is not None)
+
+  @property
+  def grad_width(self) -> int:
+    """Lanes of the score_mod parameters' gradient row (0: no float parameter)."""
+    return 0 if self.score_params is None else self.score_params.grad_width
 
   @property
   def kv_major(self) -> bool:
@@ -211,10 +525,13 @@ class _Config(common.Tiling):
     return -(-self.num_routes // SUBLANES) * SUBLANES
 
 
-def _config(q, k, mask, *, scale, interpret, routes=None) -> _Config:
+def _config(
+  q, k, mask, *, scale, interpret, routes=None, score_mod=None, score_mod_params=None
+) -> _Config:
   if interpret is True:
     interpret = pltpu.InterpretParams()
   bm, hm = mask.kv_count.shape[:2]
+  score_params, mask_params = _mod_layouts(mask, score_mod, score_mod_params)
   return _Config(
     **common.Tiling.fields_of(mask),
     scale=float(scale),
@@ -226,7 +543,88 @@ def _config(q, k, mask, *, scale, interpret, routes=None) -> _Config:
     route_group=1 if routes is None else q.shape[2] // routes.query.shape[1],
     route_batch=routes is not None and routes.query.shape[0] > 1,
     interpret=interpret,
+    score_mod=score_mod,
+    score_params=score_params,
+    mask_params=mask_params,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModRefs:
+  """What the kernels read for the mods, as arrays outside and SMEM refs inside (a
+  pytree; None in place of it without mods)."""
+
+  offsets: Any  # int32 [2]: the global index of the first batch row and query head
+  score: tuple  # the score_mod's parameter leaves, flat (`_Params.arrays`)
+  mask: tuple  # the mask_mod's
+
+
+jax.tree_util.register_dataclass(_ModRefs, data_fields=["offsets", "score", "mask"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class _TileMod:
+  """The mods in one kernel program: global batch row b and query head h (int32
+  scalars) and the parameters as `_SmemParam` pytrees."""
+
+  cfg: _Config
+  b: Any
+  h: Any
+  score_params: Any  # pytree of _SmemParam, or None
+  mask_params: tuple  # the mask's parameter tuple, of _SmemParam pytrees
+
+  @staticmethod
+  def of(cfg: _Config, refs: _ModRefs | None, b, h) -> _TileMod | None:
+    """From the program's batch row and query head ids (None without mods)."""
+    if refs is None:
+      return None
+    if cfg.mod_batch:
+      b = jax.lax.rem(b, jnp.int32(cfg.mod_batch))
+    b, h = b + refs.offsets[0], h + refs.offsets[1]
+    sm, mp = cfg.score_params, cfg.mask_params
+    return _TileMod(
+      cfg,
+      b,
+      h,
+      None if sm is None else sm.readers(refs.score, _SmemParam),
+      () if mp is None else mp.readers(refs.mask, _SmemParam),
+    )
+
+  @property
+  def mask_args(self) -> dict[str, Any]:
+    """What `common.visibility` passes a mask_mod: b, h and the parameters."""
+    return dict(b=self.b, h=self.h, params=self.mask_params)
+
+  def score(self, s, q_pos, kv_pos, vjp: bool):
+    """(score_mod(s), its pullback if vjp else None); s unchanged without a score_mod."""
+    mod = self.cfg.score_mod
+    if mod is None:
+      return s, None
+    if not vjp:
+      return mod(s, self.b, self.h, q_pos, kv_pos, self.score_params).astype(jnp.float32), None
+    s, pullback = common.score_mod_vjp_in_kernel(
+      mod, s, self.b, self.h, q_pos, kv_pos, self.score_params
+    )
+    return s.astype(jnp.float32), pullback
+
+  def pull(self, pullback, ds, d_params_ref=None) -> jax.Array:
+    """d(raw scores) f32 from ds, the cotangent of the modified ones; with
+    d_params_ref (f32 [1, grad_width]) also adds the parameters' cotangents there,
+    each read's at its leaf's offset plus the flat index read."""
+    d_score, reads = pullback(ds)
+    if d_params_ref is not None:
+      lane = jax.lax.broadcasted_iota(jnp.int32, d_params_ref.shape, 1)
+      leaves = jax.tree.leaves(self.score_params)
+      offsets = self.cfg.score_params.grad_offsets
+      update = None
+      for leaf, index, d in reads:
+        if offsets[leaf] is None:  # an integer parameter: no gradient
+          continue
+        term = jnp.where(lane == offsets[leaf] + leaves[leaf].flat(index), d, 0.0)
+        update = term if update is None else update + term
+      if update is not None:
+        d_params_ref[...] += update
+    return d_score.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,15 +669,29 @@ def _positions(cfg: _Config, i, j, shape, kv_major: bool = False):
 
 
 def _scores(
-  cfg: _Config, q, k, i, j, masked: bool, kv_major: bool = False, routed=None
-) -> jax.Array:
-  """Scaled scores f32 [block_q, block_kv] of q tile i and kv tile j, -inf
-  where hidden: by `mask_fn` if `masked`, by the routes where `routed` (bool,
-  None: no routes) is False, and past the ragged tails. kv_major: the
-  transpose, [block_kv, block_q] (k @ q.T)."""
+  cfg: _Config,
+  q,
+  k,
+  i,
+  j,
+  masked: bool,
+  kv_major: bool = False,
+  routed=None,
+  mod: _TileMod | None = None,
+  vjp: bool = False,
+):
+  """(scaled scores f32 [block_q, block_kv] of q tile i and kv tile j, -inf
+  where hidden, score_mod's pullback or None). Hidden: by `mask_fn` if `masked`,
+  by the routes where `routed` (bool, None: no routes) is False, and past the
+  ragged tails. kv_major: the transpose, [block_kv, block_q] (k @ q.T). With
+  `mod`, the score_mod runs on the scaled scores (its pullback kept if `vjp`)
+  and a mask_mod gets the tile's b, h and parameters."""
   s = _dot(k, q, _NT) if kv_major else _dot(q, k, _NT)
   s = s * cfg.scale
   q_pos, kv_pos = _positions(cfg, i, j, s.shape, kv_major)
+  pullback = None
+  if mod is not None:
+    s, pullback = mod.score(s, q_pos, kv_pos, vjp)
   vis = common.visibility(
     cfg.mask_fn if masked else None,
     True,
@@ -290,8 +702,9 @@ def _scores(
     block_q=cfg.block_q,
     block_kv=cfg.block_kv,
     routed=routed,
+    **({} if mod is None else mod.mask_args),
   )
-  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+  return (s if vis is None else jnp.where(vis, s, -jnp.inf)), pullback
 
 
 def _routed(cfg: _Config, q_route_ref, kv_route_ref, kv_major: bool = False):
@@ -342,6 +755,7 @@ def _forward_kernel(
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Kmax]
   q_route_ref,  # int32 [R8, block_q]  routes of these queries (rows)
   kv_route_ref,  # int32 [1, block_kv]  routes of the keys of tile slots[row, t] >> 1
+  mod_refs,  # _ModRefs of SMEM refs (None without mods)
   q_ref,  # [block_q, D]
   k_ref,  # [block_kv, D]    tile slots[row, t] >> 1
   v_ref,  # [block_kv, Dv]
@@ -363,9 +777,11 @@ def _forward_kernel(
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
+  mod = _TileMod.of(cfg, mod_refs, b, h)
+
   def body(j, masked: bool):
     routed = _routed(cfg, q_route_ref, kv_route_ref)
-    s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, j, masked, routed=routed)
+    s, _ = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, j, masked, routed=routed, mod=mod)
     m, l, acc = common.online_softmax_update(
       s, _column(m_ref), _column(l_ref), acc_ref[...], v_ref[...], _dot
     )
@@ -386,6 +802,7 @@ def _dq_kernel(
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Kmax]
   q_route_ref,  # int32 [R8, block_q]
   kv_route_ref,  # int32 [1, block_kv]
+  mod_refs,  # _ModRefs of SMEM refs (None without mods)
   q_ref,  # [block_q, D]
   k_ref,  # [block_kv, D]
   v_ref,  # [block_kv, Dv]
@@ -393,6 +810,7 @@ def _dq_kernel(
   lse_ref,  # f32 [block_q, 128]   +inf on rows that see no key
   delta_ref,  # f32 [block_q, 128]   rowsum(dO * O) - dlse
   dq_ref,  # [block_q, D]
+  d_params_ref,  # f32 [1, grad_width]: this program's score_mod parameter gradients (or None)
   acc_ref,  # scratch f32 [block_q, D]
   *,
   cfg: _Config,
@@ -401,17 +819,23 @@ def _dq_kernel(
 ):
   b, h, r, t = (pl.program_id(a) for a in range(4))
 
+  mod = _TileMod.of(cfg, mod_refs, b, h)
+
   @pl.when(t == 0)
   def _init():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    if d_params_ref is not None:
+      d_params_ref[...] = jnp.zeros(d_params_ref.shape, jnp.float32)
 
   def body(j, masked: bool):
     k = k_ref[...]
     routed = _routed(cfg, q_route_ref, kv_route_ref)
-    s = _scores(cfg, q_ref[...], k, rows.start + r, j, masked, routed=routed)
+    s, pullback = _scores(cfg, q_ref[...], k, rows.start + r, j, masked, False, routed, mod, True)
     p = jnp.exp(s - lse_ref[:, :1])
     dp = _dot(do_ref[...], v_ref[...], _NT)
     ds = p * (dp - delta_ref[:, :1])
+    if pullback is not None:  # d(modified scores) -> d(scaled scores), d(parameters)
+      ds = mod.pull(pullback, ds, d_params_ref)
     acc_ref[...] += _dot(ds.astype(k.dtype), k)
 
   row = rows.flat(cfg, b, h, r)
@@ -427,6 +851,7 @@ def _dkdv_kernel(
   slots_ref,  # SMEM int32 [Bm * Hm * rows.size * Qmax]
   q_route_ref,  # int32 [R8, block_q]   routes of q tile slots[row, t] >> 1
   kv_route_ref,  # int32 [1, block_kv]
+  mod_refs,  # _ModRefs of SMEM refs (None without mods)
   q_ref,  # [block_q, D]     query head h * G + g, tile slots[row, t] >> 1
   k_ref,  # [block_kv, D]
   v_ref,  # [block_kv, Dv]
@@ -443,6 +868,7 @@ def _dkdv_kernel(
   qmax: int,
 ):
   b, h, r, g, t = (pl.program_id(a) for a in range(5))
+  mod = _TileMod.of(cfg, mod_refs, b, h * cfg.group + g)
 
   @pl.when(jnp.logical_and(g == 0, t == 0))
   def _init():
@@ -452,16 +878,17 @@ def _dkdv_kernel(
   def body(i, masked: bool):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     routed = _routed(cfg, q_route_ref, kv_route_ref, cfg.kv_major)
-    s = _scores(cfg, q, k, i, rows.start + r, masked, cfg.kv_major, routed)
+    s, pullback = _scores(cfg, q, k, i, rows.start + r, masked, cfg.kv_major, routed, mod, True)
+    pull = (lambda ds: ds) if pullback is None else (lambda ds: mod.pull(pullback, ds))
     if cfg.kv_major:  # p, ds: [block_kv, block_q]; every matmul is plain or NT
       p = jnp.exp(s - lse_ref[:1, :])
       dv_acc_ref[...] += _dot(p.astype(do.dtype), do)
-      ds = p * (_dot(v, do, _NT) - delta_ref[:1, :])
+      ds = pull(p * (_dot(v, do, _NT) - delta_ref[:1, :]))
       dk_acc_ref[...] += _dot(ds.astype(q.dtype), q)
     else:  # p, ds: [block_q, block_kv]; dV and dK contract the q axis (TN)
       p = jnp.exp(s - lse_ref[:, :1])
       dv_acc_ref[...] += _dot(p.astype(do.dtype), do, _TN)
-      ds = p * (_dot(do, v, _NT) - delta_ref[:, :1])
+      ds = pull(p * (_dot(do, v, _NT) - delta_ref[:, :1]))
       dk_acc_ref[...] += _dot(ds.astype(q.dtype), q, _TN)
 
   row = rows.flat(cfg, b, h * cfg.group + g, r)
@@ -516,7 +943,7 @@ def _calibrate_kernel(
     if acc_ref is not None:
       acc_ref[...] = acc
 
-  s = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, t, masked=False)
+  s, _ = _scores(cfg, q_ref[...], k_ref[...], rows.start + r, t, masked=False)
   update(s, *dense)
   code = codes_ref[rows.flat(cfg, b, h, r) * kb + t]
   if cfg.mask_fn is None:  # no partial tiles
@@ -578,20 +1005,22 @@ def _slots(view) -> tuple[jax.Array, jax.Array]:
   return count, (index.astype(jnp.int32) << 1) | partial.astype(jnp.int32)
 
 
-def _walk_rows(prefetch, call) -> list[jax.Array]:
+def _walk_rows(prefetch, call, reserved: int = 0) -> list[jax.Array | None]:
   """Runs `call(rows, *flat)` over the block rows of the [Bm, Hm, R, ...]
-  arrays `prefetch`, in as few pieces as SMEM allows (each array reaches
-  `call` flat, its rows `rows` only, as the kernels prefetch it); joins the
-  pieces' outputs along axis 2 (the sequence of [B, H, S, D] arrays)."""
+  arrays `prefetch`, in as few pieces as SMEM allows beside `reserved` words
+  (each array reaches `call` flat, its rows `rows` only, as the kernels
+  prefetch it); joins the pieces' outputs along axis 2 (the sequence of
+  [B, H, S, D] arrays; None outputs stay None)."""
   total = prefetch[0].shape[2]
-  step = max(1, MAX_PREFETCH_WORDS // _words_per_row(*prefetch))
+  step = max(1, (MAX_PREFETCH_WORDS - reserved) // _words_per_row(*prefetch))
   flat = lambda x, start, stop: x[:, :, start:stop].astype(jnp.int32).reshape(-1)
   pieces = []
   for start in range(0, total, step):
     stop = min(start + step, total)
     pieces.append(call(_Rows(start, stop - start), *(flat(x, start, stop) for x in prefetch)))
   joined = zip(*pieces, strict=True)
-  return [parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2) for parts in joined]
+  join = lambda parts: jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+  return [None if parts[0] is None else join(parts) for parts in joined]
 
 
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, scratch, name, prefetch=2):
@@ -677,7 +1106,26 @@ def _route_specs(cfg: _Config, q_tile, kv_tile) -> list:
   ]
 
 
-def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
+def _mod_arrays(cfg: _Config, score_params: Any, mod_data: Any) -> _ModRefs | None:
+  """The kernels' `_ModRefs` input from the score_mod's parameters and `mod_data`
+  (None, or (offsets int32 [2], the mask's parameter tuple))."""
+  if mod_data is None:
+    return None
+  offsets, mask_params = mod_data
+  sm, mp = cfg.score_params, cfg.mask_params
+  return _ModRefs(
+    offsets,
+    () if sm is None else sm.arrays(score_params),
+    () if mp is None else mp.arrays(mask_params),
+  )
+
+
+def _mod_specs(mod_args: _ModRefs | None) -> Any:
+  """Each array of the `_ModRefs` input whole in SMEM (None without mods)."""
+  return jax.tree.map(lambda _: pl.BlockSpec(memory_space=pltpu.SMEM), mod_args)
+
+
+def _forward(cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_data):
   del q_view  # the transposed view serves the backward pass only
   b, _, hq, d = q.shape
   dv = v.shape[-1]
@@ -686,6 +1134,7 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
   bq, bk = cfg.block_q, cfg.block_kv
   q, k, v = _heads_major(q, sq), _heads_major(k, sk), _heads_major(v, sk)
   route_args = _route_arrays(cfg, routes)
+  mod_args = _mod_arrays(cfg, score_params, mod_data)
 
   def call(rows: _Rows, count, slots):
     q_tile, out_tile, kv_tile = _q_walk_specs(cfg, rows, kmax)
@@ -695,6 +1144,7 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
       grid=(b, hq, rows.size, kmax),
       in_specs=[
         *_route_specs(cfg, q_tile, kv_tile),
+        _mod_specs(mod_args),
         _block(bq, d, q_tile),
         _block(bk, d, kv_tile),
         _block(bk, dv, kv_tile),
@@ -710,13 +1160,17 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
         pltpu.VMEM((bq, dv), jnp.float32),
       ],
       name="block_sparse_forward",
-    )(count, slots, *route_args, q, k, v)
+    )(count, slots, *route_args, mod_args, q, k, v)
 
-  out, lse = _walk_rows(_slots(kv_view), call)
+  out, lse = _walk_rows(_slots(kv_view), call, cfg.param_words)
   return _seq_major(out, cfg.q_len), lse[:, :, : cfg.q_len, 0]
 
 
-def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
+def _backward(
+  cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_data, out, lse, d_out, d_lse
+):
+  """(dq, dk, dv, the score_mod parameters' gradient rows f32 [B, Hq, Qb, 1, grad_width]
+  of the dQ programs, or None)."""
   b, _, hq, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   sq, sk = cfg.num_q_blocks * cfg.block_q, cfg.num_kv_blocks * cfg.block_kv
@@ -730,15 +1184,19 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   tensors = (q, k, v, d_out)
   columns = tuple(_rows_to_lanes(x, sq) for x in stats)  # [B, Hq, Sq_pad, 128]
   route_args = _route_arrays(cfg, routes)
+  mod_args = _mod_arrays(cfg, score_params, mod_data)
+  width = cfg.grad_width
 
   def dq_call(rows: _Rows, count, slots):
     q_tile, out_tile, kv_tile = _q_walk_specs(cfg, rows, kmax)
+    grad_tile = lambda *ids: (*out_tile(*ids)[:3], 0, 0)  # this program's own row
     return _call(
       functools.partial(_dq_kernel, cfg=cfg, rows=rows, kmax=kmax),
       cfg,
       grid=(b, hq, rows.size, kmax),
       in_specs=[
         *_route_specs(cfg, q_tile, kv_tile),
+        _mod_specs(mod_args),
         _block(bq, d, q_tile),
         _block(bk, d, kv_tile),
         _block(bk, dv, kv_tile),
@@ -746,11 +1204,17 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
         _block(bq, LANES, q_tile),
         _block(bq, LANES, q_tile),
       ],
-      out_specs=[_block(bq, d, out_tile)],
-      out_shape=[jax.ShapeDtypeStruct((b, hq, rows.size * bq, d), q.dtype)],
+      out_specs=[
+        _block(bq, d, out_tile),
+        pl.BlockSpec((None, None, None, 1, width), grad_tile) if width else None,
+      ],
+      out_shape=[
+        jax.ShapeDtypeStruct((b, hq, rows.size * bq, d), q.dtype),
+        jax.ShapeDtypeStruct((b, hq, rows.size, 1, width), jnp.float32) if width else None,
+      ],
       scratch=[pltpu.VMEM((bq, d), jnp.float32)],
       name="block_sparse_dq",
-    )(count, slots, *route_args, *tensors, *columns)
+    )(count, slots, *route_args, mod_args, *tensors, *columns)
 
   def dkdv_call(rows: _Rows, count, slots):
     # Grid (b, h, r, g, t): kv tile rows.start + r of kv head h; query head
@@ -777,6 +1241,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
       grid=(b, hkv, rows.size, cfg.group, qmax),
       in_specs=[
         *_route_specs(cfg, q_tile, kv_tile),
+        _mod_specs(mod_args),
         _block(bq, d, q_tile),
         _block(bk, d, kv_tile),
         _block(bk, dv, kv_tile),
@@ -791,12 +1256,13 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
       ],
       scratch=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, dv), jnp.float32)],
       name="block_sparse_dkdv",
-    )(count, slots, *route_args, *tensors, *rows_or_columns)
+    )(count, slots, *route_args, mod_args, *tensors, *rows_or_columns)
 
   rows_or_columns = tuple(_rows_to_sublanes(x, sq) for x in stats) if cfg.kv_major else columns
-  (dq,) = _walk_rows(_slots(kv_view), dq_call)
-  dk, dv = _walk_rows(_slots(q_view), dkdv_call)
-  return _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
+  dq, d_params = _walk_rows(_slots(kv_view), dq_call, cfg.param_words)
+  dk, dv = _walk_rows(_slots(q_view), dkdv_call, cfg.param_words)
+  dq, dk, dv = _seq_major(dq, cfg.q_len), _seq_major(dk, cfg.kv_len), _seq_major(dv, cfg.kv_len)
+  return dq, dk, dv, d_params
 
 
 # ---------------------------------------------------------------------------
@@ -804,7 +1270,12 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
 # ---------------------------------------------------------------------------
 
 
-def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...] = ()):
+def _vmap_into_batch(
+  fn,
+  mask_args: tuple[int, ...],
+  route_args: tuple[int, ...] = (),
+  shared_args: tuple[int, ...] = (),
+):
   """`fn(cfg, *args, **static)`, whose `jax.vmap` runs ONE call over the mapped axis
   folded into the batch (n x B rows), instead of Pallas's batching rule, which adds a
   grid axis that these kernels' dimension semantics and scalar-prefetch index maps do
@@ -814,7 +1285,10 @@ def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...]
   positions `mask_args` (the mask's) and `route_args` (the token routes') may have a
   batch of 1 where they broadcast (`cfg.mask_batch` / `cfg.route_batch` False); they
   keep it when vmap leaves them alone, and are folded like the rest (their flag set)
-  otherwise. Nested vmaps fold one level at a time.
+  otherwise. The arguments at `shared_args` (mod parameters, offsets) have no batch
+  dim and are passed as they are; vmap may not map them. With mods, the kernels see
+  batch row b % B (`cfg.mod_batch`), b of the unfolded call. Nested vmaps fold one
+  level at a time.
   """
 
   def call(cfg, *args, **static):
@@ -834,12 +1308,21 @@ def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...]
         pairs = zip(leaves(args), leaves(in_batched), strict=True)
         return any(mapped or x.shape[0] > 1 for x, mapped in pairs)
 
+      if any(jax.tree.leaves([in_batched[i] for i in shared_args])):
+        raise NotImplementedError(
+          "the TPU block-sparse kernel cannot vmap over score_mod / mask_mod parameters "
+          "(or shard offsets); map over q, k, v and the mask only, or use "
+          "implementation='xla'."
+        )
       mask_batch, route_batch = batched(mask_args), batched(route_args)
       kept = {i for i in mask_args if not mask_batch} | {i for i in route_args if not route_batch}
+      kept |= set(shared_args)
       folded = [
         arg if i in kept else jax.tree.map(fold, arg, in_batched[i]) for i, arg in enumerate(args)
       ]
       cfg_n = dataclasses.replace(cfg, mask_batch=mask_batch, route_batch=route_batch)
+      if cfg.has_mods:
+        cfg_n = dataclasses.replace(cfg_n, mod_batch=cfg.mod_batch or batch)
       out = call(cfg_n, *folded, **static)
       unfold = lambda y: y.reshape(n, batch, *y.shape[1:])
       return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
@@ -849,11 +1332,22 @@ def _vmap_into_batch(fn, mask_args: tuple[int, ...], route_args: tuple[int, ...]
   return call
 
 
-# args: q, k, v, kv_view, q_view, routes[, out, lse, d_out, d_lse]
-_attention = common.attention_with_vjp(
-  _vmap_into_batch(_forward, mask_args=(3, 4), route_args=(5,)),
-  _vmap_into_batch(_backward, mask_args=(3, 4), route_args=(5,)),
-)
+# args: q, k, v, score_params, kv_view, q_view, routes, mod_data[, out, lse, d_out, d_lse]
+_ARGS = dict(mask_args=(4, 5), route_args=(6,), shared_args=(3, 7))
+_backward_kernels = _vmap_into_batch(_backward, **_ARGS)
+
+
+def _backward_with_params(cfg: _Config, q, k, v, score_params, *rest):
+  """`_backward`'s (dq, dk, dv) and the score_mod parameters' cotangents, the sum of
+  the dQ programs' gradient rows (outside the vmap rule: per mapped example)."""
+  dq, dk, dv, d_rows = _backward_kernels(cfg, q, k, v, score_params, *rest)
+  if cfg.score_params is None:
+    return dq, dk, dv, None
+  row = None if d_rows is None else jnp.sum(d_rows, axis=(0, 1, 2, 3))
+  return dq, dk, dv, cfg.score_params.grads(row)
+
+
+_attention = common.attention_with_vjp(_vmap_into_batch(_forward, **_ARGS), _backward_with_params)
 
 
 def block_sparse_attention_tpu(
@@ -884,19 +1378,48 @@ def block_sparse_attention_tpu(
     routes: optional per-token routes (`common.TokenRoutes`, query int
       [B|1, Hr, q_len, R], key int [B|1, kv_len]): inside the visited tiles,
       a query sees only keys whose route it lists.
+    score_mod: optional `common.ScoreMod`, run on each tile's scaled float32
+      scores with b, h (global: plus batch_offset / head_offset; int32 scalars)
+      and q_idx, kv_idx (int32, the tile's shape); the backward applies its vjp.
+    score_mod_params: its parameters (a pytree of arrays); gradients flow to the
+      floating leaves.
+    batch_offset, head_offset: the global index of q's first batch row and query
+      head (int, possibly traced: under shard_map).
+
+  What the kernels take of a score_mod and of the mask's mask_mod (checked by
+  tracing them on abstract tiles, `check_supported`; refused with
+  `common.Unsupported` otherwise): any elementwise jnp arithmetic on the score, b,
+  h, q_idx and kv_idx (tanh softcapping, ALiBi distances, comparisons, where,
+  casts, log/exp); parameters read by one integer scalar per dim (`slopes[h]`,
+  `table[i, h]` with i computed from b or h, `c[()]`, `prefix[b]`), held in SMEM
+  as float32 / int32 (at most MAX_PARAM_WORDS words; float gradients in rows of at
+  most MAX_GRAD_WORDS), so a parameter value is a scalar broadcast over the tile.
+  Refused: a parameter read with a per-element index (a vector gather, as a T5
+  bias `table[bucket(kv_idx - q_idx), h]` or document ids `seg[b, q_idx]`),
+  slices of parameters, gathers / scatters / sorts / cumulative ops / callbacks /
+  RNG, captured array constants.
   """
-  check_supported(q, k, v, mask, routes, score_mod=score_mod)
-  del score_mod_params, batch_offset, head_offset  # refused above until supported
+  check_supported(q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params)
   if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
     f32 = lambda x: x.astype(jnp.float32)
     out, lse = block_sparse_attention_tpu(
-      f32(q), f32(k), f32(v), mask, scale=scale, interpret=interpret, routes=routes
-    )
+      f32(q), f32(k), f32(v), mask, scale=scale, interpret=interpret, routes=routes,
+      score_mod=score_mod, score_mod_params=score_mod_params, batch_offset=batch_offset,
+      head_offset=head_offset,
+    )  # fmt: skip
     return out.astype(q.dtype), lse
-  cfg = _config(q, k, mask, scale=scale, interpret=interpret, routes=routes)
+  cfg = _config(
+    q, k, mask, scale=scale, interpret=interpret, routes=routes, score_mod=score_mod,
+    score_mod_params=score_mod_params,
+  )  # fmt: skip
   kv_view = (mask.kv_count, mask.kv_index, mask.kv_partial)
   q_view = (mask.q_count, mask.q_index, mask.q_partial)
-  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+  score_params = score_mod_params if cfg.score_params is not None else None
+  mod_data = None
+  if cfg.has_mods:
+    offsets = jnp.stack([jnp.asarray(batch_offset), jnp.asarray(head_offset)]).astype(jnp.int32)
+    mod_data = (offsets, tuple(mask.mask_params) if cfg.mask_params is not None else ())
+  return _attention(cfg, q, k, v, score_params, kv_view, q_view, routes, mod_data)
 
 
 # ---------------------------------------------------------------------------
