@@ -466,8 +466,10 @@ def trace_mods(
   """
   fns = []
   if score_mod is not None and (score_mod_params is not None or not score_mod.has_params):
-    fns.append(("score_mod", score_mod_params, lambda s, b, h, i, j, p: score_mod(s, b, h, i, j, p)))
-  if getattr(mask.mask_fn, "per_batch_head", False):
+    fns.append(
+      ("score_mod", score_mod_params, lambda s, b, h, i, j, p: score_mod(s, b, h, i, j, p))
+    )
+  if getattr(getattr(mask, "mask_fn", None), "per_batch_head", False):
     element = lambda s, b, h, i, j, p: element_visible(mask.mask_fn, b, h, i, j, p)
     fns.append(("mask_mod", tuple(mask.mask_params), element))
   if not fns:
@@ -513,8 +515,13 @@ def trace_mods(
 
 
 def check_mods_lower(
-  kernel: str, rules: set[str] | None, mask: Any, score_mod: Any, score_mod_params: Any,
-  rows: int = 16, cols: int = 16,
+  kernel: str,
+  rules: set[str] | None,
+  mask: Any,
+  score_mod: Any,
+  score_mod_params: Any,
+  rows: int = 16,
+  cols: int = 16,
 ) -> ModTrace | None:
   """Raises Unsupported if the call's score_mod or mask_mod traces to a primitive with
   no lowering in `rules` (primitive names; None: not checked) or does not trace on a

@@ -599,9 +599,7 @@ def _stages(cfg: _Config, fixed: int, per_stage: int) -> int:
   return max(fits, default=1)
 
 
-def _call(
-  kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem, mods=None
-):
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem, mods=None):
   """`smem`: (fixed, per-stage) SMEM bytes of the kernel's tiles (see `_stages`).
   `mods`: the `_mod_operands` of a call with a score_mod / mask_mod (inputs first,
   gradient outputs last), or None."""

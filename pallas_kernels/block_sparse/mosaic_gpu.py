@@ -765,7 +765,9 @@ def _param_grads(cfg: _Config, params, offsets, d_reads: jax.Array):
   readers = tree.unflatten([common._Reader(x, n, reads) for n, x in enumerate(leaves)])
   zero = jnp.zeros((), jnp.int32)
   cfg.score_mod(jnp.zeros((batch, heads), jnp.float32), b, h, zero, zero, readers)
-  reads = [(leaf, index) for leaf, index, value in reads if jnp.issubdtype(value.dtype, jnp.floating)]
+  reads = [
+    (leaf, index) for leaf, index, value in reads if jnp.issubdtype(value.dtype, jnp.floating)
+  ]
   grads = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
   for r, (leaf, index) in enumerate(reads):
     parts = index if isinstance(index, tuple) else (index,)
