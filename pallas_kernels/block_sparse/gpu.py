@@ -31,6 +31,16 @@ kv_count[b, h, i] (a scalar), kv_index[b, h, i, :] and kv_partial[b, h, i, :]
 k and v are passed as whole-sequence blocks of one kv head (h // group), i.e.
 as pointers, and sliced per tile with `pl.ds`.
 
+score_mod / mask_mod (FlexAttention's contract): the score_mod runs on the scaled f32
+scores of every tile (b, h global via batch_offset / head_offset), before the mask; dq
+and dK/dV apply its vjp to dS (`common.score_mod_vjp_in_kernel`), and dq adds its
+parameters' cotangents into f32 gradients (atomic adds; a scatter-add when
+interpreted). A mask_mod is evaluated on partial tiles only. Parameters are refs read
+by indexing: scalars (`slopes[h]`) or gathers (`table[bucket, h]`,
+`segment_ids[b, q_idx]`, with ragged-tail positions clamped in bounds). Mods whose
+primitives have no Triton lowering (sort, ...) are refused (`common.Unsupported`).
+With no mod the kernels are the same as without this support.
+
 Limits (Triton): block sizes are powers of two >= 16; head dims up to 256
 (non-powers of two are padded in the block and masked on load).
 """

@@ -27,6 +27,12 @@ masked on the (statically known) tail tiles only.
 Limits (`check_supported`, shapes only): bf16/f16 inputs; block_q in {64, 128};
 block_kv in {64, 128}; head dims 64, 128 or 256 (others: refused, the Triton
 kernel takes them); the SMEM ring must fit (256-wide heads need block_kv 64).
+score_mods and mask_mods run in the tile loops (their vjp in dq and dK/dV) when
+they trace to primitives Mosaic GPU lowers and read parameters only as scalars at
+indices of b, h and constants (`slopes[h]`, `prefix[b]`, from GMEM); gathers (a T5
+bias table, document segment ids) are refused: the Triton kernel takes them. dq
+writes each floating parameter read's per-query cotangent sums; XLA scatters them into
+the parameters' gradients at the reads' indices (no atomics).
 Mosaic GPU's interpreter (jax >= 0.11.2) runs these kernels on CPU
 (`interpret=True`); it takes wgmma operands from SMEM only, so the interpreted
 build stages P and dS in SMEM where the compiled one feeds them from registers.
