@@ -395,3 +395,142 @@ def forward_only(fn: Callable, message: str) -> Callable:
 
   wrapped.defvjp(fwd, bwd)
   return wrapped
+
+
+# ---------------------------------------------------------------------------
+# score_mod / mask_mod inside kernels: what they trace to, checked before any work.
+# ---------------------------------------------------------------------------
+
+_READ_SCOPE = "sparse_attention_param_read"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModRead:
+  """One parameter read of a score_mod or mask_mod (`p[h]`, `table[bucket, h]`)."""
+
+  fn: str  # "score_mod" or "mask_mod"
+  leaf: int  # the leaf, in the flattened order of that function's parameters
+  shape: tuple[int, ...]  # the value read: () for a scalar read, else a gather
+  on_positions: bool  # the index depends on the score or the positions (not b, h only)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModTrace:
+  """What a call's score_mod and mask_mod trace to on one tile."""
+
+  primitives: frozenset[str]  # every primitive, param reads excluded
+  reads: tuple[ModRead, ...]
+
+
+class _Probe:
+  """A parameter leaf while tracing a mod: indexing reads it (a gather on the array, in
+  a named scope so that its primitives are told apart from the function's own)."""
+
+  def __init__(self, leaf: jax.Array, fn: str, number: int, reads: list):
+    self._leaf, self._fn, self._number, self._reads = leaf, fn, number, reads
+
+  def __getitem__(self, index):
+    with jax.named_scope(_READ_SCOPE):
+      value = self._leaf[index]
+    parts = index if isinstance(index, tuple) else (index,)
+    arrays = [x for x in parts if isinstance(x, jax.Array)]
+    self._reads.append((self._fn, self._number, jnp.shape(value), arrays))
+    return value
+
+
+def _primitives(jaxpr: Any) -> set[str]:
+  """Names of the primitives of a jaxpr and of its sub-jaxprs, param reads excluded."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    if _READ_SCOPE in str(eqn.source_info.name_stack):
+      continue
+    names.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names |= _primitives(inner)
+  return names
+
+
+def trace_mods(
+  mask: Any, score_mod: ScoreMod | None, score_mod_params: Any, rows: int, cols: int
+) -> ModTrace | None:
+  """Traces the call's score_mod and mask_mod (a `per_batch_head` element mask) on a
+  [rows, cols] tile, with scalar b, h as kernels pass them; None if there is neither.
+  A score_mod with parameters whose values are not given is not traced.
+
+  Raises:
+    Unsupported: a function reads its parameters other than by indexing (in kernels
+      they are refs), or fails to trace on a tile.
+  """
+  fns = []
+  if score_mod is not None and (score_mod_params is not None or not score_mod.has_params):
+    fns.append(
+      ("score_mod", score_mod_params, lambda s, b, h, i, j, p: score_mod(s, b, h, i, j, p))
+    )
+  if getattr(getattr(mask, "mask_fn", None), "per_batch_head", False):
+    element = lambda s, b, h, i, j, p: element_visible(mask.mask_fn, b, h, i, j, p)
+    fns.append(("mask_mod", tuple(mask.mask_params), element))
+  if not fns:
+    return None
+  from jax._src.interpreters import partial_eval as pe  # noqa: PLC0415 (dce_jaxpr)
+
+  primitives, reads = set(), []
+  for name, params, fn in fns:
+    leaves, tree = jax.tree.flatten(params)
+    found: list = []  # (fn, leaf, shape, index arrays) per read, in order
+
+    def probe(s, b, h, i, j, *leaves, fn=fn, name=name, tree=tree, found=found):
+      found.clear()
+      probes = [_Probe(x, name, n, found) for n, x in enumerate(leaves)]
+      out = fn(s, b, h, i, j, tree.unflatten(probes))
+      return out, [a for *_, arrays in found for a in arrays]
+
+    args = (
+      jax.ShapeDtypeStruct((rows, cols), jnp.float32),
+      *(jax.ShapeDtypeStruct((), jnp.int32),) * 2,
+      jax.ShapeDtypeStruct((rows, 1), jnp.int32),
+      jax.ShapeDtypeStruct((1, cols), jnp.int32),
+      *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
+    )
+    try:
+      closed = jax.make_jaxpr(probe)(*args)
+    except (TypeError, AttributeError, IndexError) as e:
+      raise Unsupported(
+        f"the {name} does not trace on a kernel tile ({e}); inside kernels its parameters "
+        "are refs, read by indexing (p[h], table[i, h], c[...])."
+      ) from None
+    primitives |= _primitives(closed.jaxpr)
+    outputs = len(closed.jaxpr.outvars)
+    first = outputs - sum(len(arrays) for *_, arrays in found)
+    for f, n, shape, arrays in found:
+      used = [False] * outputs
+      used[first : first + len(arrays)] = [True] * len(arrays)
+      first += len(arrays)
+      _, inputs = pe.dce_jaxpr(closed.jaxpr, used, instantiate=False)
+      on_positions = any(inputs[k] for k in (0, 3, 4))  # the score, q_idx, kv_idx
+      reads.append(ModRead(f, n, tuple(shape), on_positions))
+  return ModTrace(frozenset(primitives), tuple(reads))
+
+
+def check_mods_lower(
+  kernel: str,
+  rules: set[str] | None,
+  mask: Any,
+  score_mod: Any,
+  score_mod_params: Any,
+  rows: int = 16,
+  cols: int = 16,
+) -> ModTrace | None:
+  """Raises Unsupported if the call's score_mod or mask_mod traces to a primitive with
+  no lowering in `rules` (primitive names; None: not checked) or does not trace on a
+  tile (see `trace_mods`). Returns the trace (None: no mods)."""
+  trace = trace_mods(mask, score_mod, score_mod_params, rows, cols)
+  if trace is not None and rules is not None:
+    missing = sorted(trace.primitives - rules)
+    if missing:
+      raise Unsupported(
+        f"the {kernel} kernel cannot lower the score_mod/mask_mod: no lowering for {missing}."
+      )
+  return trace

@@ -31,6 +31,16 @@ kv_count[b, h, i] (a scalar), kv_index[b, h, i, :] and kv_partial[b, h, i, :]
 k and v are passed as whole-sequence blocks of one kv head (h // group), i.e.
 as pointers, and sliced per tile with `pl.ds`.
 
+score_mod / mask_mod (FlexAttention's contract): the score_mod runs on the scaled f32
+scores of every tile (b, h global via batch_offset / head_offset), before the mask; dq
+and dK/dV apply its vjp to dS (`common.score_mod_vjp_in_kernel`), and dq adds its
+parameters' cotangents into f32 gradients (atomic adds; a scatter-add when
+interpreted). A mask_mod is evaluated on partial tiles only. Parameters are refs read
+by indexing: scalars (`slopes[h]`) or gathers (`table[bucket, h]`,
+`segment_ids[b, q_idx]`, with ragged-tail positions clamped in bounds). Mods whose
+primitives have no Triton lowering (sort, ...) are refused (`common.Unsupported`).
+With no mod the kernels are the same as without this support.
+
 Limits (Triton): block sizes are powers of two >= 16; head dims up to 256
 (non-powers of two are padded in the block and masked on load).
 """
@@ -76,10 +86,18 @@ def check_supported(
   routes: Any = None,
   *,
   score_mod: Any = None,
+  score_mod_params: Any = None,
 ) -> None:
-  """Raises `common.Unsupported` if this kernel cannot run the call (before any work)."""
-  common.refuse_mods("Triton block-sparse", mask, score_mod)
+  """Raises `common.Unsupported` if this kernel cannot run the call (before any work).
+
+  score_mods and mask_mods are taken when every primitive they trace to has a Triton
+  lowering (see `common.check_mods_lower`); their parameters are refs, read by
+  indexing (`p[h]`, `table[bucket, h]`: gathers are loads, their gradients atomic adds).
+  """
   del routes  # token routes of any shape are supported
+  common.check_mods_lower(
+    "Triton block-sparse", _lowering_rules(), mask, score_mod, score_mod_params
+  )
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):
       raise common.Unsupported(
@@ -120,6 +138,15 @@ class _Config(common.Tiling):
   interpret: bool
   num_warps: int | None
   num_stages: int
+  score_mod: common.ScoreMod | None = None
+  score_tree: Any = None  # treedef of the score_mod's parameters (None: no score_mod)
+  score_floating: tuple[bool, ...] = ()  # which parameter leaves get gradients
+  mask_tree: Any = None  # treedef of the mask_mod's parameters (None: no mask_mod)
+
+  @property
+  def has_mods(self) -> bool:
+    """A score_mod or a mask_mod: the kernels get b, h and the parameters as refs."""
+    return self.score_mod is not None or self.mask_tree is not None
 
   @property
   def padded_dims(self) -> tuple[int, int]:
@@ -191,16 +218,111 @@ def _routed(columns: list[jax.Array], kv_route_ref, kv_rows) -> jax.Array | None
   return match
 
 
+@dataclasses.dataclass(frozen=True)
+class _Mods:
+  """The score_mod and mask_mod of one program: the global batch row and query head
+  their functions see, and their parameters as refs, read by indexing (a scalar load,
+  or a gather of pointers)."""
+
+  cfg: _Config
+  b: jax.Array  # int32 [] global batch row (batch_offset + program's row)
+  h: jax.Array  # int32 [] global query head
+  score_params: Any  # the score_mod's parameters: a pytree of refs (None: none)
+  mask_params: tuple  # the mask's parameters (BlockMask.mask_params) as refs
+  grads: tuple  # f32 [leaf shape] refs of the parameters' gradients (None: no gradient)
+
+  def at_head(self, offset) -> _Mods:
+    return dataclasses.replace(self, h=self.h + offset)
+
+  def _positions(self, q_pos, kv_pos):
+    """[rows, 1], [1, cols] positions the functions see: the ragged tails clamped to
+    the last position (hidden anyway), so that parameter reads stay in bounds."""
+    if self.cfg.q_len % self.cfg.block_q:
+      q_pos = jnp.minimum(q_pos, self.cfg.q_len - 1)
+    if self.cfg.kv_len % self.cfg.block_kv:
+      kv_pos = jnp.minimum(kv_pos, self.cfg.kv_len - 1)
+    return q_pos[:, None], kv_pos[None, :]
+
+  def score(self, s, q_pos, kv_pos, vjp: bool):
+    """(score_mod(s), its pullback if vjp else None) on a tile of scaled f32 scores."""
+    mod = self.cfg.score_mod
+    if mod is None:
+      return s, None
+    q_idx, kv_idx = self._positions(q_pos, kv_pos)
+    if not vjp:
+      return mod(s, self.b, self.h, q_idx, kv_idx, self.score_params), None
+    return common.score_mod_vjp_in_kernel(mod, s, self.b, self.h, q_idx, kv_idx, self.score_params)
+
+  def visible(self, partial, q_pos, kv_pos, routed):
+    """bool [rows, cols] (or None): `common.visibility`, the mask_mod evaluated with
+    b, h and its parameters at the clamped positions."""
+    cfg = self.cfg
+    bounds = dataclasses.replace(cfg, mask_fn=None).visible(
+      partial, q_pos[:, None], kv_pos[None, :], routed
+    )
+    if cfg.mask_fn is None:
+      return bounds
+    q_idx, kv_idx = self._positions(q_pos, kv_pos)
+    element = common.element_visible(cfg.mask_fn, self.b, self.h, q_idx, kv_idx, self.mask_params)
+    element = jnp.logical_not(partial) | element
+    return element if bounds is None else element & bounds
+
+  def add_grads(self, reads) -> None:
+    """Adds each read's cotangent into its parameter's gradient, at the index read:
+    atomically on GPUs; under the interpreter (whose atomic add loses repeated
+    indices) as a scatter-add of the whole block, the programs running in turn."""
+    for leaf, index, d in reads:
+      ref = self.grads[leaf]
+      if ref is None:
+        continue
+      d = d.astype(jnp.float32)
+      if self.cfg.interpret:
+        ref[...] = ref[...].at[index].add(d)
+      else:
+        plgpu.atomic_add(ref, index, d)
+
+
 def _scores(
-  cfg: _Config, q, k, q_pos, kv_pos, partial, routed=None, *, log2=False, masked=True
-) -> jax.Array:
+  cfg: _Config,
+  q,
+  k,
+  q_pos,
+  kv_pos,
+  partial,
+  routed=None,
+  *,
+  log2=False,
+  masked=True,
+  mods: _Mods | None = None,
+  vjp: bool = False,
+):
   """Scaled scores of one tile (in log2 units if log2: the scale times log2 e), -inf
-  where the pair is hidden; `masked=False` (a full tile) skips the visibility test."""
-  s = _dot(q, k.T) * (cfg.scale * common.LOG2E if log2 else cfg.scale)
-  if not masked:
-    return s
-  vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :], routed)
-  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+  where the pair is hidden; `masked=False` (a full tile) skips the visibility test.
+  With `mods`, the score_mod runs on the scaled scores before the mask, and a mask_mod
+  decides partial tiles. vjp: returns (scores, the score_mod's pullback or None)."""
+  if mods is None or cfg.score_mod is None:
+    s, pull = _dot(q, k.T) * (cfg.scale * common.LOG2E if log2 else cfg.scale), None
+  else:
+    s, pull = mods.score(_dot(q, k.T) * cfg.scale, q_pos, kv_pos, vjp)
+    s = s * common.LOG2E if log2 else s
+  vis = None
+  if masked and mods is None:
+    vis = cfg.visible(partial, q_pos[:, None], kv_pos[None, :], routed)
+  elif masked:
+    vis = mods.visible(partial, q_pos, kv_pos, routed)
+  s = s if vis is None else jnp.where(vis, s, -jnp.inf)
+  return (s, pull) if vjp else s
+
+
+def _through_mod(mods: _Mods | None, pull, ds: jax.Array, grads: bool) -> jax.Array:
+  """dS with respect to the scaled scores, from dS of the modified ones (the
+  score_mod's vjp); with `grads`, its parameters' cotangents are added to theirs."""
+  if pull is None:
+    return ds
+  ds, reads = pull(ds)
+  if grads:
+    mods.add_grads(reads)
+  return ds
 
 
 def _walk(count, full, tiles_ref, step, init, head=None, subs: int = 1):
@@ -246,6 +368,7 @@ def _forward_kernel(
   lse_ref,  # f32 [block_q]
   *,
   cfg: _Config,
+  mods: _Mods | None = None,
 ):
   bq, bk = cfg.block_q, cfg.block_kv
   q_pos = _positions(pl.program_id(0) * bq, bq)
@@ -258,7 +381,7 @@ def _forward_kernel(
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
     routed = _routed(routes, kv_route_ref, keys) if masked else None
     kv_pos = _positions(j * bk, bk)
-    s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+    s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked, mods=mods)
     return common.online_softmax_update(s, *carry, v, _dot, base2=True)
 
   init = (
@@ -288,6 +411,7 @@ def _dq_kernel(
   *,
   cfg: _Config,
   keys: int,  # keys per step: the kv tile, or a part of it (see DQ_KV_ROWS)
+  mods: _Mods | None = None,  # the score_mod's parameter gradients are added here
 ):
   bq, bk = cfg.block_q, keys
   q_pos = _positions(pl.program_id(0) * bq, bq)
@@ -302,9 +426,11 @@ def _dq_kernel(
     v = _load(v_ref.at[keys, :], cfg.v_head_dim)
     routed = _routed(routes, kv_route_ref, keys) if masked else None
     kv_pos = _positions(j * bk, bk)
-    s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+    s, pull = _scores(
+      cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked, mods=mods, vjp=True
+    )
     p = jnp.exp2(s - lse[:, None])
-    ds = p * (_dot(do, v.T) - delta[:, None])
+    ds = _through_mod(mods, pull, p * (_dot(do, v.T) - delta[:, None]), grads=True)
     return dq + _dot(ds.astype(k.dtype), k)
 
   init = jnp.zeros(q.shape, jnp.float32)
@@ -329,6 +455,7 @@ def _dkdv_kernel(
   dv_ref,  # [sub, Dvp]
   *,
   cfg: _Config,
+  mods: _Mods | None = None,  # at the group's first query head
 ):
   bq, sub = cfg.block_q, k_ref.shape[0]
   kv_pos = _positions(pl.program_id(0) * sub, sub)
@@ -339,6 +466,8 @@ def _dkdv_kernel(
   first_head = pl.program_id(2) * cfg.group
 
   def head(h, carry):  # the group's query heads, one after the other
+    head_mods = None if mods is None else mods.at_head(h)
+
     def step(masked, i, partial, carry):
       dk, dv = carry
       rows = pl.ds(i * bq, bq)
@@ -350,10 +479,14 @@ def _dkdv_kernel(
         columns = _route_columns(cfg, q_route_ref, route_head, rows)
         routed = _routed(columns, kv_route_ref, slice(None))
       q_pos = _positions(i * bq, bq)
-      s = _scores(cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked)
+      s, pull = _scores(
+        cfg, q, k, q_pos, kv_pos, partial, routed, log2=True, masked=masked, mods=head_mods,
+        vjp=True,
+      )  # fmt: skip
       p = jnp.exp2(s - lse_ref[h, rows][:, None])
       dv = dv + _dot(p.astype(do.dtype).T, do)
       ds = p * (_dot(do, v.T) - delta_ref[h, rows][:, None])
+      ds = _through_mod(head_mods, pull, ds, grads=False)
       return dk + _dot(ds.astype(q.dtype).T, q), dv
 
     if not per_head:
@@ -476,18 +609,77 @@ def _stages(cfg: _Config, fixed: int, per_stage: int) -> int:
   return max(fits, default=1)
 
 
-def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem):
-  """`smem`: (fixed, per-stage) SMEM bytes of the kernel's tiles (see `_stages`)."""
-  return pl.pallas_call(
-    functools.partial(kernel, cfg=cfg),
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name: str, smem, mods=None):
+  """`smem`: (fixed, per-stage) SMEM bytes of the kernel's tiles (see `_stages`).
+  `mods`: the `_mod_operands` of a call with a score_mod / mask_mod (inputs first,
+  gradient outputs last), or None."""
+  body = functools.partial(kernel, cfg=cfg)
+  aliases, operands = {}, []
+  if mods is not None:
+    operands, specs, grad_specs, grad_shapes, heads = mods
+    body = functools.partial(_with_mods, body, cfg, len(specs), len(grad_specs), heads)
+    several = isinstance(out_shape, (list, tuple))
+    outputs = len(out_shape) if several else 1
+    first_grad = len(specs) - len(grad_specs)
+    aliases = {first_grad + n: outputs + n for n in range(len(grad_specs))}
+    in_specs = [*specs, *in_specs]
+    out_specs = [*(out_specs if several else [out_specs]), *grad_specs]
+    out_shape = [*(out_shape if several else [out_shape]), *grad_shapes]
+  call = pl.pallas_call(
+    body,
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
+    input_output_aliases=aliases,
     compiler_params=plgpu.CompilerParams(num_warps=cfg.warps(), num_stages=_stages(cfg, *smem)),
     interpret=cfg.interpret,
     name=name,
   )
+  return lambda *args: call(*operands, *args)
+
+
+def _whole(x: jax.Array) -> pl.BlockSpec:
+  """The whole array, for every program (a pointer)."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _mod_operands(cfg: _Config, score_params, mod_args, *, grads: bool, heads: int = 1):
+  """What a kernel with mods gets besides its own operands: (arrays, their specs,
+  gradient output specs, gradient output shapes, query heads per program). Inputs:
+  the (batch, head) offsets int32 [2], the score_mod's parameter leaves, the mask's,
+  then with `grads` f32 zeros for each floating score parameter (aliased to the
+  gradient outputs, which programs add into)."""
+  offsets, mask_params = mod_args
+  leaves = [*jax.tree.leaves(score_params), *jax.tree.leaves(mask_params)]
+  zeros = []
+  if grads:
+    floating = zip(jax.tree.leaves(score_params), cfg.score_floating, strict=True)
+    zeros = [jnp.zeros(x.shape, jnp.float32) for x, f in floating if f]
+  arrays = [offsets, *leaves, *zeros]
+  shapes = [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros]
+  return arrays, [_whole(x) for x in arrays], [_whole(z) for z in zeros], shapes, heads
+
+
+def _with_mods(kernel, cfg: _Config, inputs: int, grads: int, heads: int, *refs):
+  """Runs `kernel(*its refs, mods=...)`: splits off the mod inputs (first) and the
+  gradient outputs (last), and reads the global batch row and head of the program at
+  grid (t, b, h) (here: the interpreter substitutes program ids outside loops only)."""
+  mod_refs, refs = refs[:inputs], refs[inputs:]
+  grad_refs, refs = refs[len(refs) - grads :], refs[: len(refs) - grads]
+  offsets_ref, *leaves = mod_refs[: inputs - grads]
+  num_score = cfg.score_tree.num_leaves if cfg.score_tree is not None else 0
+  score_leaves, mask_leaves = leaves[:num_score], leaves[num_score:]
+  grad_iter = iter(grad_refs)
+  mods = _Mods(
+    cfg=cfg,
+    b=offsets_ref[0] + pl.program_id(1),
+    h=offsets_ref[1] + pl.program_id(2) * heads,
+    score_params=None if cfg.score_tree is None else cfg.score_tree.unflatten(score_leaves),
+    mask_params=() if cfg.mask_tree is None else cfg.mask_tree.unflatten(mask_leaves),
+    grads=tuple(next(grad_iter) if f and grads else None for f in cfg.score_floating),
+  )
+  kernel(*refs, mods=mods)
 
 
 def _pad_seq(x: jax.Array, length: int) -> jax.Array:
@@ -522,8 +714,9 @@ def _route_inputs(cfg: _Config, routes, sq: int, sk: int, query_tiles: bool, sub
   return [query, key], specs
 
 
-def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
+def _forward(cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_args):
   del q_view  # the transposed view serves the backward pass only
+  mods = _mod_operands(cfg, score_params, mod_args, grads=False) if cfg.has_mods else None
   b, _, hq, _ = q.shape
   qb, kb = cfg.num_q_blocks, cfg.num_kv_blocks
   sq, sk = qb * cfg.block_q, kb * cfg.block_kv
@@ -551,11 +744,14 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
     ],
     name="block_sparse_forward",
     smem=(cfg.block_q * dp * size, cfg.block_kv * (dp + dvp) * size),
+    mods=mods,
   )(kv_view[0], full, tiles, *route_args, _pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk))
   return out[:, : cfg.q_len], lse[:, :, : cfg.q_len]
 
 
-def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
+def _backward(
+  cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_args, out, lse, d_out, d_lse
+):
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
   qb, kb = kv_view[0].shape[2], q_view[0].shape[2]
@@ -580,7 +776,10 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   keys = cfg.block_kv
   if _stages(cfg, fixed, keys * per_key) < cfg.num_stages:
     keys = min(keys, DQ_KV_ROWS)
-  dq = _call(
+  mods = None
+  if cfg.has_mods:  # the dq pass adds the score_mod's parameter gradients
+    mods = _mod_operands(cfg, score_params, mod_args, grads=cfg.score_mod is not None)
+  dq, *d_params = _call(
     functools.partial(_dq_kernel, keys=keys),
     cfg,
     grid=(qb, b, hq),
@@ -594,10 +793,11 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
       _vector_spec(cfg.block_q, sq),
       _vector_spec(cfg.block_q, sq),
     ],
-    out_specs=_tile_spec(cfg.block_q, dp, same),
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_specs=[_tile_spec(cfg.block_q, dp, same)],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
     name="block_sparse_dq",
     smem=(fixed, keys * per_key),
+    mods=mods,
   )(kv_view[0], full, tiles, *tile_route_args, q, k, v, d_out, lse, delta)
 
   # dK/dV: one program per (sub-tile of <= 64 kv rows, batch, kv head); the GQA
@@ -606,6 +806,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   subs, g = cfg.block_kv // sub, cfg.group
   head_route_args, head_route_specs = _route_inputs(cfg, routes, sq, sk, False, sub)
   tiles, full = common.full_tiles_first(cfg, *q_view, True, routed)
+  mods = _mod_operands(cfg, score_params, mod_args, grads=False, heads=g) if cfg.has_mods else None
   group_spec = lambda width: pl.BlockSpec((None, sq, g, width), lambda t, b, h: (b, 0, h, 0))
   dk, dv = _call(
     _dkdv_kernel,
@@ -628,11 +829,25 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
     ],
     name="block_sparse_dkdv",
     smem=(sub * (dp + dvp) * size, cfg.block_q * ((dp + dvp) * size + 8)),  # + lse, delta
+    mods=mods,
   )(q_view[0], full, tiles, *head_route_args, q, k, v, d_out, lse, delta)
-  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv[:, : cfg.kv_len]
+  grads = iter(d_params)
+  d_params = [next(grads) if f else None for f in cfg.score_floating]
+  d_params = None if cfg.score_tree is None else cfg.score_tree.unflatten(d_params)
+  d_params = None if d_params is None else common.float_cotangents(score_params, d_params)
+  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv[:, : cfg.kv_len], d_params
 
 
 _attention = common.attention_with_vjp(_forward, _backward)
+
+
+def _lowering_rules() -> set[str] | None:
+  """Names of the primitives Pallas's Triton lowering takes (None: unknown, unchecked)."""
+  try:
+    from jax._src.pallas.triton import lowering  # noqa: PLC0415 (private, may move)
+  except ImportError:
+    return None
+  return {p.name for p in lowering.triton_lowering_rules}
 
 
 def block_sparse_attention_triton(
@@ -661,12 +876,25 @@ def block_sparse_attention_triton(
       included) instead of compiling them with Triton.
     routes: optional per-token routes (`common.TokenRoutes`): inside the visited
       tiles, a query sees only keys whose route it lists.
+    score_mod: optional `common.ScoreMod`, applied to the scaled f32 scores of every
+      tile (b, h global: batch_offset / head_offset plus the program's); its
+      derivative runs in the backward kernels, and its parameters' gradients are
+      added by the dq kernel (atomic adds; float32, cast to each leaf's dtype).
+    score_mod_params: the score_mod's parameters (a pytree of arrays, refs in the
+      kernels: read by indexing).
+    batch_offset, head_offset: the global index of q's first batch row and head
+      (int, may be traced: set per device under shard_map).
     num_warps, num_stages: Triton launch parameters (default: 4 warps for head
       dims <= 64, else 8; 3 pipeline stages: a 3-deep k/v ring, as the tile id
       is read one step ahead).
+
+  Score and mask mods lower when every primitive they trace to has a Triton lowering
+  (elementwise math, comparisons, where, casts, integer arithmetic; no sort, scan,
+  dot or cond) and they read parameters only by indexing (scalars `p[h]`, `p[b]`,
+  `c[...]`, or gathers `table[bucket, h]`, `segment_ids[b, q_idx]`); others are
+  refused (`common.Unsupported`).
   """
-  check_supported(q, k, v, mask, routes, score_mod=score_mod)
-  del score_mod_params, batch_offset, head_offset  # refused above until supported
+  check_supported(q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params)
   cfg = _config(
     q,
     k,
@@ -677,15 +905,35 @@ def block_sparse_attention_triton(
     routes=routes,
     num_warps=num_warps,
     num_stages=num_stages,
+    score_mod=score_mod,
+    score_mod_params=score_mod_params,
   )
   as_int = lambda x: x.astype(jnp.int32)
   kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
   q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
-  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+  offsets = jnp.stack([jnp.asarray(batch_offset), jnp.asarray(head_offset)]).astype(jnp.int32)
+  mod_args = (offsets, tuple(mask.mask_params) if cfg.mask_tree is not None else ())
+  score_params = score_mod_params if cfg.score_tree is not None else None
+  return _attention(cfg, q, k, v, score_params, kv_view, q_view, routes, mod_args)
 
 
-def _config(q, k, v, mask, *, scale, interpret, routes=None, num_warps=None, num_stages=3):
+def _config(
+  q,
+  k,
+  v,
+  mask,
+  *,
+  scale,
+  interpret,
+  routes=None,
+  num_warps=None,
+  num_stages=3,
+  score_mod=None,
+  score_mod_params=None,
+):
   bm, hm = mask.kv_count.shape[:2]
+  has_params = score_mod is not None and score_mod.has_params
+  mask_mod = getattr(mask.mask_fn, "per_batch_head", False)
   return _Config(
     **common.Tiling.fields_of(mask),
     scale=scale,
@@ -700,6 +948,13 @@ def _config(q, k, v, mask, *, scale, interpret, routes=None, num_warps=None, num
     interpret=bool(interpret),
     num_warps=num_warps,
     num_stages=num_stages,
+    score_mod=score_mod,
+    score_tree=jax.tree.structure(score_mod_params) if has_params else None,
+    score_floating=tuple(
+      bool(jnp.issubdtype(x.dtype, jnp.floating))
+      for x in (jax.tree.leaves(score_mod_params) if has_params else [])
+    ),
+    mask_tree=jax.tree.structure(tuple(mask.mask_params)) if mask_mod else None,
   )
 
 
@@ -715,8 +970,10 @@ def calibrate_triton(
   interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """Re-ttention's calibration in one kernel: (out, lse, lse over the mask, out over
-  the mask or None). Every kv tile is visited once; no gradient (sampling only)."""
+  the mask or None). Every kv tile is visited once; no gradient (sampling only). Takes
+  no mask_mod."""
   check_supported(q, k, v, mask)
+  common.refuse_mods("Triton calibration", mask, None)
   cfg = _config(q, k, v, mask, scale=scale, interpret=interpret)
   return _calibrate(cfg, masked_output, q, k, v, tile_codes)
 

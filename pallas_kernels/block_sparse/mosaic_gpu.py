@@ -27,6 +27,12 @@ masked on the (statically known) tail tiles only.
 Limits (`check_supported`, shapes only): bf16/f16 inputs; block_q in {64, 128};
 block_kv in {64, 128}; head dims 64, 128 or 256 (others: refused, the Triton
 kernel takes them); the SMEM ring must fit (256-wide heads need block_kv 64).
+score_mods and mask_mods run in the tile loops (their vjp in dq and dK/dV) when
+they trace to primitives Mosaic GPU lowers and read parameters only as scalars at
+indices of b, h and constants (`slopes[h]`, `prefix[b]`, from GMEM); gathers (a T5
+bias table, document segment ids) are refused: the Triton kernel takes them. dq
+writes each floating parameter read's per-query cotangent sums; XLA scatters them into
+the parameters' gradients at the reads' indices (no atomics).
 Mosaic GPU's interpreter (jax >= 0.11.2) runs these kernels on CPU
 (`interpret=True`); it takes wgmma operands from SMEM only, so the interpreted
 build stages P and dS in SMEM where the compiled one feeds them from registers.
@@ -72,10 +78,12 @@ def check_supported(
   routes: Any = None,
   *,
   score_mod: Any = None,
+  score_mod_params: Any = None,
 ) -> None:
-  """Raises `common.Unsupported` if this kernel cannot run the call (shapes only)."""
-  common.refuse_mods("Mosaic GPU block-sparse", mask, score_mod)
+  """Raises `common.Unsupported` if this kernel cannot run the call (shapes, and what
+  a score_mod / mask_mod traces to: see `_check_mods`)."""
   del k, routes  # any GQA grouping and token routes of any shape are supported
+  _check_mods(mask, score_mod, score_mod_params)
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise common.Unsupported(f"the Mosaic GPU kernel takes bf16/f16 inputs, got {q.dtype}.")
   if mask.block_q not in BLOCK_Q or mask.block_kv not in BLOCK_KV:
@@ -96,6 +104,36 @@ def check_supported(
     )
 
 
+def _check_mods(mask: Any, score_mod: Any, score_mod_params: Any) -> common.ModTrace | None:
+  """Refuses mods this kernel cannot run: a primitive Mosaic GPU does not lower, or a
+  parameter read that is not a scalar at an index of b, h and constants only (`p[h]`,
+  `prefix[b]`, `c[...]`): gathers (`table[bucket, h]`, `segment_ids[b, q_idx]`) are
+  the Triton kernel's. Returns the mods' trace (None: no mods)."""
+  name = "Mosaic GPU block-sparse"
+  trace = common.check_mods_lower(name, _lowering_rules(), mask, score_mod, score_mod_params)
+  for read in () if trace is None else trace.reads:
+    if read.shape or read.on_positions:
+      raise common.Unsupported(
+        f"the {name} kernel reads mod parameters as scalars at indices of b and h only; the "
+        f"{read.fn} gathers (a read of shape {read.shape}"
+        f"{', indexed by positions' if read.on_positions else ''}): use the Triton kernel."
+      )
+  return trace
+
+
+def _lowering_rules() -> set[str] | None:
+  """Names of the primitives Mosaic GPU lowers in these kernels (Lane semantics, per
+  warpgroup), None if unknown (then unchecked)."""
+  try:
+    from jax._src.pallas.mosaic_gpu import core, lowering  # noqa: PLC0415 (private)
+    from jax.experimental.mosaic.gpu import LoweringSemantics  # noqa: PLC0415
+
+    key = (LoweringSemantics.Lane, core.PrimitiveSemantics.Warpgroup)
+    return {p.name for p in lowering.mosaic_lowering_rules[key]}
+  except (ImportError, AttributeError, KeyError):
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config(common.Tiling):
   """Static facts of one call (hashable: jit/custom_vjp static argument)."""
@@ -109,6 +147,22 @@ class _Config(common.Tiling):
   interpret: bool
   num_stages: int
   num_ctas: int  # persistent grid width (the SM count on hardware)
+  score_mod: common.ScoreMod | None = None
+  score_tree: Any = None  # treedef of the score_mod's parameters (None: none)
+  grad_reads: tuple[bool, ...] = ()  # per parameter read of the score_mod: floating
+  mask_tree: Any = None  # treedef of the mask_mod's parameters (None: no mask_mod)
+
+  @property
+  def num_mod_inputs(self) -> int:
+    """Kernel inputs after the routes: offsets, score_mod and mask parameter leaves."""
+    if self.score_mod is None and self.mask_tree is None:
+      return 0
+    leaves = lambda tree: 0 if tree is None else tree.num_leaves
+    return 1 + leaves(self.score_tree) + leaves(self.mask_tree)
+
+  @property
+  def num_grad_reads(self) -> int:
+    return sum(self.grad_reads)
 
   @property
   def wgs(self) -> int:
@@ -313,23 +367,100 @@ def _load_rows(cfg: _Config, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h
   return [plgpu.load(qr_smem.at[wg, r], layout=_ROW) for r in range(cfg.num_routes)]
 
 
-def _scores(cfg: _Config, a, b_t, masked, tile, q0, kv0, shape, q_dim, q_routes, kv_routes):
+@dataclasses.dataclass(frozen=True)
+class _Mods:
+  """A call's score_mod and mask_mod inside the consumers: the global batch row and
+  query head of the work item, and the parameters as GMEM refs (scalar reads)."""
+
+  cfg: _Config
+  offsets_ref: Any  # int32 [2]: the global index of the first batch row and head
+  score_params: Any  # a pytree of refs, like score_mod_params (None: none)
+  mask_params: tuple  # the mask's parameters as refs
+  b: Any = None  # int32 [] global batch row (set per work item by `at`)
+  h: Any = None  # int32 [] global query head
+
+  @staticmethod
+  def take(cfg: _Config, refs) -> tuple[_Mods | None, Any]:
+    """(the mods, the other refs) from a kernel's refs that start with the mod inputs."""
+    n = cfg.num_mod_inputs
+    if not n:
+      return None, refs
+    offsets_ref, *leaves = refs[:n]
+    score_leaves = 0 if cfg.score_tree is None else cfg.score_tree.num_leaves
+    unflatten = lambda tree, xs, empty: empty if tree is None else tree.unflatten(xs)
+    mods = _Mods(
+      cfg,
+      offsets_ref,
+      unflatten(cfg.score_tree, leaves[:score_leaves], None),
+      unflatten(cfg.mask_tree, leaves[score_leaves:], ()),
+    )
+    return mods, refs[n:]
+
+  def at(self, b, h) -> _Mods:
+    """The mods of the work item of (local) batch row b and query head h."""
+    return dataclasses.replace(self, b=self.offsets_ref[0] + b, h=self.offsets_ref[1] + h)
+
+  def score(self, s, q_idx, kv_idx, vjp: bool):
+    """(score_mod(s), pullback or None) on a tile of scaled f32 scores; the pullback
+    gives (d_score, [d of each floating parameter read, as a tile]): the read values
+    are replayed broadcast over the tile, so that their cotangents come back
+    unreduced (row sums then make per-query partial gradients, no atomics)."""
+    mod = self.cfg.score_mod
+    if not vjp:
+      return mod(s, self.b, self.h, q_idx, kv_idx, self.score_params), None
+    leaves, tree = jax.tree.flatten(self.score_params)
+    reads: list = []
+    readers = tree.unflatten([common._Reader(r, i, reads) for i, r in enumerate(leaves)])
+    out = mod(s, self.b, self.h, q_idx, kv_idx, readers)
+    values = [v for *_, v in reads]
+    floating = [jnp.issubdtype(v.dtype, jnp.floating) for v in values]
+    tiled = [_zeros(s.shape, value=v) for v, f in zip(values, floating, strict=True) if f]
+
+    def replay(s, tiled):  # a pure function of the score and the floating reads
+      tiles = iter(tiled)
+      merged = iter([next(tiles) if f else v for v, f in zip(values, floating, strict=True)])
+      params = tree.unflatten([common._Replayer(merged)] * len(leaves))
+      return mod(s, self.b, self.h, q_idx, kv_idx, params)
+
+    return out, jax.vjp(replay, s, tiled)[1]
+
+  def mask_args(self) -> dict:
+    """The keywords `Tiling.visible` needs to evaluate a mask_mod."""
+    return dict(b=self.b, h=self.h, params=self.mask_params)
+
+
+def _scores(
+  cfg: _Config, a, b_t, masked, tile, q0, kv0, shape, q_dim, q_routes, kv_routes,
+  mods: _Mods | None = None, vjp: bool = False,
+):  # fmt: skip
   """Scores of one tile in log2 units (the scale times log2 e folded in), -inf where
-  hidden when `masked`; queries along `q_dim` (0: forward/dq, 1: the dK/dV view)."""
-  s = _mma(cfg, a, b_t) * (cfg.scale * LOG2E)
-  if not masked:
-    return s
-  q_pos, kv_pos = _positions(q0, shape, q_dim), _positions(kv0, shape, 1 - q_dim)
-  routed = _routed(q_routes, kv_routes, shape, q_dim)
-  vis = cfg.visible(tile % 2 == 1, q_pos, kv_pos, routed)
-  return s if vis is None else jnp.where(vis, s, -jnp.inf)
+  hidden when `masked`; queries along `q_dim` (0: forward/dq, 1: the dK/dV view).
+  With `mods`, the score_mod runs on the scaled scores first and a mask_mod decides
+  partial tiles; vjp: returns (scores, the score_mod's pullback or None)."""
+  score_mod = None if mods is None else cfg.score_mod
+  s, pull = _mma(cfg, a, b_t), None
+  q_pos = kv_pos = None
+  if masked or score_mod is not None:
+    q_pos, kv_pos = _positions(q0, shape, q_dim), _positions(kv0, shape, 1 - q_dim)
+  if score_mod is None:
+    s = s * (cfg.scale * LOG2E)
+  else:
+    s, pull = mods.score(s * cfg.scale, q_pos, kv_pos, vjp)
+    s = s * LOG2E
+  if masked:
+    routed = _routed(q_routes, kv_routes, shape, q_dim)
+    extra = {} if mods is None else mods.mask_args()
+    vis = cfg.visible(tile % 2 == 1, q_pos, kv_pos, routed, **extra)
+    s = s if vis is None else jnp.where(vis, s, -jnp.inf)
+  return (s, pull) if vjp else s
 
 
 def _forward_kernel(cfg: _Config, num_items: int, *refs):
   nr = 2 if cfg.num_routes else 0
   meta_ref, tiles_ref, q_ref, k_ref, v_ref = refs[:5]  # meta [W, 1, 5], tiles [W, 1, Kmax]
   qr_ref, kr_ref = refs[5 : 5 + nr] if nr else (None, None)  # [B, Hr, R, Sq_p], [B, Sk_p]
-  o_ref, lse_ref, scratch, barriers = refs[5 + nr :]  # o [B, Sq, Hq, Dv], lse [B, Hq, Sq_p]
+  mods, refs = _Mods.take(cfg, refs[5 + nr :])  # then the mods' offsets and parameters
+  o_ref, lse_ref, scratch, barriers = refs  # o [B, Sq, Hq, Dv], lse [B, Hq, Sq_p]
   q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem, qr_smem, kr_smem = scratch
   q_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
   bk, wg = cfg.block_kv, lax.axis_index("wg")
@@ -353,7 +484,7 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
     plgpu.set_max_registers(232 if cfg.wgs == 2 else 240, action="increase")
     shape = (ROWS, bk)
 
-    def step(w, q0, q_routes, masked, t, carry):
+    def step(w, q0, q_routes, item_mods, masked, t, carry):
       g, m, l, acc = carry
       slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
       kv_routes = None
@@ -363,8 +494,9 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
       plgpu.barrier_wait(k_bar.at[slot])
       k_t = k_smem.at[slot].transpose((1, 0))
       s = _scores(
-        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
-      )
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes,
+        item_mods,
+      )  # fmt: skip
       plgpu.barrier_wait(v_bar.at[slot])
 
       def accumulate(acc, p):
@@ -384,7 +516,8 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
       plgpu.barrier_wait(q_bar.at[wg])
       carry = (g, _zeros((ROWS,), _ROW, -jnp.inf), _zeros((ROWS,), _ROW))
       carry = (*carry, _zeros((ROWS, cfg.v_head_dim)))
-      step_ = functools.partial(step, w, q0, q_routes)
+      item_mods = None if mods is None else mods.at(b, h)
+      step_ = functools.partial(step, w, q0, q_routes, item_mods)
       g, m, l, acc = _tile_loops(full, count, step_, carry)
       out, lse = common.finalize(m, l, acc, base2=True)
       o_smem.at[wg][...] = out.astype(o_smem.dtype)
@@ -402,8 +535,11 @@ def _dq_kernel(cfg: _Config, num_items: int, *refs):
   nr = 2 if cfg.num_routes else 0
   meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
   qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
-  dq_ref, scratch, barriers = refs[8 + nr :]  # dq [B, Sq, Hq, D]
-  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, qr_smem, kr_smem = scratch
+  mods, refs = _Mods.take(cfg, refs[8 + nr :])
+  dq_ref, *dr_ref, scratch, barriers = refs  # dq [B, Sq, Hq, D], [dreads f32 [B, Hq, R, Sq_p]]
+  q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, ds_smem, qr_smem, kr_smem, dr_smem = (
+    scratch
+  )
   q_bar, do_bar, lse_bar, delta_bar, qr_bar, k_bar, v_bar, kr_bar, consumed = barriers
   bk, wg = cfg.block_kv, lax.axis_index("wg")
 
@@ -426,8 +562,8 @@ def _dq_kernel(cfg: _Config, num_items: int, *refs):
     plgpu.set_max_registers(232 if cfg.wgs == 2 else 240, action="increase")
     shape = (ROWS, bk)
 
-    def step(w, q0, q_routes, lse, delta, masked, t, carry):
-      g, dq = carry
+    def step(w, q0, q_routes, lse, delta, item_mods, masked, t, carry):
+      g, dq, d_reads = carry
       slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, 0, t]
       kv_routes = None
       if kr_ref is not None:
@@ -435,17 +571,21 @@ def _dq_kernel(cfg: _Config, num_items: int, *refs):
         kv_routes = plgpu.load(kr_smem.at[slot], layout=_COL)
       plgpu.barrier_wait(k_bar.at[slot])
       k_t = k_smem.at[slot].transpose((1, 0))
-      s = _scores(
-        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes
-      )
+      s, pull = _scores(
+        cfg, q_smem.at[wg], k_t, masked, tile, q0, tile // 2 * bk, shape, 0, q_routes, kv_routes,
+        item_mods, vjp=True,
+      )  # fmt: skip
       p = jnp.exp2(s - common.per_row(lse, shape))
       plgpu.barrier_wait(v_bar.at[slot])
       dp = _mma(cfg, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
       ds = p * (dp - common.per_row(delta, shape))
+      if pull is not None:  # the score_mod's vjp; its parameter reads' per-row shares
+        ds, d_tiles = pull(ds)
+        d_reads = tuple(acc + jnp.sum(d, axis=1) for acc, d in zip(d_reads, d_tiles, strict=True))
       ds = _operand(cfg, ds.astype(q_ref.dtype), ds_smem, wg)
       dq = _mma(cfg, ds, k_smem.at[slot], dq)
       plgpu.barrier_arrive(consumed.at[slot])
-      return g + 1, dq
+      return g + 1, dq, d_reads
 
     def item(w, g):
       b, h, i, count, full = (meta_ref[w, 0, c] for c in range(5))
@@ -459,11 +599,18 @@ def _dq_kernel(cfg: _Config, num_items: int, *refs):
         plgpu.barrier_wait(bar.at[wg])
       lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
       delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
-      step_ = functools.partial(step, w, q0, q_routes, lse, delta)
-      g, dq = _tile_loops(full, count, step_, (g, _zeros((ROWS, cfg.head_dim))))
+      item_mods = None if mods is None else mods.at(b, h)
+      step_ = functools.partial(step, w, q0, q_routes, lse, delta, item_mods)
+      d_reads = tuple(_zeros((ROWS,), _ROW) for _ in range(cfg.num_grad_reads))
+      init = (g, _zeros((ROWS, cfg.head_dim)), d_reads)
+      g, dq, d_reads = _tile_loops(full, count, step_, init)
       q_smem.at[wg][...] = (dq * cfg.scale).astype(q_smem.dtype)  # q is done: dq's staging
+      for r, d in enumerate(d_reads):
+        dr_smem.at[wg, r][...] = d
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+      if d_reads:
+        plgpu.copy_smem_to_gmem(dr_smem.at[wg], dr_ref[0].at[b, h, :, rows])
       plgpu.wait_smem_to_gmem(0)
       return g
 
@@ -474,7 +621,8 @@ def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
   nr = 2 if cfg.num_routes else 0
   meta_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:8]
   qr_ref, kr_ref = refs[8 : 8 + nr] if nr else (None, None)
-  dk_ref, dv_ref, scratch, barriers = refs[8 + nr :]  # [B, Sk, Hkv, D], [B, Sk, Hkv, Dv]
+  mods, refs = _Mods.take(cfg, refs[8 + nr :])
+  dk_ref, dv_ref, scratch, barriers = refs  # [B, Sk, Hkv, D], [B, Sk, Hkv, Dv]
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, p_smem, qr_smem, kr_smem = scratch
   k_bar, v_bar, kr_bar, q_bar, do_bar, lse_bar, delta_bar, qr_bar, consumed = barriers
   bq, wg = cfg.block_q, lax.axis_index("wg")
@@ -499,7 +647,7 @@ def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
   def _consumer():
     plgpu.set_max_registers(232 if cfg.wgs_kv == 2 else 240, action="increase")
 
-    def step(w, h, kv0, kv_routes, masked, t, carry):
+    def step(w, h, kv0, kv_routes, head_mods, masked, t, carry):
       g, dk, dv = carry
       slot, tile = lax.rem(g, cfg.num_stages), tiles_ref[w, h, t]
       q_routes = None
@@ -508,9 +656,10 @@ def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
         q_routes = [plgpu.load(qr_smem.at[slot, r], layout=_COL) for r in range(cfg.num_routes)]
       plgpu.barrier_wait(q_bar.at[slot])
       q_t = q_smem.at[slot].transpose((1, 0))
-      s = _scores(
-        cfg, k_smem.at[wg], q_t, masked, tile, tile // 2 * bq, kv0, shape, 1, q_routes, kv_routes
-      )
+      s, pull = _scores(
+        cfg, k_smem.at[wg], q_t, masked, tile, tile // 2 * bq, kv0, shape, 1, q_routes, kv_routes,
+        head_mods, vjp=True,
+      )  # fmt: skip
       plgpu.barrier_wait(lse_bar.at[slot])
       p = jnp.exp2(s - _cols(plgpu.load(lse_smem.at[slot], layout=_COL), shape))
       plgpu.barrier_wait(do_bar.at[slot])
@@ -518,6 +667,7 @@ def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
       dp = _mma(cfg, v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))
       plgpu.barrier_wait(delta_bar.at[slot])
       ds = p * (dp - _cols(plgpu.load(delta_smem.at[slot], layout=_COL), shape))
+      ds = ds if pull is None else pull(ds)[0]
       dk = _mma(cfg, _operand(cfg, ds.astype(q_ref.dtype), p_smem, wg), q_smem.at[slot], dk)
       plgpu.barrier_arrive(consumed.at[slot])
       return g + 1, dk, dv
@@ -537,7 +687,8 @@ def _dkdv_kernel(cfg: _Config, num_items: int, *refs):
       plgpu.barrier_wait(v_bar.at[wg])
 
       def head(h, carry):  # the GQA group's query heads, one after the other
-        step_ = functools.partial(step, w, h, kv0, kv_routes)
+        head_mods = None if mods is None else mods.at(meta_ref[w, h, 0], meta_ref[w, h, 1])
+        step_ = functools.partial(step, w, h, kv0, kv_routes, head_mods)
         return _tile_loops(meta_ref[w, h, 4], meta_ref[w, h, 3], step_, carry)
 
       init = (g, _zeros((ROWS, cfg.head_dim)), _zeros((ROWS, cfg.v_head_dim)))
@@ -599,7 +750,42 @@ def _pad8(x: jax.Array) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8), (0, 0), (0, 0)))
 
 
-def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
+def _mod_inputs(cfg: _Config, score_params, mod_args) -> list[jax.Array]:
+  """The kernels' inputs after the routes: offsets int32 [2], the score_mod's and the
+  mask_mod's parameter leaves (GMEM; read as scalars)."""
+  if not cfg.num_mod_inputs:
+    return []
+  offsets, mask_params = mod_args
+  return [offsets, *jax.tree.leaves(score_params), *jax.tree.leaves(mask_params)]
+
+
+def _param_grads(cfg: _Config, params, offsets, d_reads: jax.Array):
+  """The score_mod parameters' gradients from the dq kernel's per-read sums d_reads f32
+  [B, Hq, R]: the reads' indices (functions of b, h and constants, as `_check_mods`
+  requires) are evaluated for every (b, h) at once, and the sums scattered there."""
+  batch, heads = d_reads.shape[:2]
+  b = offsets[0] + jnp.arange(batch, dtype=jnp.int32)[:, None]
+  h = offsets[1] + jnp.arange(heads, dtype=jnp.int32)[None, :]
+  leaves, tree = jax.tree.flatten(params)
+  reads: list = []
+  readers = tree.unflatten([common._Reader(x, n, reads) for n, x in enumerate(leaves)])
+  zero = jnp.zeros((), jnp.int32)
+  cfg.score_mod(jnp.zeros((batch, heads), jnp.float32), b, h, zero, zero, readers)
+  reads = [
+    (leaf, index) for leaf, index, value in reads if jnp.issubdtype(value.dtype, jnp.floating)
+  ]
+  grads = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
+  for r, (leaf, index) in enumerate(reads):
+    parts = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(x, jax.Array) and x.ndim for x in parts):
+      spread = lambda x: jnp.broadcast_to(x, (batch, heads)) if isinstance(x, jax.Array) else x
+      grads[leaf] = grads[leaf].at[tuple(spread(x) for x in parts)].add(d_reads[..., r])
+    else:
+      grads[leaf] = grads[leaf].at[index].add(jnp.sum(d_reads[..., r]))
+  return common.float_cotangents(params, tree.unflatten(grads))
+
+
+def _forward(cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_args):
   del q_view  # the transposed view serves the backward pass only
   q, k, v = _pad8(q), _pad8(k), _pad8(v)
   b, _, hq, _ = q.shape
@@ -623,11 +809,14 @@ def _forward(cfg: _Config, q, k, v, kv_view, q_view, routes):
     jax.ShapeDtypeStruct((b, hq, cfg.padded[0]), jnp.float32),
   )
   call = _kernel(cfg, _forward_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_fwd")
-  out, lse = call(meta, tiles, q, k, v, *_route_arrays(cfg, routes, b))
+  mods = _mod_inputs(cfg, score_params, mod_args)
+  out, lse = call(meta, tiles, q, k, v, *_route_arrays(cfg, routes, b), *mods)
   return out[:, : cfg.q_len], lse[..., : cfg.q_len]
 
 
-def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d_lse):
+def _backward(
+  cfg: _Config, q, k, v, score_params, kv_view, q_view, routes, mod_args, out, lse, d_out, d_lse
+):
   b, _, hq, _ = q.shape
   wgs, wgs_kv, s, r, dt = cfg.wgs, cfg.wgs_kv, cfg.num_stages, cfg.num_routes, q.dtype
   bq, bk, d, dv = cfg.block_q, cfg.block_kv, cfg.head_dim, cfg.v_head_dim
@@ -639,7 +828,8 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   delta = pad(delta - d_lse, 0.0)
   route_args = _route_arrays(cfg, routes, b)
   q, k, v, d_out = _pad8(q), _pad8(k), _pad8(v), _pad8(d_out)
-  inputs = (q, k, v, d_out, lse2, delta, *route_args)
+  inputs = (q, k, v, d_out, lse2, delta, *route_args, *_mod_inputs(cfg, score_params, mod_args))
+  reads = cfg.num_grad_reads
 
   meta, tiles = _work_list(cfg, *kv_view, b, hq, 1, along_q=False)
   smem = (
@@ -652,13 +842,20 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
     _smem((wgs, ROWS, bk), dt) if cfg.interpret else None,  # dS, staged (interpret)
     plgpu.SMEM((wgs, r, ROWS), jnp.int32) if r else None,
     plgpu.SMEM((s, bk), jnp.int32) if r else None,
+    plgpu.SMEM((wgs, reads, ROWS), jnp.float32) if reads else None,  # score_mod reads' d
   )
   rw, rs = (wgs, s) if r else (None, None)
   bars = _barriers(wgs, wgs, wgs, wgs, rw, s, s, rs, consumers=wgs, stages=s)
-  out_type = jax.ShapeDtypeStruct(q.shape, dt)
-  dq = _kernel(cfg, _dq_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_dq")(
+  out_type = [jax.ShapeDtypeStruct(q.shape, dt)]
+  if reads:  # per-query sums of each parameter read's cotangent
+    out_type.append(jax.ShapeDtypeStruct((b, hq, reads, sq), jnp.float32))
+  dq, *d_reads = _kernel(cfg, _dq_kernel, out_type, [smem, bars], meta.shape[0], wgs, "bs_dq")(
     meta, tiles, *inputs
   )
+  d_params = None
+  if cfg.score_tree is not None:
+    d_reads = jnp.zeros((b, hq, 0)) if not reads else jnp.sum(d_reads[0][..., : cfg.q_len], -1)
+    d_params = _param_grads(cfg, score_params, mod_args[0], d_reads)
 
   meta, tiles = _work_list(cfg, *q_view, b, hq, cfg.group, along_q=True)
   smem = (
@@ -681,7 +878,7 @@ def _backward(cfg: _Config, q, k, v, kv_view, q_view, routes, out, lse, d_out, d
   dk, dv_ = _kernel(cfg, _dkdv_kernel, out_type, [smem, bars], meta.shape[0], wgs_kv, "bs_dkdv")(
     meta, tiles, *inputs
   )
-  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv_[:, : cfg.kv_len]
+  return dq[:, : cfg.q_len], dk[:, : cfg.kv_len], dv_[:, : cfg.kv_len], d_params
 
 
 _attention = common.attention_with_vjp(_forward, _backward)
@@ -712,14 +909,24 @@ def block_sparse_attention_mosaic_gpu(
     interpret: run the kernels in Mosaic GPU's interpreter (on CPU) instead of
       compiling them for the GPU.
     routes: optional per-token routes (`common.TokenRoutes`).
+    score_mod: optional `common.ScoreMod` on the scaled f32 scores of every tile (b,
+      h global), its derivative in the backward kernels. Its parameters are GMEM
+      refs read as scalars at indices of b, h and constants (`slopes[h]`); the dq
+      kernel writes each floating read's per-query cotangent sums, which XLA
+      scatters into the parameters' gradients (no atomics).
+    score_mod_params: the score_mod's parameters (a pytree of arrays).
+    batch_offset, head_offset: the global index of q's first batch row and head.
     num_stages: depth of the SMEM ring (default: 3 where it fits, else 2).
     num_ctas: width of the persistent grid (default: the H100/H200 SM count).
+
+  Mods take elementwise math Mosaic GPU lowers and scalar parameter reads; mask_mods
+  likewise (`prefix[b]`); gathers (T5 bias tables, document segment ids) are refused.
 
   Raises:
     common.Unsupported: a call this kernel does not take (see `check_supported`).
   """
-  check_supported(q, k, v, mask, routes, score_mod=score_mod)
-  del score_mod_params, batch_offset, head_offset  # refused above until supported
+  check_supported(q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params)
+  trace = _check_mods(mask, score_mod, score_mod_params)
   d, dv = q.shape[-1], v.shape[-1]
   if num_stages is None:
     fits = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 3) <= SMEM_BYTES
@@ -735,8 +942,30 @@ def block_sparse_attention_mosaic_gpu(
     interpret=bool(interpret),
     num_stages=num_stages,
     num_ctas=num_ctas,
+    **_mod_fields(mask, score_mod, score_mod_params, trace),
   )
   as_int = lambda x: x.astype(jnp.int32)
   kv_view = (mask.kv_count, mask.kv_index, as_int(mask.kv_partial))
   q_view = (mask.q_count, mask.q_index, as_int(mask.q_partial))
-  return _attention(cfg, q, k, v, kv_view, q_view, routes)
+  offsets = jnp.stack([jnp.asarray(batch_offset), jnp.asarray(head_offset)]).astype(jnp.int32)
+  mod_args = (offsets, tuple(mask.mask_params) if cfg.mask_tree is not None else ())
+  score_params = score_mod_params if cfg.score_tree is not None else None
+  return _attention(cfg, q, k, v, score_params, kv_view, q_view, routes, mod_args)
+
+
+def _mod_fields(mask, score_mod, score_mod_params, trace) -> dict[str, Any]:
+  """The `_Config` fields of a call's score_mod and mask_mod."""
+  has_params = score_mod is not None and score_mod.has_params
+  leaves = jax.tree.leaves(score_mod_params) if has_params else []
+  floating = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
+  reads = () if trace is None else trace.reads
+  return dict(
+    score_mod=score_mod,
+    score_tree=jax.tree.structure(score_mod_params) if has_params else None,
+    grad_reads=tuple(bool(floating[r.leaf]) for r in reads if r.fn == "score_mod"),
+    mask_tree=(
+      jax.tree.structure(tuple(mask.mask_params))
+      if getattr(mask.mask_fn, "per_batch_head", False)
+      else None
+    ),
+  )
