@@ -23,17 +23,14 @@ _KERNELS = {
   "pallas_triton": (gpu.check_supported, gpu.block_sparse_attention_triton),
   "pallas_tpu": (tpu.check_supported, tpu.block_sparse_attention_tpu),
 }
-# Kernels whose check reads the score_mod's parameters (what the mod does with them
-# decides whether the kernel can lower it).
-_CHECKS_PARAMS = ("pallas_tpu",)
 
 
 def check_kernel(
   kernel: str, q, k, v, mask, routes=None, score_mod=None, score_mod_params=None
 ) -> None:
-  """Raises `Unsupported` if the Pallas kernel `kernel` cannot take this call."""
-  extra = {"score_mod_params": score_mod_params} if kernel in _CHECKS_PARAMS else {}
-  _KERNELS[kernel][0](q, k, v, mask, routes, score_mod=score_mod, **extra)
+  """Raises `Unsupported` if the Pallas kernel `kernel` cannot take this call (what a
+  score_mod does with its parameters decides whether a kernel can lower it)."""
+  _KERNELS[kernel][0](q, k, v, mask, routes, score_mod=score_mod, score_mod_params=score_mod_params)
 
 
 def _resolve(

@@ -32,14 +32,18 @@ import jax.numpy as jnp
 
 from sparse_attention.ops import checks, element_masks
 from sparse_attention.ops.block_mask import BlockMask, num_blocks
-from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.block_sparse import _resolve, block_sparse_attention
+from sparse_attention.ops.reference import reference_attention
+from sparse_attention.pallas_kernels.block_sparse.common import online_softmax_update
 
+# The xla path's keys per loop step (CPU: big enough that the matmuls dominate).
+_XLA_CHUNK = 1024
 # Aim for about this many programs (batch x heads x splits) per kernel launch: two
 # waves of an H100/H200 (132 SMs).
 _TARGET_PROGRAMS = 264
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _visible(rows: int, window: int | None):
   """The element predicate of a split decode mask (cached: one static identity per
   (rows, window)). Query row q of the repeated queries is new token q % rows."""
@@ -62,20 +66,23 @@ def decode_mask(
   *,
   num_splits: int = 1,
   window: int | None = None,
+  block_q: int | None = None,
   block_kv: int = 128,
 ) -> BlockMask:
   """The BlockMask of `decode_attention`: queries repeated `num_splits` times.
 
-  Query row `s * q_len + i` is new token i (position `lengths[b] + i`) in split s;
+  Query row `s * block_q + i` is new token i (position `lengths[b] + i`) in split s;
   split s lists the s-th of `num_splits` contiguous shares of the kv tiles that row
-  b's new tokens see. Built arithmetically on device (no sort, no host callback), so
-  it costs O(batch * kv tiles) per step.
+  b's new tokens see. Rows `q_len .. block_q - 1` of a split pad it to a block size a
+  kernel takes (their outputs are discarded). Built arithmetically on device (no sort,
+  no host callback): O(batch * kv tiles) per step.
 
   Returns:
-    A BlockMask for q_len `num_splits * q_len` (block_q = q_len) and kv_len
+    A BlockMask for q_len `num_splits * block_q` (block_q default q_len) and kv_len
     `capacity`, batch dim `batch`, head dim 1.
   """
   n, splits, bk = q_len, num_splits, block_kv
+  rows = block_q or n
   kb = num_blocks(capacity, bk)
   first = lengths.astype(jnp.int32)  # [B] position of new token 0
   last = first + n - 1
@@ -111,21 +118,18 @@ def decode_mask(
     q_count=kept.astype(jnp.int32)[:, None],
     q_index=owner[:, None, :, None],
     q_partial=partial(jnp.broadcast_to(j, kept.shape))[:, None, :, None],
-    block_q=n,
+    block_q=rows,
     block_kv=bk,
-    q_len=splits * n,
+    q_len=splits * rows,
     kv_len=capacity,
-    mask_fn=element_masks.MaskMod(_visible(n, window), has_params=True),
+    mask_fn=element_masks.MaskMod(_visible(rows, window), has_params=True),
     mask_params=(first,),
   )
 
 
-def default_num_splits(batch: int, q_heads: int, capacity: int, block_kv: int, impl: str) -> int:
+def default_num_splits(batch: int, q_heads: int, capacity: int, block_kv: int) -> int:
   """Kernel policy of flash-decoding: enough splits that batch x heads x splits fills
-  about two waves of a GPU, never more than the cache has tiles; 1 for "xla" and
-  "reference" (the xla engine already walks all kept tiles in parallel chunks)."""
-  if impl in ("xla", "reference"):
-    return 1
+  about two waves of a GPU, never more than the cache has tiles."""
   wanted = -(-_TARGET_PROGRAMS // (batch * q_heads))
   return int(max(1, min(wanted, num_blocks(capacity, block_kv))))
 
@@ -145,6 +149,62 @@ def _merge(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   merged = jnp.where(denom > 0, merged / jnp.where(denom > 0, denom, 1.0), 0.0)
   lse_total = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top[:, 0], -jnp.inf)
   return merged, lse_total
+
+
+def _decode_xla(
+  q: jax.Array,  # [B, n, Hq, D]
+  k: jax.Array,  # [B, C, Hkv, D]
+  v: jax.Array,  # [B, C, Hkv, Dv]
+  lengths: jax.Array,  # int32[B]
+  window: int | None,
+  scale: float,
+  chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+  """The xla path: the cache in chunks of `chunk` keys, each chunk no row needs
+  skipped by `lax.cond` (so work follows the fill), the GQA group's queries stacked
+  against one k/v chunk, merged by `common.online_softmax_update` (vmapped over batch
+  and kv heads). A static trip count keeps it reverse-differentiable.
+
+  Returns (out [B, n, Hq, Dv] in q's dtype, lse float32 [B, Hq, n])."""
+  b, n, hq, d = q.shape
+  capacity, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  g = hq // hkv
+  rows = g * n  # query rows of a kv head: (group member, new token)
+  qg = q.reshape(b, n, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
+  qg = qg.astype(jnp.float32) * scale
+  position = lengths[:, None] + jnp.tile(jnp.arange(n, dtype=jnp.int32), g)  # [B, rows]
+  first_key = 0 if window is None else jnp.maximum(jnp.min(lengths) - window, 0)
+  last_key = jnp.max(lengths) + n - 1
+  dot = lambda a, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
+  update = jax.vmap(jax.vmap(functools.partial(online_softmax_update, dot=dot)))
+
+  def attend(start, carry):
+    at = jnp.minimum(start, capacity - chunk)  # a clamped last slice re-reads older keys
+    kc = jax.lax.dynamic_slice_in_dim(k, at, chunk, axis=1)  # [B, chunk, Hkv, D]
+    vc = jax.lax.dynamic_slice_in_dim(v, at, chunk, axis=1)
+    s = jnp.einsum("bhrd,bkhd->bhrk", qg, kc.astype(jnp.float32))  # [B, Hkv, rows, chunk]
+    j = (at + jnp.arange(chunk, dtype=jnp.int32))[None, None, :]  # [1, 1, chunk]
+    seen = (j >= start) & (j <= position[..., None])  # [B, rows, chunk]
+    if window is not None:
+      seen &= j >= position[..., None] - window
+    s = jnp.where(seen[:, None], s, -jnp.inf)
+    return update(s, *carry, jnp.swapaxes(vc, 1, 2).astype(jnp.float32))
+
+  def step(c, carry):  # chunk c: keys c * chunk .. c * chunk + chunk - 1
+    start = c * chunk
+    needed = (start <= last_key) & (start + chunk > first_key)
+    return jax.lax.cond(needed, functools.partial(attend, start), lambda carry: carry, carry)
+
+  init = (
+    jnp.full((b, hkv, rows), -jnp.inf, jnp.float32),
+    jnp.zeros((b, hkv, rows), jnp.float32),
+    jnp.zeros((b, hkv, rows, dv), jnp.float32),
+  )
+  m, l, acc = jax.lax.fori_loop(0, -(-capacity // chunk), step, init)
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  out = out.reshape(b, hkv, g, n, dv).transpose(0, 3, 1, 2, 4).reshape(b, n, hq, dv)
+  return out.astype(q.dtype), lse.reshape(b, hq, n)
 
 
 def _check_lengths(lengths: Any, batch: int, n: int, capacity: int, op: str) -> jax.Array:
@@ -190,9 +250,10 @@ def decode_attention(
       never recompiles). Needs `lengths + n <= capacity`.
     window: sliding-window attention: keys back to position - window.
     scale: softmax scale, default head_dim ** -0.5.
-    num_splits: how many shares the kv range is split into (flash-decoding);
-      default `default_num_splits` (1 on the xla path).
-    block_kv: kv tile size.
+    num_splits: kernels: how many shares the kv range is split into (flash-decoding);
+      default `default_num_splits`. The xla path walks the cache in chunks of
+      max(block_kv, 1024) keys, skipping the chunks no row needs.
+    block_kv: kv tile size of the kernels' mask.
     implementation, interpret: as `block_sparse_attention`.
     return_lse: also return the logsumexp, float32 [batch, q_heads, n].
 
@@ -205,29 +266,77 @@ def decode_attention(
   if n > capacity:
     raise ValueError(f"{op}: {n} new tokens do not fit a cache of capacity {capacity}.")
   lengths = _check_lengths(lengths, b, n, capacity, op)
+  scale = checks.check_scale(scale, shape, op)
   if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
     raise ValueError(f"{op}: window must be None or an int >= 0, got {window!r}.")
   if isinstance(block_kv, bool) or not isinstance(block_kv, int) or block_kv < 1:
     raise ValueError(f"{op}: block_kv must be an int >= 1, got {block_kv!r}.")
-  if num_splits is None:
-    impl = implementation or ("xla" if jax.default_backend() == "cpu" and not interpret else "")
-    num_splits = default_num_splits(b, hq, capacity, block_kv, impl)
-  if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-    raise ValueError(f"{op}: num_splits must be an int >= 1, got {num_splits!r}.")
+  if num_splits is not None and (
+    isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+  ):
+    raise ValueError(f"{op}: num_splits must be None or an int >= 1, got {num_splits!r}.")
+  if implementation == "reference":
+    visible = _visible(n, window)
+    j = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
+    i = jnp.arange(n, dtype=jnp.int32)[None, None, :, None]
+    dense = visible(jnp.arange(b)[:, None, None, None], 0, i, j, lengths)  # [B, 1, n, C]
+    out, lse = reference_attention(q, k_cache, v_cache, mask=dense, scale=scale, return_lse=True)
+    return _finish(out, lse, return_lse)
+  impl, rows = "xla", n
+  if implementation != "xla" and (implementation is not None or interpret or not _on_cpu()):
+    impl, rows = _pick_kernel(implementation, interpret, q, k_cache, v_cache, lengths, window,
+                              block_kv, op)  # fmt: skip
+  if impl == "xla":
+    chunk = min(capacity, max(block_kv, _XLA_CHUNK))
+    return _finish(*_decode_xla(q, k_cache, v_cache, lengths, window, scale, chunk), return_lse)
+  splits = num_splits or default_num_splits(b, hq, capacity, block_kv)
   mask = decode_mask(
-    lengths, n, capacity, num_splits=num_splits, window=window, block_kv=block_kv
+    lengths, n, capacity, num_splits=splits, window=window, block_q=rows, block_kv=block_kv
   )
-  repeated = jnp.tile(q, (1, num_splits, 1, 1))  # [B, S * n, Hq, D], split-major
+  padded = jnp.pad(q, ((0, 0), (0, rows - n), (0, 0), (0, 0)))
   out, lse = block_sparse_attention(
-    repeated, k_cache, v_cache, mask, scale=scale, implementation=implementation,
-    interpret=interpret, return_lse=True,
-  )  # fmt: skip
-  if num_splits == 1:
-    return (out, lse) if return_lse else out
-  out = out.reshape(b, num_splits, n, hq, out.shape[-1])
-  merged, lse = _merge(out, lse.reshape(b, hq, num_splits, n))
-  merged = merged.astype(q.dtype)
-  return (merged, lse) if return_lse else merged
+    jnp.tile(padded, (1, splits, 1, 1)),
+    k_cache,
+    v_cache,
+    mask,
+    scale=scale,
+    implementation=impl,
+    interpret=interpret,
+    return_lse=True,
+  )  # fmt: skip  [B, S * rows, Hq, Dv], [B, Hq, S * rows]
+  out = out.reshape(b, splits, rows, hq, -1)[:, :, :n]
+  lse = lse.reshape(b, hq, splits, rows)[..., :n]
+  return _finish(*_merge(out, lse), return_lse, dtype=q.dtype)
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _finish(out, lse, return_lse: bool, dtype=None):
+  out = out if dtype is None else out.astype(dtype)
+  return (out, lse) if return_lse else out
+
+
+def _pick_kernel(implementation, interpret, q, k, v, lengths, window, block_kv, op):
+  """(implementation, rows per split): the first split height a kernel takes (the new
+  tokens padded to 8, 16, 64 or 128 rows, the kernels' block sizes), else "xla"."""
+  n, capacity = q.shape[1], k.shape[1]
+  heights = sorted({n, -(-n // 8) * 8, max(16, 1 << (n - 1).bit_length()), max(n, 64), max(n, 128)})
+  for i, rows in enumerate(heights):
+    mask = decode_mask(  # two splits: the kernels see a sequence of several q blocks
+      lengths, n, capacity, num_splits=2, window=window, block_q=rows, block_kv=block_kv
+    )
+    padded = jnp.zeros((q.shape[0], 2 * rows) + q.shape[2:], q.dtype)
+    try:
+      impl = _resolve(implementation, interpret, padded, k, v, mask, op)
+    except ValueError:  # an explicitly named kernel refused this height
+      if i == len(heights) - 1:
+        raise
+      continue
+    if impl != "xla":
+      return impl, rows
+  return "xla", n
 
 
 __all__ = ["decode_attention", "decode_mask", "default_num_splits"]

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attention.ops import decode_attention, reference_attention
-from sparse_attention.ops.decoding import decode_mask, default_num_splits
+from sparse_attention.ops import block_sparse_attention, decode_attention, reference_attention
+from sparse_attention.ops.decoding import _merge, decode_mask, default_num_splits
 
 
 def _inputs(batch=3, n=4, heads=4, kv_heads=2, dim=16, capacity=300, dtype=jnp.float32, seed=0):
@@ -33,38 +33,53 @@ def _expected(q, k, v, lengths, window):
   return reference_attention(q, k, v, mask=jnp.asarray(mask), return_lse=True)
 
 
-@pytest.mark.parametrize(
-  "window, n, implementation, all_splits",
-  [(None, 1, "xla", (1, 7)), (50, 4, "xla", (2,)), (None, 4, "reference", (3,))],
-)
-def test_equals_masked_attention_for_every_split(window, n, implementation, all_splits):
-  q, k, v = _inputs(n=n)
+@pytest.mark.parametrize("window, n", [(None, 1), (50, 4)])
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_equals_masked_attention(window, n, implementation):
+  q, k, v = _inputs(n=n, capacity=1100)  # the xla path's chunks: 1024 + a clamped one
   capacity = k.shape[1]
-  lengths = jnp.array([0, 130, capacity - n])  # empty cache, mid-tile, full cache
+  lengths = jnp.array([0, 1030, capacity - n])  # empty cache, second chunk, full cache
   want, want_lse = _expected(q, k, v, lengths, window)
-  for splits in all_splits:
-    out, lse = decode_attention(
-      q, k, v, lengths, window=window, num_splits=splits, block_kv=32,
-      implementation=implementation, return_lse=True,
-    )  # fmt: skip
-    np.testing.assert_allclose(out, want, atol=2e-6, rtol=2e-6, err_msg=f"splits {splits}")
-    np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=2e-6, err_msg=f"splits {splits}")
+  out, lse = decode_attention(
+    q, k, v, lengths, window=window, implementation=implementation, return_lse=True
+  )
+  np.testing.assert_allclose(out, want, atol=2e-6, rtol=2e-6)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("window, splits", [(None, 1), (None, 7), (50, 3)])
+def test_split_kv_ranges_merged_by_lse(window, splits):
+  """What the kernels run: the queries repeated per split against the split mask
+  (here through the xla engine of block_sparse_attention), merged by lse."""
+  q, k, v = _inputs(n=4)
+  b, n, hq, _ = q.shape
+  capacity = k.shape[1]
+  lengths = jnp.array([0, 130, capacity - n])
+  want, want_lse = _expected(q, k, v, lengths, window)
+  mask = decode_mask(lengths, n, capacity, num_splits=splits, window=window, block_kv=32)
+  repeated = jnp.tile(q, (1, splits, 1, 1))
+  out, lse = block_sparse_attention(repeated, k, v, mask, implementation="xla", return_lse=True)
+  out, lse = _merge(out.reshape(b, splits, n, hq, -1), lse.reshape(b, hq, splits, n))
+  np.testing.assert_allclose(out, want, atol=2e-6, rtol=2e-6)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=2e-6)
 
 
 def test_bfloat16_and_gradients_through_the_merge():
   q, k, v = _inputs(n=2, dtype=jnp.bfloat16)
   lengths = jnp.array([5, 64, 200])
   want, _ = _expected(q, k, v, lengths, None)
-  out = decode_attention(q, k, v, lengths, num_splits=3, block_kv=32, implementation="xla")
+  out = decode_attention(q, k, v, lengths, implementation="xla")
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), atol=2e-2)
 
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   mask = jnp.asarray(_visible(lengths, 2, k.shape[1], None))[:, None]
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-  ours = loss(lambda q, k, v: decode_attention(q, k, v, lengths, num_splits=3, block_kv=32))
+  ours = loss(lambda q, k, v: decode_attention(q, k, v, lengths))
   theirs = loss(lambda q, k, v: reference_attention(q, k, v, mask=mask))
-  for g, h in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
+  for g, h in zip(
+    jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v), strict=True
+  ):
     np.testing.assert_allclose(g, h, atol=2e-5, rtol=2e-5)
 
 
@@ -100,7 +115,7 @@ def test_new_fill_levels_never_retrace():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(q, k, v, lengths):
-    return decode_attention(q, k, v, lengths, num_splits=2, block_kv=32)
+    return decode_attention(q, k, v, lengths)
 
   for lengths in ([0, 1, 2], [100, 7, 299], [64, 64, 64]):
     lengths = jnp.array(lengths)
@@ -108,11 +123,10 @@ def test_new_fill_levels_never_retrace():
     np.testing.assert_allclose(step(q, k, v, lengths), want, atol=2e-6, rtol=2e-6)
 
 
-def test_default_splits_fill_a_gpu_and_stay_one_on_xla():
-  assert default_num_splits(1, 8, 131072, 128, "xla") == 1
-  assert default_num_splits(1, 8, 131072, 128, "pallas_triton") == 33  # 8 * 33 >= 264
-  assert default_num_splits(64, 32, 131072, 128, "pallas_triton") == 1
-  assert default_num_splits(1, 1, 256, 128, "pallas_triton") == 2  # no more than tiles
+def test_default_splits_fill_a_gpu():
+  assert default_num_splits(1, 8, 131072, 128) == 33  # 8 * 33 >= 264 programs
+  assert default_num_splits(64, 32, 131072, 128) == 1
+  assert default_num_splits(1, 1, 256, 128) == 2  # no more than the tiles
 
 
 @pytest.mark.parametrize(
@@ -123,7 +137,7 @@ def test_default_splits_fill_a_gpu_and_stay_one_on_xla():
     (dict(lengths=jnp.array([0, 1, 297])), r"lengths must lie in \[0, 296\]"),
     (dict(lengths=jnp.array([-1, 1, 2])), r"lengths must lie in"),
     (dict(window=-1), "window must be None or an int >= 0"),
-    (dict(num_splits=0), "num_splits must be an int >= 1"),
+    (dict(num_splits=0), "num_splits must be None or an int >= 1"),
     (dict(block_kv=0), "block_kv must be an int >= 1"),
   ],
 )
@@ -134,3 +148,29 @@ def test_bad_arguments_are_named(change, match):
   lengths = args.pop("lengths")
   with pytest.raises(ValueError, match=match):
     decode_attention(q, k, v, lengths, **args)
+
+
+@pytest.mark.parametrize(
+  "implementation, dtype, n, window, block_kv",
+  [
+    ("pallas_triton", jnp.float32, 1, None, 32),  # 1 token padded to a 16-row split
+    ("pallas_triton", jnp.float32, 4, 50, 32),
+    ("pallas_mosaic_gpu", jnp.bfloat16, 3, None, 64),  # padded to 64 rows
+    ("pallas_tpu", jnp.float32, 2, None, 128),  # padded to 8 rows
+  ],
+)
+def test_kernels_split_the_cache_and_merge(implementation, dtype, n, window, block_kv):
+  """The interpreted kernels (Triton, Mosaic GPU, TPU simulator) run the split mask,
+  its mask_mod reading the fill levels; default splits (2 waves) and 3 explicit."""
+  q, k, v = _inputs(batch=2, n=n, dim=64 if "mosaic" in implementation else 32, capacity=256,
+                    dtype=dtype)  # fmt: skip
+  lengths = jnp.array([3, 256 - n])
+  want, want_lse = _expected(*(x.astype(jnp.float32) for x in (q, k, v)), lengths, window)
+  tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+  for splits in (None, 3):
+    out, lse = decode_attention(
+      q, k, v, lengths, window=window, num_splits=splits, block_kv=block_kv,
+      implementation=implementation, interpret=True, return_lse=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(out.astype(np.float32), want, atol=tol, rtol=tol)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
