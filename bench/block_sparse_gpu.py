@@ -15,7 +15,11 @@ Made for ONE call on the lent GPU (the `device` tool; fits 8 minutes on an H200)
    dense or causal) and JAX's Pallas GPU `mha`; ratios are against that cuDNN.
    torch flex_attention is NOT run: its H200 numbers are quoted from
    shared/ANCHORS.md (2026-11-26) and marked as such.
-3. A table printed and written under --out_dir as block_sparse_gpu_<card>_<date>.md.
+3. Decoding: one new token per sequence (batch 8, 32 query / 8 kv heads) against a
+   bf16 KV cache of 4k / 32k / 128k filled to the end, `decode_attention` (the kernels
+   with the kv range split across programs, merged by lse) vs cuDNN over the cache
+   with `key_value_seq_lengths`; tokens/s.
+4. A table printed and written under --out_dir as block_sparse_gpu_<card>_<date>.md.
 
 Effective TF/s counts 4*B*H*Sq*Sk*D x tile density (x0.5 for causal), x3.5 for
 forward+backward, as shared/ANCHORS.md does. Every measurement runs in its own
@@ -33,7 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sparse_attention.ops import block_sparse_attention, masks, reference_attention
+from sparse_attention.ops import (
+  block_sparse_attention,
+  decode_attention,
+  masks,
+  reference_attention,
+)
 
 # (seq, heads): densities of the forward cases ("causal" for the causal mask).
 _CASES = {
@@ -63,7 +72,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (medi
 _BUDGET = flags.DEFINE_float("budget_s", 480.0, "Stop starting new cases after this.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where to write the table (default bench/results).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Interpret the kernels (CPU dry run).")
-_SKIP = flags.DEFINE_list("skip", [], "Parts to skip: cudnn, mha, check, backward.")
+_SKIP = flags.DEFINE_list("skip", [], "Parts to skip: cudnn, mha, check, backward, decode.")
 _CHECK_LEN = flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness check.")
 
 
@@ -262,6 +271,37 @@ def _pallas_mha(causal: bool, head_dim: int):
   )
 
 
+_DECODE_CACHES = (4096, 32768, 131072)
+
+
+def decode_rows(batch: int = 8, heads: int = 32, kv_heads: int = 8) -> list[list[str]]:
+  """Decode tokens/s: decode_attention (kernels, split kv) vs cuDNN over the cache."""
+  rows = []
+  d = _HEAD_DIM.value
+  for capacity in _DECODE_CACHES:
+    keys = jax.random.split(jax.random.PRNGKey(capacity), 3)
+    q = jax.random.normal(keys[0], (batch, 1, heads, d), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, capacity, kv_heads, d), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, capacity, kv_heads, d), jnp.bfloat16)
+    lengths = jnp.full((batch,), capacity - 1, jnp.int32)
+    ours_fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n))
+    cudnn = jax.jit(
+      lambda q, k, v, n: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=n + 1, implementation="cudnn"
+      )
+    )
+    t_ours = benchutil.attempt(f"decode ours {capacity}", time_jax, ours_fn, q, k, v, lengths)
+    t_cudnn = None
+    if "cudnn" not in set(_SKIP.value):
+      t_cudnn = benchutil.attempt(f"decode cudnn {capacity}", time_jax, cudnn, q, k, v, lengths)
+    tok = lambda t: f"{batch / t:,.0f}" if t else "-"
+    ratio = f"{t_cudnn / t_ours:.2f}x" if t_ours and t_cudnn else "-"
+    ms = lambda t: f"{t * 1e3:.3f}" if t else "-"
+    rows.append([f"{capacity:,}", ms(t_ours), tok(t_ours), ms(t_cudnn), tok(t_cudnn), ratio])
+    print(rows[-1], flush=True)
+  return rows
+
+
 def main(argv):
   del argv
   print(benchutil.machine(), flush=True)
@@ -302,6 +342,19 @@ def main(argv):
     benchutil.format_table(header, rows),
     "",
   ] + [f"- {n}" for n in notes]
+  if "decode" not in set(_SKIP.value):
+    print("3. decoding")
+    decode_header = ["cache", "ours ms", "ours tok/s", "cuDNN ms", "cuDNN tok/s", "vs cuDNN"]
+    lines += [
+      "",
+      "## Decoding (1 new token, batch 8, 32 query / 8 kv heads, bf16 cache filled to the end)",
+      "",
+      "ours: `decode_attention` (implementation None: the platform's kernel, kv range split",
+      "across programs and merged by lse); cuDNN: `jax.nn.dot_product_attention(",
+      'implementation="cudnn", key_value_seq_lengths=fill)` over the cache.',
+      "",
+      benchutil.format_table(decode_header, benchutil.attempt("decode", decode_rows) or []),
+    ]
   text = "\n".join(lines) + "\n"
   print("\n" + text)
   benchutil.write_result("block_sparse_gpu", text, _OUT_DIR.value)
