@@ -25,6 +25,7 @@ only.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ from sparse_attention.ops import checks, element_masks
 from sparse_attention.ops.block_mask import BlockMask, num_blocks
 from sparse_attention.ops.block_sparse import _resolve, block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
-from sparse_attention.pallas_kernels.block_sparse.common import online_softmax_update
+from sparse_attention.pallas_kernels.block_sparse.common import ScoreMod, online_softmax_update
 
 # The xla path's keys per loop step (CPU: big enough that the matmuls dominate).
 _XLA_CHUNK = 1024
@@ -57,6 +58,18 @@ def _visible(rows: int, window: int | None):
     return seen
 
   return visible
+
+
+@functools.cache
+def _at_positions(mod: ScoreMod, rows: int) -> ScoreMod:
+  """The user's score_mod seen from the repeated query rows: row q of batch row b is
+  new token q % rows at position lengths[b] + q % rows (params: (user's, lengths))."""
+
+  def shifted(score, b, h, q_idx, kv_idx, params):
+    user, lengths = params
+    return mod(score, b, h, lengths[b] + q_idx % rows, kv_idx, user)
+
+  return ScoreMod(shifted, has_params=True)
 
 
 def decode_mask(
@@ -159,6 +172,8 @@ def _decode_xla(
   window: int | None,
   scale: float,
   chunk: int,
+  score_mod: ScoreMod | None = None,
+  score_mod_params: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The xla path: the cache in chunks of `chunk` keys, each chunk no row needs
   skipped by `lax.cond` (so work follows the fill), the GQA group's queries stacked
@@ -173,6 +188,8 @@ def _decode_xla(
   qg = q.reshape(b, n, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
   qg = qg.astype(jnp.float32) * scale
   position = lengths[:, None] + jnp.tile(jnp.arange(n, dtype=jnp.int32), g)  # [B, rows]
+  group = jnp.arange(rows, dtype=jnp.int32) // n
+  head = jnp.arange(hkv, dtype=jnp.int32)[:, None] * g + group  # [Hkv, rows] query head
   first_key = 0 if window is None else jnp.maximum(jnp.min(lengths) - window, 0)
   last_key = jnp.max(lengths) + n - 1
   dot = lambda a, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
@@ -184,6 +201,11 @@ def _decode_xla(
     vc = jax.lax.dynamic_slice_in_dim(v, at, chunk, axis=1)
     s = jnp.einsum("bhrd,bkhd->bhrk", qg, kc.astype(jnp.float32))  # [B, Hkv, rows, chunk]
     j = (at + jnp.arange(chunk, dtype=jnp.int32))[None, None, :]  # [1, 1, chunk]
+    if score_mod is not None:  # (b, query head, position, key) broadcasting against s
+      s = score_mod(
+        s, jnp.arange(b)[:, None, None, None], head[None, :, :, None],
+        position[:, None, :, None], j[..., None, :], score_mod_params,
+      ).astype(jnp.float32)  # fmt: skip
     seen = (j >= start) & (j <= position[..., None])  # [B, rows, chunk]
     if window is not None:
       seen &= j >= position[..., None] - window
@@ -234,6 +256,8 @@ def decode_attention(
   implementation: str | None = None,
   interpret: bool = False,
   return_lse: bool = False,
+  score_mod: Callable | None = None,
+  score_mod_params: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Causal attention of n new tokens to a left-aligned KV cache with per-row fill.
 
@@ -256,6 +280,9 @@ def decode_attention(
     block_kv: kv tile size of the kernels' mask.
     implementation, interpret: as `block_sparse_attention`.
     return_lse: also return the logsumexp, float32 [batch, q_heads, n].
+    score_mod, score_mod_params: as `block_sparse_attention`'s, with q_idx the new
+      tokens' positions `lengths[b] + i` and kv_idx the cache rows, so a mod gives the
+      same scores as in the full forward (ALiBi, relative biases, softcapping).
 
   Returns:
     [batch, n, q_heads, v_head_dim] in q's dtype (and the lse).
@@ -275,20 +302,31 @@ def decode_attention(
     isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
   ):
     raise ValueError(f"{op}: num_splits must be None or an int >= 1, got {num_splits!r}.")
+  mod = checks.check_score_mod(score_mod, score_mod_params, op)
+  shifted = lambda rows: None if mod is None else _at_positions(mod, rows)
+  mod_params = lambda: None if mod is None else (score_mod_params, lengths)
   if implementation == "reference":
     visible = _visible(n, window)
     j = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
     i = jnp.arange(n, dtype=jnp.int32)[None, None, :, None]
     dense = visible(jnp.arange(b)[:, None, None, None], 0, i, j, lengths)  # [B, 1, n, C]
-    out, lse = reference_attention(q, k_cache, v_cache, mask=dense, scale=scale, return_lse=True)
+    out, lse = reference_attention(
+      q, k_cache, v_cache, mask=dense, scale=scale, return_lse=True, score_mod=shifted(n),
+      score_mod_params=mod_params(),
+    )  # fmt: skip
     return _finish(out, lse, return_lse)
   impl, rows = "xla", n
   if implementation != "xla" and (implementation is not None or interpret or not _on_cpu()):
-    impl, rows = _pick_kernel(implementation, interpret, q, k_cache, v_cache, lengths, window,
-                              block_kv, op)  # fmt: skip
+    impl, rows = _pick_kernel(
+      implementation, interpret, q, k_cache, v_cache, lengths, window, block_kv, op,
+      shifted, mod_params(),
+    )  # fmt: skip
   if impl == "xla":
     chunk = min(capacity, max(block_kv, _XLA_CHUNK))
-    return _finish(*_decode_xla(q, k_cache, v_cache, lengths, window, scale, chunk), return_lse)
+    out, lse = _decode_xla(
+      q, k_cache, v_cache, lengths, window, scale, chunk, mod, score_mod_params
+    )
+    return _finish(out, lse, return_lse)
   splits = num_splits or default_num_splits(b, hq, capacity, block_kv)
   mask = decode_mask(
     lengths, n, capacity, num_splits=splits, window=window, block_q=rows, block_kv=block_kv
@@ -303,6 +341,8 @@ def decode_attention(
     implementation=impl,
     interpret=interpret,
     return_lse=True,
+    score_mod=shifted(rows),
+    score_mod_params=mod_params(),
   )  # fmt: skip  [B, S * rows, Hq, Dv], [B, Hq, S * rows]
   out = out.reshape(b, splits, rows, hq, -1)[:, :, :n]
   lse = lse.reshape(b, hq, splits, rows)[..., :n]
@@ -318,7 +358,9 @@ def _finish(out, lse, return_lse: bool, dtype=None):
   return (out, lse) if return_lse else out
 
 
-def _pick_kernel(implementation, interpret, q, k, v, lengths, window, block_kv, op):
+def _pick_kernel(
+  implementation, interpret, q, k, v, lengths, window, block_kv, op, shifted, mod_params
+):
   """(implementation, rows per split): the first split height a kernel takes (the new
   tokens padded to 8, 16, 64 or 128 rows, the kernels' block sizes), else "xla"."""
   n, capacity = q.shape[1], k.shape[1]
@@ -329,7 +371,9 @@ def _pick_kernel(implementation, interpret, q, k, v, lengths, window, block_kv, 
     )
     padded = jnp.zeros((q.shape[0], 2 * rows) + q.shape[2:], q.dtype)
     try:
-      impl = _resolve(implementation, interpret, padded, k, v, mask, op)
+      impl = _resolve(
+        implementation, interpret, padded, k, v, mask, op, None, shifted(rows), mod_params
+      )
     except ValueError:  # an explicitly named kernel refused this height
       if i == len(heights) - 1:
         raise

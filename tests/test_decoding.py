@@ -174,3 +174,41 @@ def test_kernels_split_the_cache_and_merge(implementation, dtype, n, window, blo
     )  # fmt: skip
     np.testing.assert_allclose(out.astype(np.float32), want, atol=tol, rtol=tol)
     np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
+
+
+def _alibi_softcap(score, b, h, q_idx, kv_idx, slopes):
+  del b
+  return 20.0 * jnp.tanh((score + slopes[h] * (kv_idx - q_idx)) / 20.0)
+
+
+def test_score_mod_sees_absolute_positions():
+  """ALiBi (learned slopes) + softcapping: q_idx is the new token's position in the
+  sequence, as in the full forward; NumPy float64 oracle; slopes get gradients."""
+  q, k, v = _inputs(n=3, capacity=200)
+  lengths = jnp.array([0, 77, 197])
+  slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  k64, v64 = np.repeat(k64, 2, axis=2), np.repeat(v64, 2, axis=2)  # GQA 4 / 2
+  s = np.einsum("bnhd,bchd->bhnc", q64, k64) / np.sqrt(q.shape[-1])
+  pos = np.asarray(lengths)[:, None] + np.arange(3)  # [B, n]
+  rel = np.arange(200)[None, None, None] - pos[:, None, :, None]  # [B, 1, n, C]
+  s = 20.0 * np.tanh((s + np.asarray(slopes)[None, :, None, None] * rel) / 20.0)
+  s = np.where(rel <= 0, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = np.einsum("bhnc,bchd->bnhd", p / p.sum(-1, keepdims=True), v64)
+  outs = {}
+  for impl in ("xla", "reference"):
+    f = lambda q, slopes, impl=impl: decode_attention(
+      q, k, v, lengths, implementation=impl, score_mod=_alibi_softcap, score_mod_params=slopes
+    )
+    outs[impl] = f(q, slopes)
+    np.testing.assert_allclose(outs[impl], want, atol=2e-5, rtol=2e-5, err_msg=impl)
+    outs[impl + " grad"] = jax.grad(lambda q, s, f=f: jnp.sum(jnp.sin(f(q, s))), (0, 1))(q, slopes)
+  for g, h in zip(outs["xla grad"], outs["reference grad"], strict=True):
+    np.testing.assert_allclose(g, h, atol=2e-5, rtol=2e-5)
+  assert float(jnp.abs(outs["xla grad"][1]).max()) > 0
+  out = decode_attention(
+    q, k, v, lengths, implementation="pallas_triton", interpret=True, block_kv=32,
+    num_splits=2, score_mod=_alibi_softcap, score_mod_params=slopes,
+  )  # fmt: skip
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg="triton")
