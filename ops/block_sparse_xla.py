@@ -251,7 +251,8 @@ def _forward(plan: _Plan, q, k, v, sm_params, mask: BlockMask, routes: common.To
     c = pairs.chunk(plan, step * plan.chunk)
     row = c.row
     s, _ = _scores(plan, c, q_rows[row], k_rows[c.kv_row], route_tiles, mask.mask_params, sm_params)
-    m_t, l_t, o_t = common.tile_softmax(s, v_rows[c.kv_row], functools.partial(_dot, "cqk,ckd->cqd"))
+    pv = functools.partial(_dot, "cqk,ckd->cqd")
+    m_t, l_t, o_t = common.tile_softmax(s, v_rows[c.kv_row], pv)
     # Merge the chunk into its rows: the new row max first, then every tile's share
     # under it; the first pair of a row in this chunk also rescales what the row had.
     m_old = m_acc[row]
