@@ -63,10 +63,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention.ops import checks, masks
-from sparse_attention.ops.block_mask import BlockMask
-from sparse_attention.ops.block_sparse import block_sparse_attention
-from sparse_attention.ops.rettention import calibrate_attention
+from sparse_attention.ops import (
+  BlockMask,
+  block_sparse_attention,
+  calibrate_attention,
+  check_values_in_range,
+  masks,
+)
 
 MODES = ("dense", "sparse", "calibrate", "rettention")
 _LN_EPS = 1e-6  # DiT's LayerNorm epsilon
@@ -515,12 +518,12 @@ class DiT(nnx.Module):
           f"DiT: {name} must be {kind} array [batch] = ({b},) (x's batch), got "
           f"{getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}."
         )
-    checks.check_values_in_range(t, "DiT: t", 0.0, 1.0, closed=True)
+    check_values_in_range(t, "DiT: t", 0.0, 1.0, closed=True)
     if c.class_dropout_prob > 0:  # label num_classes is the null class
       labels, note = c.num_classes + 1, f" (num_classes={c.num_classes} is the null class)"
     else:
       labels, note = c.num_classes, " (no null class: class_dropout_prob is 0)"
-    checks.check_values_in_range(y, "DiT: y", 0, labels, note=note)
+    check_values_in_range(y, "DiT: y", 0, labels, note=note)
 
   def patchify(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, N, p*p*C], tokens row-major, each patch (row, col, channel)."""

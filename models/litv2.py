@@ -53,7 +53,8 @@ from flax import nnx
 
 from sparse_attention.models import layers
 from sparse_attention.models.layers import TorchParam
-from sparse_attention.ops.hilo import IMPLEMENTATIONS, hilo_attention, padded_grid
+from sparse_attention.ops import HILO_IMPLEMENTATIONS as IMPLEMENTATIONS
+from sparse_attention.ops import hilo_attention, padded_grid
 
 _LN_EPS = 1e-5  # torch.nn.LayerNorm / BatchNorm2d default
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)  # LITv2's Linear init

@@ -82,22 +82,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention.ops import block_sparse, checks, masks, moba, nsa
-from sparse_attention.ops.block_sparse import block_sparse_attention
-from sparse_attention.ops.decoding import decode_attention
-from sparse_attention.ops.moba import moba_attention
-from sparse_attention.ops.nsa import compress_mean, nsa_attention, num_compressed_blocks
-from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
+from sparse_attention.ops import (
+  BLOCK_SPARSE_IMPLEMENTATIONS,
+  MOBA_IMPLEMENTATIONS,
+  NSA_IMPLEMENTATIONS,
+  TokenRoutes,
+  block_sparse_attention,
+  check_values_in_range,
+  compress_mean,
+  decode_attention,
+  masks,
+  moba_attention,
+  nsa_attention,
+  num_compressed_blocks,
+)
 
 ATTENTIONS = ("dense", "sliding", "moba", "nsa")
 NSA_COMPRESS = ("mlp", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
 # Implementations each attention kind's op accepts (None: the best available).
 _IMPLEMENTATIONS = {
-  "dense": block_sparse.IMPLEMENTATIONS,
-  "sliding": block_sparse.IMPLEMENTATIONS,
-  "moba": moba.IMPLEMENTATIONS,
-  "nsa": nsa.IMPLEMENTATIONS,
+  "dense": BLOCK_SPARSE_IMPLEMENTATIONS,
+  "sliding": BLOCK_SPARSE_IMPLEMENTATIONS,
+  "moba": MOBA_IMPLEMENTATIONS,
+  "nsa": NSA_IMPLEMENTATIONS,
 }
 
 
@@ -632,7 +640,7 @@ def _check_tokens(name: str, tokens: Any, max_len: int, vocab: int) -> None:
     raise ValueError(
       f"LM: {name} has length {tokens.shape[1]}; it must be in [1, max_len={max_len}]."
     )
-  checks.check_values_in_range(tokens, f"LM: {name}", 0, vocab, note=f" (vocab_size={vocab})")
+  check_values_in_range(tokens, f"LM: {name}", 0, vocab, note=f" (vocab_size={vocab})")
 
 
 class LM(nnx.Module):
@@ -686,7 +694,7 @@ class LM(nnx.Module):
           f"{getattr(segment_ids, 'dtype', type(segment_ids))} "
           f"{getattr(segment_ids, 'shape', None)}."
         )
-      checks.check_values_in_range(segment_ids, "LM: segment_ids", 0, np.inf)
+      check_values_in_range(segment_ids, "LM: segment_ids", 0, np.inf)
     positions = segment_positions(segment_ids, l)  # [B|1, L]
     x = self.embed(tokens)  # [B, L, dim]
     for block in self.blocks:

@@ -7,25 +7,47 @@ Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 
 from sparse_attention.ops import masks
 from sparse_attention.ops.block_mask import BlockMask
+from sparse_attention.ops.block_sparse import IMPLEMENTATIONS as BLOCK_SPARSE_IMPLEMENTATIONS
 from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.checks import check_values_in_range
 from sparse_attention.ops.decoding import decode_attention
-from sparse_attention.ops.hilo import hilo_attention
-from sparse_attention.ops.moba import moba_attention
-from sparse_attention.ops.nsa import nsa_attention
+from sparse_attention.ops.hilo import IMPLEMENTATIONS as HILO_IMPLEMENTATIONS
+from sparse_attention.ops.hilo import hilo_attention, padded_grid
+from sparse_attention.ops.moba import IMPLEMENTATIONS as MOBA_IMPLEMENTATIONS
+from sparse_attention.ops.moba import chunk_ids, moba_attention, moba_selection, num_chunks
+from sparse_attention.ops.nsa import IMPLEMENTATIONS as NSA_IMPLEMENTATIONS
+from sparse_attention.ops.nsa import (
+  compress_mean,
+  nsa_attention,
+  nsa_selection,
+  num_compressed_blocks,
+)
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 __all__ = [
+  "BLOCK_SPARSE_IMPLEMENTATIONS",
+  "HILO_IMPLEMENTATIONS",
+  "MOBA_IMPLEMENTATIONS",
+  "NSA_IMPLEMENTATIONS",
   "BlockMask",
   "Calibration",
   "TokenRoutes",
   "block_sparse_attention",
   "calibrate_attention",
+  "check_values_in_range",
+  "chunk_ids",
+  "compress_mean",
   "decode_attention",
   "hilo_attention",
   "masks",
   "moba_attention",
+  "moba_selection",
   "nsa_attention",
+  "nsa_selection",
+  "num_chunks",
+  "num_compressed_blocks",
+  "padded_grid",
   "reference_attention",
 ]

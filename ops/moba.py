@@ -41,15 +41,17 @@ ceil(Lk / C) without segments, Lk with them (a static bound: every key could
 be its own segment).
 
 Implementations: "reference" (the kept blocks expanded to a boolean
-`[B, Hq, Lq, Lk]` mask for `reference_attention`), "xla" (memory-efficient,
-exact, see `_moba_xla`) and the Pallas paths below; all take the selection from
-`moba_selection` (`_select`), so the semantics live in one place.
-`implementation=None` runs "xla" on CPU and the backend's kernel on GPU / TPU
-(falling back to "xla" for a call the kernel does not take).
+`[B, Hq, Lq, Lk]` mask for `reference_attention`), "xla" (the block-sparse XLA
+engine with the routed tiles below, like the kernels), "xla_chunked" (MoBA's own
+chunk-major schedule, `ops/_moba_chunked.py`: work proportional to the kept keys,
+4x faster than "xla" on CPU with random queries) and the Pallas paths below; all
+take the selection from `moba_selection` (`_select`), so the semantics live in
+one place. `implementation=None` runs the backend's kernel on GPU / TPU, else
+(CPU, or a call the kernel does not take) "xla_chunked".
 
-Pallas ("pallas": the backend's kernel; "pallas_triton", "pallas_tpu"; both run
-on CPU with interpret=True). MoBA runs on the routed block-sparse kernels
-(`ops.block_sparse_attention` with `TokenRoutes`), exactly:
+Routed ("xla", the XLA engine; "pallas": the backend's kernel; "pallas_triton",
+"pallas_tpu"; both run on CPU with interpret=True). MoBA runs on the routed
+block-sparse paths (`ops.block_sparse_attention` with `TokenRoutes`), exactly:
 
 * Routing stays in XLA: `_select` computes the gates, the top-k and the kept
   chunk ids, memory O(B * Hq * Lq * topk) (plus the gate matrix of
@@ -75,9 +77,9 @@ on CPU with interpret=True). MoBA runs on the routed block-sparse kernels
   neighbouring queries select: with chunk_size < block_kv a tile mixes selected
   and unselected chunks, and with random (untrained) queries the union of a q
   tile's selections approaches all past chunks (block-causal attention). The
-  "xla" path's work is exactly proportional to the kept keys instead; the
-  kernels win when neighbouring queries agree (trained models) and on the
-  FLOP rate of a fused kernel.
+  "xla_chunked" path's work is exactly proportional to the kept keys instead;
+  the routed paths win when neighbouring queries agree (trained models) and on
+  the FLOP rate of a fused kernel.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparse_attention.ops import checks, dispatch, element_masks
+from sparse_attention.ops._moba_chunked import moba_chunked
 from sparse_attention.ops.block_mask import BlockMask, classify_tiles, from_block_layout
 from sparse_attention.ops.block_sparse import block_sparse_attention
 from sparse_attention.ops.reference import reference_attention
@@ -105,7 +108,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # nb - 1 + _GATE_TILE - 1 gate keys (16: about 2x the strictly needed gate work,
 # negligible next to the attention).
 _GATE_TILE = 16
-# xla path: query rows per (kv block, rows) tile, and score elements per loop
+# xla_chunked: query rows per (kv chunk, rows) tile, and score elements per loop
 # step (2**20 f32 scores, 4 MiB: cache-sized temporaries on CPU).
 _TILE_ROWS = 128
 _STEP_SCORES = 1 << 20
@@ -315,276 +318,26 @@ def _moba_reference(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret)
   return reference_attention(q, k, v, mask=mask, scale=scale, return_lse=True)
 
 
-# ---------------------------------------------------------------------------
-# "xla": block-major tiles of (one kv chunk, the query rows that kept it).
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static facts of one xla call (hashable: the custom_vjp's static argument)."""
-
-  scale: float
-  chunk_size: int
-  topk: int
-  rows: int  # query rows per tile
-  tiles_per_step: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tile:
-  """`tiles_per_step` tiles of one loop step."""
-
-  row: jax.Array  # int32[S, R]: query row (b * Hq + h) * Lq + t
-  slot: jax.Array  # int32[S, R]: output slot (row * topk + s), n3 for padding
-  kv: jax.Array  # int32[S]: kv row b * Hkv + hkv
-  pos: jax.Array  # int32[S, C]: key positions start .. start + C - 1
-  visible: jax.Array  # bool[S, R, C]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Schedule:
-  """The tiles: (one kv chunk, up to `rows` query rows that kept it) each."""
-
-  key_ids: jax.Array  # int32[B, Lk + C]: chunk id of each key position, -1 past Lk
-  perm: jax.Array  # int32[n3]: (query row, slot) pairs sorted by (batch, kv head, chunk)
-  kv: jax.Array  # int32[T]: each tile's kv row, b * Hkv + kv head
-  chunk: jax.Array  # int32[T]: its chunk id
-  start: jax.Array  # int32[T]: the chunk's first key position
-  first: jax.Array  # int32[T]: its first pair's index in perm
-  rows: jax.Array  # int32[T]: its number of pairs (0: an unused tile)
-  num_tiles: jax.Array  # int32[]: tiles in use
-
-  def tree_flatten(self):
-    return dataclasses.astuple(self), None
-
-  @classmethod
-  def tree_unflatten(cls, _, children):
-    return cls(*children)
-
-
-jax.tree_util.register_pytree_node_class(_Schedule)
-
-
-def _schedule(block_ids, valid, key_ids, kv_heads: int, nc: int, plan: _Plan, max_tiles: int):
-  """Sorts the (query row, slot) pairs by group (batch, kv head, chunk) and
-  cuts each group into tiles of `rows` pairs (at most `max_tiles` in all)."""
-  b, hq, _, _ = block_ids.shape
-  lk, rows = key_ids.shape[1], plan.rows
-  bk = jnp.arange(b)[:, None] * kv_heads + jnp.arange(hq)[None, :] // (hq // kv_heads)
-  ng = b * kv_heads * nc
-  grp = jnp.where(valid, bk[:, :, None, None] * nc + block_ids, ng).reshape(-1)
-  perm = jnp.argsort(grp, stable=True).astype(jnp.int32)
-  counts = jnp.zeros(ng + 1, jnp.int32).at[grp].add(1)[:ng]
-  first = jnp.cumsum(counts, dtype=jnp.int32) - counts
-  n_tiles = (counts + rows - 1) // rows
-  tile_end = jnp.cumsum(n_tiles, dtype=jnp.int32)
-  tile_begin = tile_end - n_tiles
-  # Tile w belongs to the last group that begins at or before it (empty groups
-  # begin where the next one does and lose the max).
-  g_ids = jnp.arange(ng, dtype=jnp.int32)
-  tile_grp = jnp.zeros(max_tiles, jnp.int32).at[tile_begin].max(g_ids, mode="drop")
-  tile_grp = jax.lax.cummax(tile_grp, axis=0)
-  local = (jnp.arange(max_tiles, dtype=jnp.int32) - tile_begin[tile_grp]) * rows
-  used = jnp.arange(max_tiles) < tile_end[-1]
-  chunk = tile_grp % nc
-  kv = tile_grp // nc
-  # Each chunk's first key position (lk for unused ids).
-  pos = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32), (b, lk))
-  starts = jnp.full((b, nc), lk, jnp.int32).at[jnp.arange(b)[:, None], key_ids].min(pos)
-  return _Schedule(
-    key_ids=jnp.pad(key_ids, ((0, 0), (0, plan.chunk_size)), constant_values=-1),
-    perm=perm,
-    kv=kv,
-    chunk=chunk,
-    start=starts[kv // kv_heads, chunk],
-    first=first[tile_grp] + local,
-    rows=jnp.where(used, jnp.clip(counts[tile_grp] - local, 0, rows), 0),
-    num_tiles=tile_end[-1],
-  )
-
-
-def _tile(plan: _Plan, step, q_shape, kv_heads, sc: _Schedule) -> _Tile:
-  b, lq, hq, _ = q_shape
-  s_, r_, c_ = plan.tiles_per_step, plan.rows, plan.chunk_size
-  n3 = b * hq * lq * plan.topk
-  w = jnp.minimum(step * s_ + jnp.arange(s_, dtype=jnp.int32), sc.kv.shape[0] - 1)
-  r = jnp.arange(r_, dtype=jnp.int32)
-  ok = r < sc.rows[w][:, None]  # [S, R]
-  pair = sc.perm[jnp.minimum(sc.first[w][:, None] + r, n3 - 1)]
-  row = pair // plan.topk
-  kv, chunk = sc.kv[w], sc.chunk[w]
-  pos = sc.start[w][:, None] + jnp.arange(c_, dtype=jnp.int32)  # [S, C]
-  in_chunk = sc.key_ids[(kv // kv_heads)[:, None], pos] == chunk[:, None]
-  q_pos = sc.key_ids.shape[1] - c_ - lq + row % lq  # [S, R]
-  visible = ok[:, :, None] & in_chunk[:, None, :] & (pos[:, None, :] <= q_pos[:, :, None])
-  return _Tile(row=row, slot=jnp.where(ok, pair, n3), kv=kv, pos=pos, visible=visible)
-
-
-def _kv_rows(x: jax.Array, pad: int) -> jax.Array:
-  """[B, L, H, D] -> [B*H, L + pad, D], zero-padded."""
-  b, l, h, d = x.shape
-  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  return x.transpose(0, 2, 1, 3).reshape(b * h, l + pad, d)
-
-
-def _windows(x: jax.Array, rows: jax.Array, starts: jax.Array, size: int) -> jax.Array:
-  """x[rows[i], starts[i] : starts[i] + size] for each i: [S, size, D]."""
-  d = x.shape[-1]
-  take = lambda r, s: jax.lax.dynamic_slice(x, (r, s, 0), (1, size, d))[0]
-  return jax.vmap(take)(rows, starts)
-
-
-def _q_rows(x: jax.Array) -> jax.Array:
-  """[B, L, H, D] -> [B*H*L, D]."""
-  b, l, h, d = x.shape
-  return x.transpose(0, 2, 1, 3).reshape(b * h * l, d)
-
-
-def _num_steps(plan: _Plan, sc: _Schedule) -> jax.Array:
-  return (sc.num_tiles + plan.tiles_per_step - 1) // plan.tiles_per_step
-
-
-def _forward(plan: _Plan, q, k, v, sc: _Schedule):
-  b, lq, hq, _ = q.shape
-  hkv, dv = k.shape[2], v.shape[3]
-  n3 = b * hq * lq * plan.topk
-  q_rows = _q_rows(q)  # [B*Hq*Lq, D]
-  k_rows = _kv_rows(k, plan.chunk_size)  # [B*Hkv, Lk + C, D]
-  v_rows = _kv_rows(v, plan.chunk_size)  # [B*Hkv, Lk + C, Dv]
-
-  def body(carry):
-    step, m_acc, l_acc, o_acc = carry
-    t = _tile(plan, step, q.shape, hkv, sc)
-    k_t = _windows(k_rows, t.kv, t.pos[:, 0], plan.chunk_size)  # [S, C, D]
-    v_t = _windows(v_rows, t.kv, t.pos[:, 0], plan.chunk_size)  # [S, C, Dv]
-    s = jnp.einsum("srd,scd->src", q_rows[t.row], k_t, preferred_element_type=jnp.float32)
-    s = jnp.where(t.visible, s * plan.scale, -jnp.inf)
-    m = jnp.max(s, axis=-1)  # [S, R]
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
-    o = jnp.einsum("src,scd->srd", p.astype(v.dtype), v_t, preferred_element_type=jnp.float32)
-    m_acc = m_acc.at[t.slot].set(m, mode="drop")
-    l_acc = l_acc.at[t.slot].set(jnp.sum(p, axis=-1), mode="drop")
-    o_acc = o_acc.at[t.slot].set(o, mode="drop")
-    return step + 1, m_acc, l_acc, o_acc
-
-  init = (
-    jnp.int32(0),
-    jnp.full((n3,), -jnp.inf, jnp.float32),
-    jnp.zeros((n3,), jnp.float32),
-    jnp.zeros((n3, dv), jnp.float32),
-  )
-  steps = _num_steps(plan, sc)
-  _, m_acc, l_acc, o_acc = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
-  # Merge the topk per-block parts of every query (the LSE merge).
-  m_acc = m_acc.reshape(b, hq, lq, plan.topk)
-  m_max = jnp.max(m_acc, axis=-1, keepdims=True)
-  m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-  w = jnp.exp(m_acc - m_max)  # 0 for unused slots
-  l_sum = jnp.sum(l_acc.reshape(w.shape) * w, axis=-1)  # [B, Hq, Lq]
-  o_sum = jnp.sum(o_acc.reshape(w.shape + (dv,)) * w[..., None], axis=-2)
-  nonempty = l_sum > 0
-  l_safe = jnp.where(nonempty, l_sum, 1.0)
-  out = (o_sum / l_safe[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
-  lse = jnp.where(nonempty, m_max[..., 0] + jnp.log(l_safe), -jnp.inf)
-  return out, lse
-
-
-def _backward(plan: _Plan, q, k, v, sc: _Schedule, out, lse, d_out, d_lse):
-  b, lq, hq, _ = q.shape
-  hkv = k.shape[2]
-  c_ = plan.chunk_size
-  q_rows, do_rows = _q_rows(q), _q_rows(d_out)
-  k_rows, v_rows = _kv_rows(k, c_), _kv_rows(v, c_)
-  # delta = rowsum(dO * O) - dlse: d lse / d s = p enters ds exactly as -delta.
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = (delta.transpose(0, 2, 1) - d_lse).reshape(-1)  # [B*Hq*Lq]
-  lse_rows = lse.reshape(-1)
-  f32 = jnp.float32
-
-  def body(carry):
-    step, dq, dk, dv = carry
-    t = _tile(plan, step, q.shape, hkv, sc)
-    k_t = _windows(k_rows, t.kv, t.pos[:, 0], c_)
-    v_t = _windows(v_rows, t.kv, t.pos[:, 0], c_)
-    q_t, do_t = q_rows[t.row], do_rows[t.row]  # [S, R, D], [S, R, Dv]
-    s = jnp.einsum("srd,scd->src", q_t, k_t, preferred_element_type=f32) * plan.scale
-    p = jnp.where(t.visible, jnp.exp(s - lse_rows[t.row][..., None]), 0.0)
-    dp = jnp.einsum("srd,scd->src", do_t, v_t, preferred_element_type=f32)
-    ds = p * (dp - delta[t.row][..., None]) * plan.scale
-    ds_in = ds.astype(q.dtype)
-    dq = dq.at[t.row].add(jnp.einsum("src,scd->srd", ds_in, k_t, preferred_element_type=f32))
-    kv = t.kv[:, None]
-    dk = dk.at[kv, t.pos].add(jnp.einsum("src,srd->scd", ds_in, q_t, preferred_element_type=f32))
-    dv = dv.at[kv, t.pos].add(
-      jnp.einsum("src,srd->scd", p.astype(d_out.dtype), do_t, preferred_element_type=f32)
-    )
-    return step + 1, dq, dk, dv
-
-  init = (
-    jnp.int32(0),
-    jnp.zeros(q_rows.shape, f32),
-    jnp.zeros(k_rows.shape, f32),
-    jnp.zeros(v_rows.shape, f32),
-  )
-  steps = _num_steps(plan, sc)
-  _, dq, dk, dv = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
-  lk = k.shape[1]
-  dq = dq.reshape(b, hq, lq, -1).transpose(0, 2, 1, 3).astype(q.dtype)
-  dk = dk.reshape(b, hkv, lk + c_, -1)[:, :, :lk].transpose(0, 2, 1, 3).astype(k.dtype)
-  dv = dv.reshape(b, hkv, lk + c_, -1)[:, :, :lk].transpose(0, 2, 1, 3).astype(v.dtype)
-  return dq, dk, dv
-
-
-_attention = common.attention_with_vjp(_forward, _backward)
-
-
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _moba_xla(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret):
-  """Memory-efficient exact MoBA in plain JAX; `(out, lse)`.
-
-  1. `moba_selection` gives every (query row, slot) pair a kv chunk. The pairs
-     are sorted by (batch, kv head, chunk) and each chunk's pairs are cut into
-     tiles of `rows` query rows (GQA heads of a group share their kv head's
-     tiles), so a tile is one dense [rows, C] score matrix against ONE key
-     window (the chunk's C positions from its start). Work is proportional to
-     the kept keys (Lq * Hq * topk * C) plus < rows padding rows per chunk.
-  2. A `while_loop` over the tiles (a dynamic trip count, `tiles_per_step` at
-     a time) computes each pair's partial softmax (max, sum, unnormalised
-     p @ v), masked per element: key in the chunk (segments, ragged tail) and
-     causal (the own block). It is stored in the pair's slot, so memory is
-     O(B * Hq * Lq * topk * Dv) plus one step's scores, never Lq x Lk.
-  3. The topk parts of each query are LSE-merged: one softmax over the union.
-  4. `jax.custom_vjp`: the backward pass walks the same tiles, recomputes
-     p = exp(s - lse), and scatter-adds dQ per query row and dK, dV per key
-     window (GQA groups add into the shared kv head).
-  """
+def _moba_xla_chunked(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret):
+  """MoBA on its chunk-major XLA schedule (`_moba_chunked`); `(out, lse)`."""
   del interpret
-  b, lq, hq, _ = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
   block_ids, valid, ids = _select(q, k, chunk_size, topk, segment_ids)
-  nc = num_chunks(lk, chunk_size, segment_ids is not None)
-  rows = min(_TILE_ROWS, -(-lq * (hq // hkv) // 8) * 8)  # a chunk has <= Lq * G pairs
-  n3 = b * hq * lq * topk
-  max_tiles = -(-n3 // rows) + min(b * hkv * nc, n3)
-  per_step = max(1, min(_STEP_SCORES // (rows * chunk_size), max_tiles))
-  plan = _Plan(
-    scale=scale,
+  return moba_chunked(
+    q, k, v, block_ids, valid, ids,
     chunk_size=chunk_size,
-    topk=topk,
-    rows=rows,
-    tiles_per_step=per_step,
-  )
-  key_ids = jnp.broadcast_to(ids, (b, lk))
-  sched = _schedule(block_ids, valid, key_ids, hkv, nc, plan, max_tiles)
-  return _attention(plan, q, k, v, sched)
+    num_chunks=num_chunks(k.shape[1], chunk_size, segment_ids is not None),
+    scale=scale,
+    tile_rows=_TILE_ROWS,
+    step_scores=_STEP_SCORES,
+  )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
-# "pallas": the routed block-sparse kernels (Triton on GPU, Mosaic on TPU).
+# "xla" and "pallas": the routed block-sparse engine and kernels.
 # ---------------------------------------------------------------------------
 
-# Default tile sizes of the Pallas paths (clipped to the lengths, see _block_sizes).
+# Default tile sizes of the routed paths (clipped to the lengths, see _block_sizes).
 _BLOCK_Q = 64
 _BLOCK_KV = 64
 
@@ -599,6 +352,8 @@ def _block_sizes(
   def pick(user: int | None, default: int, length: int) -> int:
     if user is not None:
       return user
+    if kernel == "xla":  # any size
+      return min(default, length)
     if kernel == "pallas_mosaic_gpu":
       return default
     if kernel == "pallas_triton":
@@ -640,6 +395,7 @@ class _Geometry:
   batch: int
   heads: int
   max_kv_blocks: int
+  mask_fn = None  # the causal band: a position predicate, never a mask_mod
 
   def _spec(self, *shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((self.batch, self.heads, *shape), jnp.int32)
@@ -762,15 +518,16 @@ def _pallas_inputs(
   return mask, routes
 
 
-_PALLAS_STATIC = ("chunk_size", "topk", "scale", "interpret", "kernel", "geo")
+_ROUTED_STATIC = ("chunk_size", "topk", "scale", "interpret", "kernel", "geo")
 
 
-@functools.partial(jax.jit, static_argnames=_PALLAS_STATIC)
-def _moba_pallas(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret, kernel, geo):
-  """MoBA through the routed block-sparse kernel `kernel`; `(out, lse)`.
+@functools.partial(jax.jit, static_argnames=_ROUTED_STATIC)
+def _moba_routed(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret, kernel, geo):
+  """MoBA through `block_sparse_attention(implementation=kernel)` ("xla", the XLA
+  engine, or a kernel) with the selection's tiles and token routes; `(out, lse)`.
 
-  Gradients come from the kernel's custom_vjp (its Pallas backward kernels);
-  the mask and routes are integer metadata without cotangents.
+  Gradients come from that implementation's custom_vjp; the mask and routes are
+  integer metadata without cotangents.
   """
   mask, routes = _pallas_inputs(
     q, k, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids, geo=geo
@@ -793,12 +550,12 @@ def _moba_pallas(q, k, v, *, chunk_size, topk, segment_ids, scale, interpret, ke
 # ---------------------------------------------------------------------------
 
 # implementation name -> fn(q, k, v, *, chunk_size, topk, segment_ids, scale,
-# interpret) -> (out, lse); the Pallas names go through `_moba_pallas`.
+# interpret) -> (out, lse); "xla" and the kernels go through `_moba_routed`.
 _IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
   "reference": _moba_reference,
-  "xla": _moba_xla,
+  "xla_chunked": _moba_xla_chunked,
 }
-IMPLEMENTATIONS = ("reference", "xla", "pallas", *dispatch.KERNELS)
+IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "pallas", *dispatch.KERNELS)
 
 
 def _check_block(name: str, value: Any) -> None:
@@ -852,22 +609,23 @@ def moba_attention(
       queries use the last q_len entries); each run of equal ids is its own
       sequence. See the module docstring.
     scale: softmax scale, default `head_dim ** -0.5` (the gate is unscaled).
-    implementation: None: "xla" on CPU; on GPU / TPU the backend's Pallas
-      kernel when it supports the call, else "xla". "reference" (dense boolean
-      mask + `reference_attention`, float32, O(Lq * Lk) memory); "xla" (exact,
-      memory O(Lq * topk * (C + Dv)) per head, work proportional to the kept
-      keys); "pallas" (the backend's kernel; on CPU only with interpret=True,
-      which interprets the Triton kernel); "pallas_triton" / "pallas_tpu"
+    implementation: None: on GPU / TPU the backend's Pallas kernel when it
+      supports the call, else "xla_chunked" (always on CPU). "reference" (dense
+      boolean mask + `reference_attention`, float32, O(Lq * Lk) memory); "xla"
+      (the block-sparse XLA engine over the routed tiles, as the kernels);
+      "xla_chunked" (exact, memory O(Lq * topk * (C + Dv)) per head, work
+      proportional to the kept keys); "pallas" (the backend's kernel; on CPU
+      only with interpret=True, which interprets the Triton kernel); "pallas_triton" / "pallas_tpu"
       (that kernel on any backend, with interpret=True off its hardware). The
       Pallas paths visit whole tiles; see the module docstring for their cost.
     return_lse: also return the natural-log logsumexp, float32
       `[batch, q_heads, q_len]`.
     interpret: run a Pallas kernel in the interpreter (tests, CPU); ignored by
-      "reference" and "xla".
-    block_q, block_kv: tile sizes of the Pallas paths (default 64 each, clipped
+      "reference", "xla" and "xla_chunked".
+    block_q, block_kv: tile sizes of the routed paths (default 64 each, clipped
       to the lengths: Triton needs powers of two >= 16, the TPU kernel multiples
       of 8 unless one block covers the sequence); ignored by "reference" and
-      "xla".
+      "xla_chunked".
 
   Returns:
     `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse).
@@ -887,13 +645,16 @@ def moba_attention(
   block_q = None if block_q is None else int(block_q)
   block_kv = None if block_kv is None else int(block_kv)
   impl, geo = _resolve(implementation, interpret, q, k, v, chunk_size, topk, block_q, block_kv)
+  if implementation is None and impl == "xla":
+    impl = "xla_chunked"  # the faster XLA schedule (see _moba_chunked)
   kw = dict(
     chunk_size=chunk_size, topk=topk, segment_ids=segment_ids, scale=scale, interpret=interpret
   )
-  if geo is None:
+  if impl in _IMPLEMENTATIONS:
     out, lse = _IMPLEMENTATIONS[impl](q, k, v, **kw)
   else:
-    out, lse = _moba_pallas(q, k, v, kernel=impl, geo=geo, **kw)
+    geo = geo or _pallas_geometry(impl, q, k, chunk_size, topk, block_q, block_kv)
+    out, lse = _moba_routed(q, k, v, kernel=impl, geo=geo, **kw)
   return (out, lse) if return_lse else out
 
 

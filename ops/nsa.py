@@ -74,24 +74,16 @@ Implementations:
 
 * "reference": each branch as dense attention under a boolean mask `[B, Hq, Lq, L*]`
   through `ops.reference_attention` (float32, O(Lq * Lk) memory). The oracle.
-* "xla" (the default on CPU): exact and memory-efficient pure JAX; nothing is O(Lq * Lk).
-  Every branch has a `custom_vjp` whose backward pass recomputes the probabilities from
-  the saved logsumexp (flash-attention style), all in float32 accumulation:
-  - compression: a `lax.scan` over query chunks, each against all Nc ~ Lk / d compressed
-    keys;
-  - window: a `lax.scan` over chunks of C queries, each against the contiguous slice of
-    C + w - 1 keys its window spans (`dynamic_slice`, no gather): work ~ Lq * (w + C);
-  - selection: queries in blocks of bq = 32; each (batch, kv head, query block) lists the
-    union of its queries' selected blocks, and each listed (query block, key block)
-    tile is a dense `[bq * G, l']` matmul under the per-element mask "query t selected
-    this block and key <= t", merged by an online softmax. Work = sum of the union sizes
-    * bq * l': ~n * l' per query when neighbouring queries select alike (trained models),
-    never more than block-causal attention (random selections at L = 4096 come close
-    to that); in exchange it runs as matmuls, ~5x the throughput of gathering n * l'
-    keys per query on CPU. The backward pass scatter-adds dK / dV into the key blocks.
-  `nsa_selection` itself runs in query chunks too (memory O(chunk * Nc)). Packed
-  sequences only add "key (or compressed block start) >= run_start(t)" to each branch's
-  per-element mask (the query chunks carry their run starts).
+* "xla" (the default on CPU): every branch is one call of the block-sparse XLA engine
+  (`block_sparse_attention`'s "xla" path) over the masks and routes the kernels get
+  (below), exact and memory-efficient (nothing is O(Lq * Lk)); its tiles are
+  `_SLC_BLOCK_Q` queries by select_len keys in the selection branch (one selection block
+  per tile) and `_SLC_BLOCK_Q` x `_XLA_BLOCK_KV` in the others, and each row stacks a GQA
+  group's query heads (the selection mask has one head per kv head), so a tile is a
+  dense `[bq * G, l']` matmul: ~n * l' keys per query when neighbouring queries select
+  alike (trained models), never more than block-causal attention. `nsa_selection` runs
+  in query chunks (memory O(chunk * Nc)). Each branch output is rounded to q's dtype
+  before the float32 mix, as in the kernels.
 * "pallas_triton" / "pallas_tpu" (and "pallas", the platform's one): every branch is one
   `ops.block_sparse_attention` call on the project's routed block-sparse Pallas kernel
   (Triton on GPU, Mosaic on TPU; either runs on CPU with interpret=True), forward and
@@ -117,8 +109,7 @@ Implementations:
     keys; a query that sees no block gets 0 (the kernels' empty-row rule), Nc = 0 skips it.
   Tiles are powers of two in [16, cap] (the Triton kernel needs powers of two >= 16; the
   TPU kernel multiples of 8, 128 filling its lanes), cap 64 for Triton and 128 for TPU,
-  shrunk to short sequences. Each branch output is rounded to q's dtype before the f32
-  mix (the xla path mixes f32 branches): bf16 differs from it by ~1 bf16 ulp. A call the
+  shrunk to short sequences. A call the
   kernel cannot take (Triton: head_dim > 256; TPU: a mask view too large for SMEM) raises
   before anything is computed, or, with implementation=None, runs "xla".
   Packed sequences become token routes (one route id per key, exact): selection: key
@@ -146,6 +137,7 @@ import numpy as np
 from sparse_attention.ops import checks, dispatch, element_masks, masks
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import block_sparse_attention
+from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.pallas_kernels.block_sparse import gpu, mosaic_gpu, tpu
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes, Unsupported
@@ -160,13 +152,13 @@ __all__ = [
 
 _OP = "nsa_attention"
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Work per loop step of the xla path, in float32 scores: 2**20 (4 MiB) keep a step's
-# temporaries near the cache on CPU (the selection branch takes a quarter of it:
-# measured at L=4096, 2**18..2**22 were within 2x, 2**20 the fastest).
+# Work per loop step of the xla path (and of the selection), in float32 scores: 2**20
+# (4 MiB) keep a step's temporaries near the cache on CPU (measured at L=4096,
+# 2**18..2**22 were within 2x, 2**20 the fastest).
 _CHUNK_ELEMENTS = 1 << 20
-# Queries per tile of the xla selection branch (a tile is [bq * G, l'] scores; a query
-# block visits the union of its queries' selections). Measured on CPU at L=4096, G=4:
-# 32 beat 4, 8, 16 and 64 (fwd and fwd+bwd).
+# Queries per tile of the xla path (a selection tile is [bq * G, l'] scores; a query
+# block visits the union of its queries' selections). Measured on CPU at L=4096, G=4
+# (the former selection loop): 32 beat 4, 8, 16 and 64 (fwd and fwd+bwd).
 _SLC_BLOCK_Q = 32
 
 
@@ -255,12 +247,6 @@ def _chunk_rows(x: jax.Array, axis: int, chunk: int) -> jax.Array:
   x = jnp.pad(x, pad)
   x = x.reshape(x.shape[:axis] + (nq, chunk) + x.shape[axis + 1 :])
   return jnp.moveaxis(x, axis, 0)
-
-
-def _unchunk_queries(x: jax.Array, q_len: int) -> jax.Array:
-  """[nq, B, Hkv, C, G, X] -> [B, Lq, Hkv * G, X]."""
-  nq, b, hkv, c, g, d = x.shape
-  return x.transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * c, hkv * g, d)[:, :q_len]
 
 
 # -------------------------------------------------------------------------- selection
@@ -525,424 +511,14 @@ def _mix(dtype, gates, o_cmp, o_slc, o_win):
   return out.astype(dtype), tuple(o.astype(dtype) for o in (o_cmp, o_slc, o_win))
 
 
-# -------------------------------------------------------------------------------- xla
+# ---------------------------------------------------------------------- xla and pallas
 #
-# Compression and window: "shared-key" branches. A chunk of C queries reads one key set
-# (all Nc compressed keys; or the C + w - 1 keys its window spans, a contiguous slice):
-# a `lax.scan` over query chunks, scores [B, Hkv, C, G, K], exact per-chunk softmax.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """Static facts of a shared-key branch (hashable: the custom_vjp's nondiff arg)."""
-
-  kind: str  # "cmp" or "win"
-  cfg: _Config
-  chunk: int  # queries per loop step
-
-  @property
-  def window(self) -> int:
-    return min(self.cfg.window, self.cfg.kv_len)
-
-  @property
-  def num_keys(self) -> int:
-    """K, the keys each chunk reads."""
-    if self.kind == "cmp":
-      return self.cfg.num_compressed
-    return self.chunk + self.window - 1
-
-
-def _plan(kind: str, cfg: _Config, b: int, hq: int) -> _Plan:
-  """Chooses the chunk: about `cfg.chunk_elements` scores per step."""
-  keys = cfg.num_compressed if kind == "cmp" else min(cfg.window, cfg.kv_len) + 32
-  chunk = max(1, min(cfg.q_len, cfg.chunk_elements // max(1, b * hq * keys)))
-  if kind == "win":  # the C - 1 extra keys a window chunk reads stay small against w
-    chunk = min(chunk, max(16, cfg.window // 4))
-  return _Plan(kind, cfg, chunk)
-
-
-def _sources(plan: _Plan, k: jax.Array) -> jax.Array:
-  """k/v `[B, L, Hkv, X]` -> `[B, Hkv, L', X]`, the layout chunks are sliced from."""
-  cfg = plan.cfg
-  k = jnp.moveaxis(k, 2, 1)
-  if plan.kind == "cmp":
-    return k
-  # Window: w - 1 zero keys in front (positions < 0), the padded queries' keys behind.
-  back = -(-cfg.q_len // plan.chunk) * plan.chunk - cfg.q_len
-  return jnp.pad(k, ((0, 0), (0, 0), (plan.window - 1, back), (0, 0)))
-
-
-def _from_sources(plan: _Plan, dk: jax.Array, length: int) -> jax.Array:
-  """Inverse of `_sources` for gradients: -> `[B, L, Hkv, X]`."""
-  if plan.kind == "win":
-    dk = dk[:, :, plan.window - 1 : plan.window - 1 + length]
-  return jnp.moveaxis(dk, 1, 2)
-
-
-def _fetch(plan: _Plan, i: jax.Array, k_src: jax.Array, v_src: jax.Array, r_c: jax.Array | None):
-  """Keys `[B, Hkv, K, D]`, values, visibility and slice start of chunk i.
-
-  Visibility is bool `[C, 1, K]`, or `[B, 1, C, 1, K]` with the chunk's run starts r_c
-  `[B, C]` (packed sequences): either broadcasts against scores `[B, Hkv, C, G, K]`.
-  """
-  cfg, c = plan.cfg, plan.chunk
-  row = i * c + jnp.arange(c, dtype=jnp.int32)
-  t = (cfg.offset + row)[:, None]  # [C, 1] absolute query positions
-  real = (row < cfg.q_len)[:, None]  # padded queries see nothing
-
-  def shaped(visible, first):  # first [1, K]: the first key position of each key
-    if r_c is None:
-      return visible[:, None]
-    return (visible[None] & (first[None] >= r_c[:, :, None]))[:, None, :, None]
-
-  if plan.kind == "cmp":
-    starts = jnp.arange(cfg.num_compressed)[None, :] * cfg.stride
-    return k_src, v_src, shaped((starts + cfg.block_len - 1 <= t) & real, starts), None
-  start = cfg.offset + i * c  # in padded coordinates: absolute position t0 - w + 1
-  pos = start - (plan.window - 1) + jnp.arange(plan.num_keys)[None, :]
-  visible = (pos <= t) & (pos > t - plan.window) & (pos >= 0) & real
-  k_c = jax.lax.dynamic_slice_in_dim(k_src, start, plan.num_keys, axis=2)
-  v_c = jax.lax.dynamic_slice_in_dim(v_src, start, plan.num_keys, axis=2)
-  return k_c, v_c, shaped(visible, pos), start
-
-
-def _split_heads(x: jax.Array, hkv: int) -> jax.Array:
-  """[B, L, Hq, X] -> [B, L, Hkv, G, X]."""
-  b, l, h, d = x.shape
-  return x.reshape(b, l, hkv, h // hkv, d)
-
-
-def _run_chunks(plan: _Plan, rs_q: jax.Array | None) -> jax.Array | None:
-  """The queries' run starts `[B, Lq]` by chunk, `[nq, B, C]` (None: None)."""
-  return None if rs_q is None else _chunk_rows(rs_q, 1, plan.chunk)
-
-
-def _shared_forward(plan: _Plan, q, k, v, rs_q):
-  hkv = k.shape[2]
-  k_src, v_src = _sources(plan, k), _sources(plan, v)
-  q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)  # [nq, B, C, Hkv, G, D]
-  f32 = jnp.float32
-
-  def step(_, xs):
-    i, q_c, r_c = xs
-    k_c, v_c, visible, _ = _fetch(plan, i, k_src, v_src, r_c)
-    s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
-    s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, C, G, K]
-    m = jnp.max(s, axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m[..., None])
-    l = jnp.sum(p, axis=-1)  # [B, Hkv, C, G]
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    # (Dot outputs stay in [batch dims, lhs dims, rhs dims] order: XLA:CPU has no
-    # bf16 x bf16 -> f32 dot with a transposed output.)
-    o = jnp.einsum("bhcgk,bhkd->bhcgd", p.astype(v_c.dtype), v_c, preferred_element_type=f32)
-    o = o / l_safe[..., None]  # [B, Hkv, C, G, Dv]
-    return None, (o, jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf))
-
-  nq = q_chunks.shape[0]
-  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, _run_chunks(plan, rs_q))
-  _, (o, lse) = jax.lax.scan(step, None, xs)
-  return _unchunk_queries(o, plan.cfg.q_len), lse  # f32 [B, Lq, Hq, Dv], [nq, B, Hkv, C, G]
-
-
-def _shared_backward(plan: _Plan, q, k, v, rs_q, out, lse, d_out):
-  hkv = k.shape[2]
-  k_src, v_src = _sources(plan, k), _sources(plan, v)
-  q_chunks = _chunk_rows(_split_heads(q, hkv), 1, plan.chunk)
-  do = _split_heads(d_out, hkv)
-  # delta = sum_d dO * O, the softmax-Jacobian term: [nq, B, C, Hkv, G].
-  delta = _chunk_rows(jnp.sum(do * _split_heads(out, hkv), axis=-1), 1, plan.chunk)
-  do_chunks = _chunk_rows(do.astype(v.dtype), 1, plan.chunk)
-  f32 = jnp.float32
-
-  def add(acc, start, d_c):
-    if plan.kind == "cmp":
-      return acc + d_c
-    old = jax.lax.dynamic_slice_in_dim(acc, start, plan.num_keys, axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(acc, old + d_c, start, axis=2)
-
-  def step(carry, xs):
-    dk_acc, dv_acc = carry
-    i, q_c, do_c, delta_c, lse_c, r_c = xs
-    k_c, v_c, visible, start = _fetch(plan, i, k_src, v_src, r_c)
-    s = jnp.einsum("bchgd,bhkd->bhcgk", q_c, k_c, preferred_element_type=f32) * plan.cfg.scale
-    lse_safe = jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)
-    p = jnp.where(visible, jnp.exp(s - lse_safe[..., None]), 0.0)
-    dp = jnp.einsum("bchgd,bhkd->bhcgk", do_c, v_c, preferred_element_type=f32)
-    ds = p * (dp - jnp.moveaxis(delta_c, 1, 2)[..., None]) * plan.cfg.scale
-    ds = ds.astype(q_c.dtype)
-    dq_c = jnp.einsum("bhcgk,bhkd->bhcgd", ds, k_c, preferred_element_type=f32)
-    dk_c = jnp.einsum("bhcgk,bchgd->bhkd", ds, q_c, preferred_element_type=f32)
-    dv_c = jnp.einsum("bhcgk,bchgd->bhkd", p.astype(do_c.dtype), do_c, preferred_element_type=f32)
-    return (add(dk_acc, start, dk_c), add(dv_acc, start, dv_c)), dq_c
-
-  nq = q_chunks.shape[0]
-  init = (jnp.zeros(k_src.shape, f32), jnp.zeros(v_src.shape, f32))
-  xs = (jnp.arange(nq, dtype=jnp.int32), q_chunks, do_chunks, delta, lse, _run_chunks(plan, rs_q))
-  (dk, dv), dq = jax.lax.scan(step, init, xs)
-  dq = _unchunk_queries(dq, plan.cfg.q_len).astype(q.dtype)
-  dk = _from_sources(plan, dk, k.shape[1]).astype(k.dtype)
-  dv = _from_sources(plan, dv, v.shape[1]).astype(v.dtype)
-  return dq, dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _shared_branch(plan: _Plan, q, k, v, rs_q):
-  """The compression or window branch: f32 `[B, Lq, Hq, Dv]`. rs_q: the queries' run
-  starts int32 `[B, Lq]` (packed sequences) or None."""
-  return _shared_forward(plan, q, k, v, rs_q)[0]
-
-
-def _shared_fwd(plan: _Plan, q, k, v, rs_q):
-  out, lse = _shared_forward(plan, q, k, v, rs_q)
-  return out, (q, k, v, rs_q, out, lse)
-
-
-def _shared_bwd(plan: _Plan, residuals, d_out):
-  return (*_shared_backward(plan, *residuals, d_out), None)
-
-
-_shared_branch.defvjp(_shared_fwd, _shared_bwd)
-
-
-# Selection: the kept (query block, selection block) tiles. Queries are cut into blocks
-# of bq (`_Config.slc_block_q`), a *row* being one (batch, kv head, query block) with its
-# bq * G query-head rows. A row lists the union of its queries' selected blocks
-# (ascending; at most min(Ns, bq * n)), and each listed tile is a dense [bq * G, l'] score
-# matrix under the per-element mask "query t selected block j, key <= t". Work is
-# sum(union sizes) * bq * l', in matmuls, never more than block-causal attention; the
-# alternative, gathering n * l' keys per query, is memory-bound (4x slower on CPU).
-# A `lax.scan` walks chunks of Rc rows; within a chunk a `while_loop` walks the slots
-# 0 .. max(count) - 1, slot s holding each row's s-th tile, with a flash-attention online
-# softmax per row: no scatter in the forward pass, and in the backward pass only dK/dV
-# are scattered into the key blocks.
-
-
-@dataclasses.dataclass(frozen=True)
-class _SlcPlan:
-  """Static facts of the selection walk (hashable: the custom_vjp's nondiff arg)."""
-
-  cfg: _Config
-  block_q: int  # bq, queries per row
-  num_q_blocks: int  # Qb
-  max_tiles: int  # Kmax, the longest row list
-  rows_per_step: int  # Rc
-
-  @property
-  def num_kv_blocks(self) -> int:
-    return self.cfg.num_selection_blocks
-
-
-def _slc_plan(cfg: _Config, b: int, hkv: int, g: int) -> _SlcPlan:
-  bq = max(1, min(cfg.slc_block_q, cfg.q_len))
-  qb = -(-cfg.q_len // bq)
-  max_tiles = min(cfg.num_selection_blocks, bq * cfg.num_select)
-  tile = bq * g * cfg.select_len
-  rows = max(1, min(b * hkv * qb, cfg.chunk_elements // (4 * tile)))
-  return _SlcPlan(cfg, bq, qb, max_tiles, rows)
-
-
-def _slc_rows(plan: _SlcPlan, x: jax.Array, hkv: int) -> jax.Array:
-  """Query-side [B, Lq, Hq, X] -> rows [B * Hkv * Qb, bq * G, X]."""
-  b, _, _, d = x.shape
-  x = _chunk_rows(_split_heads(x, hkv), 1, plan.block_q)  # [Qb, B, bq, Hkv, G, X]
-  return x.transpose(1, 3, 0, 2, 4, 5).reshape(b * hkv * plan.num_q_blocks, -1, d)
-
-
-def _slc_from_rows(plan: _SlcPlan, x: jax.Array, b: int, hkv: int) -> jax.Array:
-  """Inverse of `_slc_rows`: -> [B, Lq, Hq, X]."""
-  x = x.reshape(b, hkv, plan.num_q_blocks, plan.block_q, -1, x.shape[-1])
-  x = x.transpose(0, 2, 3, 1, 4, 5).reshape(b, plan.num_q_blocks * plan.block_q, -1, x.shape[-1])
-  return x[:, : plan.cfg.q_len]
-
-
-def _kv_rows(plan: _SlcPlan, x: jax.Array) -> jax.Array:
-  """Key-side [B, Lk, Hkv, X] -> blocks [B * Hkv * Ns, l', X] (zero-padded tail)."""
-  b, lk, h, d = x.shape
-  ns, lsel = plan.num_kv_blocks, plan.cfg.select_len
-  x = jnp.pad(x, ((0, 0), (0, ns * lsel - lk), (0, 0), (0, 0)))
-  return x.reshape(b, ns, lsel, h, d).transpose(0, 3, 1, 2, 4).reshape(b * h * ns, lsel, d)
-
-
-def _kv_from_rows(plan: _SlcPlan, x: jax.Array, b: int, h: int) -> jax.Array:
-  """Inverse of `_kv_rows`: -> [B, Lk, Hkv, X]."""
-  ns, lsel = plan.num_kv_blocks, plan.cfg.select_len
-  x = x.reshape(b, h, ns, lsel, x.shape[-1]).transpose(0, 2, 3, 1, 4)
-  return x.reshape(b, ns * lsel, h, x.shape[-1])[:, : plan.cfg.kv_len]
-
-
-def _row_lists(plan: _SlcPlan, ids: jax.Array, valid: jax.Array, rs_q: jax.Array | None):
-  """Per row, chunked by Rc: (row ids, tile lists, counts, the queries' selections, the
-  queries' run starts).
-
-  Shapes `[nR, Rc]`, `[nR, Rc, Kmax]`, `[nR, Rc]`, `[nR, Rc, bq, n]` (x2), `[nR, Rc, bq]`
-  (None without segments); padded rows list nothing.
-  """
-  b, hkv, _, n = ids.shape
-  bq, ns = plan.block_q, plan.num_kv_blocks
-  rows = b * hkv * plan.num_q_blocks
-  as_rows = lambda x: _chunk_rows(x, 2, bq).transpose(1, 2, 0, 3, 4).reshape(rows, bq, -1)
-  ids_r, valid_r = as_rows(ids), as_rows(valid)  # padded queries: invalid
-  row = jnp.broadcast_to(jnp.arange(rows)[:, None, None], ids_r.shape)
-  layout = jnp.zeros((rows, ns), bool).at[row, ids_r].max(valid_r)  # the union, [R, Ns]
-  tiles = jnp.sort(jnp.where(layout, jnp.arange(ns), ns), axis=-1)[:, : plan.max_tiles]
-  count = jnp.sum(layout, axis=-1, dtype=jnp.int32)
-  by_step = lambda x: _chunk_rows(x, 0, plan.rows_per_step)
-  row_ids = jnp.arange(rows, dtype=jnp.int32)
-  lists = tuple(map(by_step, (row_ids, tiles.astype(jnp.int32), count, ids_r, valid_r)))
-  if rs_q is None:
-    return (*lists, None)
-  rs_r = as_rows(jnp.broadcast_to(rs_q[:, None, :, None], (b, hkv, rs_q.shape[1], 1)))
-  return (*lists, by_step(rs_r[..., 0]))
-
-
-def _slot(plan: _SlcPlan, slot, row, tiles, count, ids_r, valid_r, rs_r):
-  """Key-block rows [Rc] and visibility bool [Rc, bq, 1, l'] of each row's slot-th tile."""
-  cfg, bq, ns = plan.cfg, plan.block_q, plan.num_kv_blocks
-  listed = slot < count  # [Rc]
-  j = jnp.where(listed, jax.lax.dynamic_index_in_dim(tiles, slot, 1, keepdims=False), 0)
-  qblock = row % plan.num_q_blocks
-  kv_row = (row // plan.num_q_blocks) * ns + j
-  chose = jnp.any((ids_r == j[:, None, None]) & valid_r, axis=-1) & listed[:, None]  # [Rc, bq]
-  t = cfg.offset + qblock[:, None] * bq + jnp.arange(bq)  # [Rc, bq] absolute positions
-  key = j[:, None] * cfg.select_len + jnp.arange(cfg.select_len)  # [Rc, l']
-  visible = chose[..., None] & (key[:, None, :] <= t[..., None])
-  if rs_r is not None:  # packed sequences: keys from the query's run start on
-    visible = visible & (key[:, None, :] >= rs_r[..., None])
-  return kv_row, visible[:, :, None, :]
-
-
-def _tile_scores(plan: _SlcPlan, q_t, k_t, visible):
-  """q_t [Rc, bq * G, D], k_t [Rc, l', D] -> masked f32 [Rc, bq * G, l']."""
-  s = jnp.einsum("rqd,rkd->rqk", q_t, k_t, preferred_element_type=jnp.float32)
-  s = s.reshape(s.shape[0], plan.block_q, -1, s.shape[-1]) * plan.cfg.scale
-  return jnp.where(visible, s, -jnp.inf).reshape(q_t.shape[0], q_t.shape[1], -1)
-
-
-def _slc_forward(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
-  b, _, hq, _ = q.shape
-  hkv, dv = k.shape[2], v.shape[3]
-  q_rows = _chunk_rows(_slc_rows(plan, q, hkv), 0, plan.rows_per_step)  # [nR, Rc, W, D]
-  k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)  # [B * Hkv * Ns, l', D]
-  lists = _row_lists(plan, ids, valid, rs_q)
-  rc, width = q_rows.shape[1:3]
-  f32 = jnp.float32
-
-  def rows_step(_, xs):
-    q_c, lists_c = xs[0], xs[1:]
-
-    def body(carry):
-      slot, m, l, o = carry
-      kv_row, visible = _slot(plan, slot, *lists_c)
-      s = _tile_scores(plan, q_c, k_rows[kv_row], visible)  # [Rc, W, l']
-      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-      m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      alpha = jnp.exp(m - m_ref)
-      p = jnp.exp(s - m_ref[..., None])
-      v_t = v_rows[kv_row]
-      pv = jnp.einsum("rqk,rkd->rqd", p.astype(v_t.dtype), v_t, preferred_element_type=f32)
-      return slot + 1, m_new, l * alpha + jnp.sum(p, axis=-1), o * alpha[..., None] + pv
-
-    init = (
-      jnp.int32(0),
-      jnp.full((rc, width), -jnp.inf, f32),
-      jnp.zeros((rc, width), f32),
-      jnp.zeros((rc, width, dv), f32),
-    )
-    steps = jnp.max(lists_c[2])
-    _, m, l, o = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    return None, (o / l_safe[..., None], jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf))
-
-  _, (o, lse) = jax.lax.scan(rows_step, None, (q_rows, *lists))
-  out = _slc_from_rows(plan, o.reshape(-1, width, dv)[: b * hkv * plan.num_q_blocks], b, hkv)
-  return out, lse  # f32 [B, Lq, Hq, Dv], [nR, Rc, W]
-
-
-def _slc_backward(plan: _SlcPlan, q, k, v, ids, valid, rs_q, out, lse, d_out):
-  b, _, hq, _ = q.shape
-  hkv = k.shape[2]
-  by_step = lambda x: _chunk_rows(_slc_rows(plan, x, hkv), 0, plan.rows_per_step)
-  q_rows = by_step(q)  # [nR, Rc, W, D]
-  do_rows = by_step(d_out.astype(v.dtype))
-  delta = by_step(jnp.sum(d_out * out, axis=-1, keepdims=True))[..., 0]  # [nR, Rc, W]
-  k_rows, v_rows = _kv_rows(plan, k), _kv_rows(plan, v)
-  lists = _row_lists(plan, ids, valid, rs_q)
-  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  f32 = jnp.float32
-
-  def rows_step(carry, xs):
-    q_c, do_c, delta_c, lse_c, lists_c = xs[0], xs[1], xs[2], xs[3], xs[4:]
-
-    def body(carry):
-      slot, dq, dk, dv = carry
-      kv_row, visible = _slot(plan, slot, *lists_c)
-      k_t, v_t = k_rows[kv_row], v_rows[kv_row]
-      s = _tile_scores(plan, q_c, k_t, visible)
-      p = jnp.exp(s - lse_c[..., None])  # [Rc, W, l'], 0 where hidden
-      dp = jnp.einsum("rqd,rkd->rqk", do_c, v_t, preferred_element_type=f32)
-      ds = (p * (dp - delta_c[..., None]) * plan.cfg.scale).astype(q_c.dtype)
-      dq = dq + jnp.einsum("rqk,rkd->rqd", ds, k_t, preferred_element_type=f32)
-      dk = dk.at[kv_row].add(jnp.einsum("rqk,rqd->rkd", ds, q_c, preferred_element_type=f32))
-      pv = p.astype(do_c.dtype)
-      dv = dv.at[kv_row].add(jnp.einsum("rqk,rqd->rkd", pv, do_c, preferred_element_type=f32))
-      return slot + 1, dq, dk, dv
-
-    steps = jnp.max(lists_c[2])
-    init = (jnp.int32(0), jnp.zeros(q_c.shape, f32), *carry)
-    _, dq, dk, dv = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
-    return (dk, dv), dq
-
-  init = (jnp.zeros(k_rows.shape, f32), jnp.zeros(v_rows.shape, f32))
-  (dk, dv), dq = jax.lax.scan(rows_step, init, (q_rows, do_rows, delta, lse, *lists))
-  dq = dq.reshape(-1, *dq.shape[2:])[: b * hkv * plan.num_q_blocks]
-  dq = _slc_from_rows(plan, dq, b, hkv).astype(q.dtype)
-  dk = _kv_from_rows(plan, dk, b, hkv).astype(k.dtype)
-  dv = _kv_from_rows(plan, dv, b, hkv).astype(v.dtype)
-  return dq, dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _slc_branch(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
-  """The selection branch: f32 `[B, Lq, Hq, Dv]`. rs_q: the queries' run starts int32
-  `[B, Lq]` (packed sequences) or None."""
-  return _slc_forward(plan, q, k, v, ids, valid, rs_q)[0]
-
-
-def _slc_fwd(plan: _SlcPlan, q, k, v, ids, valid, rs_q):
-  out, lse = _slc_forward(plan, q, k, v, ids, valid, rs_q)
-  return out, (q, k, v, ids, valid, rs_q, out, lse)
-
-
-def _slc_bwd(plan: _SlcPlan, residuals, d_out):
-  return (*_slc_backward(plan, *residuals, d_out), None, None, None)
-
-
-_slc_branch.defvjp(_slc_fwd, _slc_bwd)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _nsa_xla(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
-  b, lq, hq, _ = q.shape
-  hkv, dv = k.shape[2], v.shape[3]
-  rs_q = None if rs is None else rs[:, cfg.offset :]  # [B, Lq] the queries' run starts
-  if cfg.num_compressed > 0:
-    o_cmp = _shared_branch(_plan("cmp", cfg, b, hq), q, k_cmp, v_cmp, rs_q)
-  else:
-    o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
-  o_slc = _slc_branch(_slc_plan(cfg, b, hkv, hq // hkv), q, k, v, ids, valid, rs_q)
-  o_win = _shared_branch(_plan("win", cfg, b, hq), q, k, v, rs_q)
-  return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
-
-
-# ----------------------------------------------------------------------------- pallas
-#
-# Every branch is one `block_sparse_attention` call on a Pallas kernel (forward and the
-# backward kernels of its custom_vjp); what is NSA's own is only the masks (see the module
-# docstring for the design). Tiles are powers of two in [16, cap]: the Triton kernel needs
-# that, the TPU kernel needs multiples of 8 (128 fills its lanes: its cap).
+# Every branch is one block-sparse attention over NSA's own masks (see the module
+# docstring): "xla" runs the block-sparse XLA engine, whose rows stack each GQA group's
+# query heads (the selection mask has one head per kv head, shared by the group); the
+# kernels run their forward and backward Pallas kernels. Kernel tiles are powers of two
+# in [16, cap]: the Triton kernel needs that, the TPU kernel needs multiples of 8 (128
+# fills its lanes: its cap).
 
 # The kernel each "pallas" backend runs, and its (check_supported, tile cap, tile floor).
 _KERNELS = {
@@ -953,6 +529,9 @@ _KERNELS = {
 # Query tile of the selection branch (a tile visits the union of its queries' blocks, so
 # it stays small whatever the kernel's cap).
 _SLC_KERNEL_BLOCK_Q = 64
+# kv tile of the xla path's compression and window branches (its query tile, and the
+# selection's, is `_SLC_BLOCK_Q`; the selection's kv tile is select_len).
+_XLA_BLOCK_KV = 64
 
 
 def _pow2_tile(length: int, cap: int, floor: int = 16) -> int:
@@ -962,10 +541,10 @@ def _pow2_tile(length: int, cap: int, floor: int = 16) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _KernelPlan:
-  """Static facts of the Pallas path (hashable: a jit static argument)."""
+  """Static facts of the tiled paths (hashable: a jit static argument)."""
 
   cfg: _Config
-  kernel: str  # "pallas_triton" or "pallas_tpu"
+  kernel: str  # "xla" or a kernel name ("pallas_triton", ...)
   interpret: bool
   block_q: int  # compression and window branches
   window_kv: int
@@ -975,6 +554,18 @@ class _KernelPlan:
 
 
 def _kernel_plan(cfg: _Config, kernel: str, interpret: bool) -> _KernelPlan:
+  if kernel == "xla":  # any tile sizes: one selection block per kv tile
+    bq, bk = min(cfg.slc_block_q, cfg.q_len), _XLA_BLOCK_KV
+    return _KernelPlan(
+      cfg,
+      kernel,
+      interpret,
+      block_q=bq,
+      window_kv=min(bk, cfg.kv_len),
+      cmp_kv=min(bk, max(1, cfg.num_compressed)),
+      slc_block_q=bq,
+      slc_kv=min(cfg.select_len, cfg.kv_len),
+    )
   _, cap, floor = _KERNELS[kernel]
   floor_sel = 1 << (cfg.select_len.bit_length() - 1)  # kv tiles no longer than a block
   return _KernelPlan(
@@ -1034,10 +625,11 @@ def _selection_mask(
 
   Tiles: layout[b, h, i, kt] = some query of q tile i selected (for kv head h) a block
   overlapping kv tile kt, scattered from the selections (O(B * Hkv * Lq * n) updates into
-  O(B * Hkv * Qb * Kb), never O(Lq * Lk)), repeated over the group's query heads and
-  intersected with causal. Routes: query routes = the selected ids (-1 where invalid),
-  Hr = Hkv, so a group shares them; key j's route is its block, j // select_len
-  (`[B, Lk]`: the query routes have a batch dim, so the key routes must too). With
+  O(B * Hkv * Qb * Kb), never O(Lq * Lk)), repeated over the group's query heads for the
+  kernels (the xla engine reads one head per group) and intersected with causal. Routes:
+  query routes = the selected ids (-1 where invalid), Hr = Hkv, so a group shares them;
+  key j's route is its block, j // select_len (`[B, Lk]`: the query routes have a batch
+  dim, so the key routes must too). With
   segments (rs, the run starts), key j's route is max(block start, run_start(j)) and
   query t's route for block b is max(b * select_len, run_start(t)): exactly the keys of
   block b in t's run (the causal mask drops the later runs' keys).
@@ -1056,7 +648,8 @@ def _selection_mask(
     tile = first + step
     tile = jnp.where(valid & (tile <= last), tile, kb)  # kb: out of range, dropped
     layout = layout.at[bi, hi, qi, tile].set(True, mode="drop")
-  layout = jnp.repeat(layout, q_heads // hkv, axis=1)  # [B, Hq, Qb, Kb]
+  if plan.kernel != "xla":  # the kernels read one mask head per query head
+    layout = jnp.repeat(layout, q_heads // hkv, axis=1)  # [B, Hq, Qb, Kb]
   geo = dict(block_q=bq, block_kv=bk, q_len=lq, kv_len=cfg.kv_len)
   mask = masks.intersection(
     masks.causal(lq, cfg.kv_len, block_q=bq, block_kv=bk, offset=cfg.offset),
@@ -1123,31 +716,37 @@ def _kernel_problem(
   return ""
 
 
+def _attend(plan: _KernelPlan, q, k, v, mask: BlockMask, routes: TokenRoutes | None):
+  """One branch over its mask: `[B, Lq, Hq, Dv]` in q's dtype."""
+  cfg = plan.cfg
+  if plan.kernel == "xla":  # the engine itself: the selection mask has Hkv heads
+    group = q.shape[2] // k.shape[2]
+    chunk = max(1, cfg.chunk_elements // (group * mask.block_q * mask.block_kv))
+    return block_sparse_attention_xla(q, k, v, mask, scale=cfg.scale, routes=routes, chunk=chunk)[0]
+  return block_sparse_attention(
+    q, k, v, mask, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret,
+    routes=routes,
+  )  # fmt: skip
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _nsa_pallas(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
+def _nsa_tiled(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
+  """NSA as three block-sparse attentions ("xla" or a kernel): (out, branches)."""
   cfg = plan.cfg
   b, lq, hq, _ = q.shape
-  attend = functools.partial(
-    block_sparse_attention, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret
-  )
   win_routes, cmp_routes = _segment_routes(cfg, rs)  # None, None without segments
   if cfg.num_compressed > 0:
-    o_cmp = attend(q, k_cmp, v_cmp, _compressed_mask(plan), routes=cmp_routes)  # [B, Lq, Hq, Dv]
+    o_cmp = _attend(plan, q, k_cmp, v_cmp, _compressed_mask(plan), cmp_routes)
   else:
     o_cmp = jnp.zeros((b, lq, hq, v.shape[3]), q.dtype)
-  slc_mask, routes = _selection_mask(plan, ids, valid, hq, rs)
-  o_slc = attend(q, k, v, slc_mask, routes=routes)
-  o_win = attend(q, k, v, _window_mask(plan), routes=win_routes)
+  o_slc = _attend(plan, q, k, v, *_selection_mask(plan, ids, valid, hq, rs))
+  o_win = _attend(plan, q, k, v, _window_mask(plan), win_routes)
   return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
 
 
 # ---------------------------------------------------------------------------------- op
 
-# The pure-JAX implementations: fn(cfg, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs) ->
-# (out, branches), rs the run starts int32 [B, Lk] of packed sequences or None. The
-# kernels ("pallas_*", `_KERNELS`) run `_nsa_pallas`.
-_PURE = {"reference": _nsa_reference, "xla": _nsa_xla}
-IMPLEMENTATIONS = (*_PURE, "pallas", *_KERNELS)
+IMPLEMENTATIONS = ("reference", "xla", "pallas", *_KERNELS)
 
 
 def _resolve(
@@ -1242,10 +841,10 @@ def nsa_attention(
   )
   ids, valid = jax.lax.stop_gradient(ids), jax.lax.stop_gradient(valid)
   arrays = (q, k, v, k_cmp, v_cmp, gates, ids, valid, _run_starts(segment_ids))
-  if impl in _KERNELS:
-    out, branches = _nsa_pallas(_kernel_plan(cfg, impl, interpret), *arrays)
-  else:
-    out, branches = _PURE[impl](cfg, *arrays)
+  if impl == "reference":
+    out, branches = _nsa_reference(cfg, *arrays)
+  else:  # "xla" or a kernel
+    out, branches = _nsa_tiled(_kernel_plan(cfg, impl, interpret), *arrays)
   return (out, branches) if return_branches else out
 
 

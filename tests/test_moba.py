@@ -300,6 +300,13 @@ def test_xla_matches_reference_bf16(name):
   assert_xla_matches_reference(q, k, v, what=name, **kw)
 
 
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("name", ["segments", "decode_one"])
+def test_xla_chunked_matches_reference(name):
+  q, k, v, kw = make_case(name)
+  assert_matches_reference(q, k, v, "xla_chunked", what=name, **kw)
+
+
 def test_xla_under_jit_and_default_implementation():
   q, k, v, kw = make_case("segments")
   f = jax.jit(functools.partial(moba_attention, chunk_size=6, topk=3))
@@ -430,7 +437,8 @@ def test_default_implementation_and_block_sizes(monkeypatch):
     (dict(implementation="pallas"), "implementation='pallas'.*interpret=True"),
     (
       dict(implementation="cudnn"),
-      r"\('reference', 'xla', 'pallas', 'pallas_mosaic_gpu', 'pallas_triton', 'pallas_tpu'\)",
+      r"\('reference', 'xla', 'xla_chunked', 'pallas', 'pallas_mosaic_gpu', 'pallas_triton', "
+      r"'pallas_tpu'\)",
     ),
     (dict(implementation="Pallas"), "implementation"),
     (dict(implementation=3), "implementation"),

@@ -286,9 +286,10 @@ def visibility(
 
 
 def per_row(x: jax.Array, shape) -> jax.Array:
-  """A [rows] vector broadcast over the columns of a [rows, cols] tile (explicitly:
-  Mosaic GPU lowers this form, not `x[:, None]`)."""
-  return jax.lax.broadcast_in_dim(x, shape, (0,))
+  """A [..., rows] vector broadcast over the columns of a [..., rows, cols] tile
+  (explicitly: Mosaic GPU lowers this form, not `x[:, None]`). Leading dims batch
+  tiles (the XLA path)."""
+  return jax.lax.broadcast_in_dim(x, shape, tuple(range(x.ndim)))
 
 
 def online_softmax_update(
@@ -320,6 +321,36 @@ def online_softmax_update(
   if accumulate is not None:
     return m_next, l_next, accumulate(acc_scaled, p)
   return m_next, l_next, acc_scaled + dot(p.astype(v.dtype), v)
+
+
+def tile_softmax(
+  s: jax.Array,  # f32 [..., bq, bk] scaled scores, -inf where hidden
+  v: jax.Array,  # [..., bk, Dv]
+  dot,  # (a, b) -> f32 a @ b, batched over the leading dims
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One tile's own softmax statistics, for paths that compute tiles independently and
+  merge them afterwards (the XLA path): (m f32 [..., bq] the row max (-inf: the row sees
+  nothing here), l = sum exp(s - m) [..., bq], acc = exp(s - m) @ v f32 [..., bq, Dv]).
+  What `online_softmax_update` gives from an empty state."""
+  m = jnp.max(s, axis=-1)
+  p = jnp.exp(s - per_row(jnp.where(m == -jnp.inf, 0.0, m), s.shape))
+  return m, jnp.sum(p, axis=-1), dot(p.astype(v.dtype), v)
+
+
+def softmax_grads(
+  s: jax.Array,  # f32 [..., bq, bk] scaled scores, -inf where hidden (log2 units if base2)
+  lse: jax.Array,  # f32 [..., bq] the rows' logsumexp (+inf on rows that see nothing)
+  dp: jax.Array,  # f32 [..., bq, bk] dO @ v^T
+  delta: jax.Array,  # f32 [..., bq] rowsum(dO * O) - d lse
+  *,
+  base2: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """One tile of the flash-attention backward: (p = exp(s - lse), ds = p * (dp - delta)),
+  both f32 [..., bq, bk]; ds is d loss / d s (times the scale: d loss / d (q.k)). Hidden
+  pairs give p = ds = 0. dV += p^T dO, dQ += ds k, dK += ds^T q."""
+  exp = jnp.exp2 if base2 else jnp.exp
+  p = exp(s - per_row(lse, s.shape))
+  return p, p * (dp - per_row(delta, s.shape))
 
 
 def finalize(m: jax.Array, l: jax.Array, acc: jax.Array | None, *, base2: bool = False):
