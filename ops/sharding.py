@@ -11,7 +11,9 @@ Convention: the batch dim is split over the mesh axes named in `BATCH_AXES`
 head dim over `HEAD_AXIS` when it divides the kv heads (so every query head
 stays with its kv head under GQA). Everything else is replicated. Mask
 metadata follows q: its batch / head dims are split the same way where they
-are not broadcast (size 1).
+are not broadcast (size 1). Axes that are already manual (inside a caller's
+`jax.shard_map`, e.g. the context-parallel ring) are left alone: the arrays
+the kernel sees there are already per-device.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def _active_mesh():
 
 
 def batch_head_axes(mesh, batch: int, kv_heads: int) -> tuple[tuple[str, ...], str | None]:
-  """The mesh axes the batch and the heads are split over (possibly none)."""
-  shape = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  """The mesh axes the batch and the heads are split over (possibly none); manual
+  axes (inside a `jax.shard_map`) are not."""
+  manual = set(getattr(mesh, "manual_axes", ()))
+  shape = {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if a not in manual}
   batch_axes = tuple(a for a in BATCH_AXES if shape.get(a, 1) > 1)
   if batch % math.prod(shape[a] for a in batch_axes):
     batch_axes = ()
