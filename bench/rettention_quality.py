@@ -38,15 +38,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
-import zlib
 
 import benchutil
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from PIL import Image
 
 from sparse_attention.models import dit
 from sparse_attention.train import data, diffusion, trainer
@@ -93,20 +92,6 @@ def training_summary(workdir: str) -> str:
 
 def psnr(mse: float) -> float:
   return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-  """8-bit grayscale PNG of `image` uint8 [H, W] (standard library only)."""
-  h, w = image.shape
-  raw = b"".join(b"\x00" + image[i].tobytes() for i in range(h))
-
-  def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-  header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-  png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-  with open(path, "wb") as f:
-    f.write(png + chunk(b"IEND", b""))
 
 
 def grid(rows: list[np.ndarray], zoom: int = 4, pad: int = 4) -> np.ndarray:
@@ -158,7 +143,7 @@ def main(argv):
     )
     return float(np.mean(pred == labels))
 
-  test = cls_data.test.get(np.arange(len(cls_data.test)))
+  test = data.load_split(cls_data, "test")
   real_acc = accuracy(np.clip(test["image"] * cls_data.std + cls_data.mean, 0, 1), test["label"])
 
   num = _NUM.value
@@ -254,7 +239,7 @@ def main(argv):
   stem = f"rettention_quality_{where}_{benchutil.today()}"
   picture_names = list(pictures)
   png = grid([pictures[k][:20, ..., 0] for k in picture_names])
-  write_png(os.path.join(out_dir, f"{stem}.png"), png)
+  Image.fromarray(png).save(os.path.join(out_dir, f"{stem}.png"))
   lines = [
     "# Re-ttention sample quality: digits DiT, dense vs block-sparse vs Re-ttention",
     "",

@@ -1,10 +1,11 @@
 """`get_config()` files for `train/main.py` (big_vision style), shipped in the package so
 `--config=<name>` works from a pip install as from a checkout.
 
-litv2_digits  LITv2-tiny (HiLo) on the bundled digits: the README's main job
-lm_text       a byte-level decoder-only LM (dense / sliding / MoBA / NSA attention) on the
-              Python standard library's sources
-dit_digits    a class-conditional DiT (flow matching) drawing digits; Re-ttention sampling
+litv2_digits    LITv2-tiny (HiLo) on the bundled digits: the README's main job
+litv2_imagenet  LITv2-S at 224 on an ImageNet-style image folder, with LITv2's recipe
+lm_text         a byte-level decoder-only LM (dense / sliding / MoBA / NSA attention) on
+                the Python standard library's sources
+dit_digits      a class-conditional DiT (flow matching) drawing digits; Re-ttention sampling
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ broadcasts; Qb = ceil(q_len / block_q), Kb = ceil(kv_len / block_kv)):
   q_partial  bool [Bm, Hm, Kb, Qmax]
 
 Static fields: block_q, block_kv, q_len, kv_len, mask_fn, mask_fn_exact.
+Data field `mask_params`: a tuple of the parameters (pytrees of arrays) of the
+mask_mods in `mask_fn` (`masks.create_block_mask`), one entry per mask_mod; () for
+position-only masks. Being data, new parameter values (document boundaries, prefix
+lengths) never retrace.
 
 Ragged tails. q_len and kv_len need not be multiples of the block sizes; the
 last q block and the last kv block then reach past the end. Positions past
@@ -35,7 +39,8 @@ flags only what `mask_fn` is needed for. Keeping the two apart is what lets a
 tile that is full in one mask stay full in a union (a single "partial" bit for
 both reasons cannot tell "apply mask_fn" from "only clip the tail").
 
-The element mask. `mask_fn(q_idx, kv_idx) -> bool` (see element_masks.py) is
+The element mask. `mask_fn(q_idx, kv_idx) -> bool` (see element_masks.py; a
+mask_mod also reads the batch row b, the query head h and `mask_params`) is
 evaluated on partial tiles only. The visible pairs of the mask are exactly
     listed(tile) and (not partial(tile) or mask_fn(i, j)) and i < q_len and j < kv_len.
 `mask_fn_exact` is True when mask_fn alone already equals the whole mask (the
@@ -56,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention.ops import element_masks
+from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -65,7 +71,15 @@ def num_blocks(length: int, block: int) -> int:
 
 @functools.partial(
   jax.tree_util.register_dataclass,
-  data_fields=["kv_count", "kv_index", "kv_partial", "q_count", "q_index", "q_partial"],
+  data_fields=[
+    "kv_count",
+    "kv_index",
+    "kv_partial",
+    "q_count",
+    "q_index",
+    "q_partial",
+    "mask_params",
+  ],
   meta_fields=["block_q", "block_kv", "q_len", "kv_len", "mask_fn", "mask_fn_exact"],
 )
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -84,6 +98,7 @@ class BlockMask:
   kv_len: int
   mask_fn: Any = None
   mask_fn_exact: bool = False
+  mask_params: tuple = ()  # one pytree per mask_mod of mask_fn (its `slot`)
 
   @property
   def num_q_blocks(self) -> int:
@@ -107,6 +122,10 @@ class BlockMask:
   def batch_heads(self) -> tuple[int, int]:
     """(Bm, Hm): 1 where the mask broadcasts over batch / heads."""
     return tuple(self.kv_count.shape[:2])
+
+  def replace_params(self, mask_params: tuple) -> BlockMask:
+    """The same mask with other mask_mod parameters (same structure)."""
+    return dataclasses.replace(self, mask_params=mask_params)
 
   def block_layout(self) -> tuple[jax.Array, jax.Array]:
     """Dense tile layout `(visited, full)`, both bool[Bm, Hm, Qb, Kb]."""
@@ -152,9 +171,13 @@ def _to_dense(mask: BlockMask) -> jax.Array:
   if mask.mask_fn is None:
     return visited
   full = up(full)[:, :, : mask.q_len, : mask.kv_len]
+  bm, hm = mask.batch_heads
+  b = jnp.arange(bm, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.arange(hm, dtype=jnp.int32)[None, :, None, None]
   q_idx = jnp.arange(mask.q_len, dtype=jnp.int32)[:, None]
   kv_idx = jnp.arange(mask.kv_len, dtype=jnp.int32)[None, :]
-  return visited & (full | mask.mask_fn(q_idx, kv_idx))
+  element = element_visible(mask.mask_fn, b, h, q_idx, kv_idx, mask.mask_params)
+  return visited & (full | element)
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +255,7 @@ def from_block_layout(
   mask_fn_exact: bool = False,
   max_kv_blocks: int | None = None,
   max_q_blocks: int | None = None,
+  mask_params: tuple = (),
 ) -> BlockMask:
   """Compacts a dense tile layout into a BlockMask (both views).
 
@@ -266,6 +290,7 @@ def from_block_layout(
     kv_len=kv_len,
     mask_fn=mask_fn,
     mask_fn_exact=bool(mask_fn_exact and mask_fn is not None),
+    mask_params=tuple(mask_params) if mask_fn is not None else (),
   )
 
 
@@ -340,7 +365,11 @@ def _combine(masks, op: str) -> BlockMask:
   is_union = op == "union"
   grid = (bm, hm, ref.num_q_blocks, ref.num_kv_blocks)
   keep, full = _combined_layout(tuple(masks), grid, is_union)
-  fns = [m.mask_fn for m in masks if m.mask_fn is not None]
+  fns, params = [], ()
+  for m in masks:  # parameter tuples concatenate; each mask_mod's slot moves with them
+    if m.mask_fn is not None:
+      fns.append(element_masks.shift_slots(m.mask_fn, len(params)))
+      params += tuple(m.mask_params)
   fn_combine = element_masks.any_of if is_union else element_masks.all_of
   bound = sum if is_union else min
   return from_block_layout(
@@ -354,6 +383,7 @@ def _combine(masks, op: str) -> BlockMask:
     mask_fn_exact=all(m.mask_fn is not None and m.mask_fn_exact for m in masks),
     max_kv_blocks=bound(m.max_kv_blocks for m in masks),
     max_q_blocks=bound(m.max_q_blocks for m in masks),
+    mask_params=params,
   )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -22,13 +25,13 @@ _KERNELS = {
 }
 
 
-def check_kernel(kernel: str, q, k, v, mask, routes=None) -> None:
+def check_kernel(kernel: str, q, k, v, mask, routes=None, score_mod=None) -> None:
   """Raises `Unsupported` if the Pallas kernel `kernel` cannot take this call."""
-  _KERNELS[kernel][0](q, k, v, mask, routes)
+  _KERNELS[kernel][0](q, k, v, mask, routes, score_mod=score_mod)
 
 
 def _resolve(
-  implementation: str | None, interpret: bool, q, k, v, mask, op: str, routes=None
+  implementation: str | None, interpret: bool, q, k, v, mask, op: str, routes=None, score_mod=None
 ) -> str:
   """The concrete implementation to run ("reference", "xla" or a kernel name)."""
   return dispatch.resolve(
@@ -36,7 +39,7 @@ def _resolve(
     interpret=interpret,
     op=op,
     implementations=IMPLEMENTATIONS,
-    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes),
+    check=lambda kernel: check_kernel(kernel, q, k, v, mask, routes, score_mod),
   )
 
 
@@ -52,6 +55,8 @@ def block_sparse_attention(
   interpret: bool = False,
   routes: TokenRoutes | None = None,
   row_scale: jax.Array | None = None,
+  score_mod: Callable | None = None,
+  score_mod_params: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention over the tiles a `BlockMask` keeps; every other tile is skipped.
 
@@ -83,6 +88,15 @@ def block_sparse_attention(
     row_scale: optional float `[B|1, q_heads|1, q_len]` multiplying each query's
       output (Re-ttention's sparse step: r_i * O^M_i with r from
       `calibrate_attention`); the returned lse stays that of the masked softmax.
+    score_mod: optional `score_mod(score, b, h, q_idx, kv_idx) -> score`, or with
+      `score_mod_params` given `score_mod(score, b, h, q_idx, kv_idx, params)`
+      (FlexAttention's contract): score is the scaled float32 logit q.k * scale, the
+      index arguments int32 arrays (batch row, query head, positions) broadcasting
+      against it; runs before the mask, in every tile. Softcapping, ALiBi, relative
+      position biases. Kernels that cannot lower the function refuse it (None then
+      runs "xla").
+    score_mod_params: a pytree of arrays the score_mod reads (slopes, a bias table);
+      gradients flow to its floating leaves.
 
   Returns:
     `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse). Queries
@@ -99,20 +113,27 @@ def block_sparse_attention(
   scale = checks.check_scale(scale, shape, op)
   checks.check_routes(routes, shape, op)
   checks.check_row_scale(row_scale, shape, op)
-  impl = _resolve(implementation, interpret, q, k, v, mask, op, routes)
+  mod = checks.check_score_mod(score_mod, score_mod_params, op)
+  impl = _resolve(implementation, interpret, q, k, v, mask, op, routes, mod)
   if impl == "reference":
     dense = (
       mask if routes is None else mask.to_dense() & checks.routes_to_dense(routes, shape.q_heads)
     )
-    out, lse = reference_attention(q, k, v, mask=dense, scale=scale, return_lse=True)
+    out, lse = reference_attention(
+      q, k, v, mask=dense, scale=scale, return_lse=True, score_mod=mod,
+      score_mod_params=score_mod_params,
+    )  # fmt: skip
   elif impl == "xla":
-    out, lse = block_sparse_attention_xla(q, k, v, mask, scale=scale, routes=routes)
+    out, lse = block_sparse_attention_xla(
+      q, k, v, mask, scale=scale, routes=routes, score_mod=mod, score_mod_params=score_mod_params
+    )
   else:
     kernel = _KERNELS[impl][1]
     # Under a mesh, each device runs the kernel on its own batch rows and heads.
     out, lse = sharding.shard_over_batch_and_heads(
-      kernel, q, k, v, mask, routes, scale=scale, interpret=interpret
-    )
+      kernel, q, k, v, mask, routes, score_mod_params, scale=scale, interpret=interpret,
+      score_mod=mod,
+    )  # fmt: skip
   if row_scale is not None:
     scale_rows = jnp.swapaxes(jnp.asarray(row_scale, jnp.float32), 1, 2)[..., None]
     out = (out.astype(jnp.float32) * scale_rows).astype(out.dtype)  # [B, Lq, H, Dv]

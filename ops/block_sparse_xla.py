@@ -19,6 +19,11 @@ memory with S (no S x S score matrix):
    group add into their shared kv head). A `while_loop` with a dynamic trip
    count has no autodiff rule of its own, so the custom rule is what makes the
    path differentiable.
+
+A `score_mod` runs on every chunk's scaled scores (with the chunk's batch rows,
+heads and positions as broadcasting index arrays); the backward applies its vjp
+per chunk and sums the parameters' cotangents in the loop. A mask_mod element mask
+reads the same indices and the mask's parameters.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class _Plan(common.Tiling):
 
   scale: float
   chunk: int
+  score_mod: common.ScoreMod | None = None
 
 
 def _to_rows(x: jax.Array, block: int) -> jax.Array:
@@ -153,12 +159,31 @@ def _pairs(mask: BlockMask, batch: int, heads: int, kv_heads: int) -> _Pairs:
   )
 
 
-def _visible(plan: _Plan, c: _Chunk, routes: _RouteTiles | None, heads: int) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class _Where:
+  """A chunk's index arrays, broadcasting against its scores [C, bq, bk]."""
+
+  b: jax.Array  # int32 [C, 1, 1]
+  h: jax.Array  # int32 [C, 1, 1] query head
+  q_pos: jax.Array  # int32 [C, bq, 1]
+  kv_pos: jax.Array  # int32 [C, 1, bk]
+
+
+def _where(plan: _Plan, c: _Chunk) -> _Where:
+  return _Where(
+    b=c.b[:, None, None],
+    h=c.h[:, None, None],
+    q_pos=(c.i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None],
+    kv_pos=(c.j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :],
+  )
+
+
+def _visible(plan: _Plan, c: _Chunk, w: _Where, routes, heads: int, mask_params) -> jax.Array:
   """bool[C, block_q, block_kv]: which pairs of each tile are attended."""
-  q_pos = (c.i * plan.block_q)[:, None, None] + jnp.arange(plan.block_q)[None, :, None]
-  kv_pos = (c.j * plan.block_kv)[:, None, None] + jnp.arange(plan.block_kv)[None, None, :]
   routed = None if routes is None else routes.match(c, heads)
-  vis = plan.visible(c.partial[:, None, None], q_pos, kv_pos, routed)
+  vis = plan.visible(
+    c.partial[:, None, None], w.q_pos, w.kv_pos, routed, b=w.b, h=w.h, params=mask_params
+  )
   valid = c.valid[:, None, None]
   return valid if vis is None else valid & vis
 
@@ -168,11 +193,17 @@ def _scores(plan: _Plan, q_t, k_t) -> jax.Array:
   return s * plan.scale
 
 
+def _modified(plan: _Plan, s: jax.Array, w: _Where, sm_params) -> jax.Array:
+  if plan.score_mod is None:
+    return s
+  return plan.score_mod(s, w.b, w.h, w.q_pos, w.kv_pos, sm_params).astype(jnp.float32)
+
+
 def _num_chunks(pairs: _Pairs, chunk: int) -> jax.Array:
   return (pairs.total + chunk - 1) // chunk
 
 
-def _forward(plan: _Plan, q, k, v, mask: BlockMask, routes: common.TokenRoutes | None):
+def _forward(plan: _Plan, q, k, v, sm_params, mask: BlockMask, routes: common.TokenRoutes | None):
   b, _, hq, _ = q.shape
   hkv, dv = k.shape[2], v.shape[3]
   pairs = _pairs(mask, b, hq, hkv)
@@ -187,8 +218,9 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask, routes: common.TokenRoutes |
     step, m_acc, l_acc, o_acc = carry
     ch = pairs.chunk(step * c, c)
     row, kv_row, valid = ch.row, ch.kv_row, ch.valid
-    s = _scores(plan, q_rows[row], k_rows[kv_row])
-    s = jnp.where(_visible(plan, ch, route_tiles, hq), s, -jnp.inf)
+    w = _where(plan, ch)
+    s = _modified(plan, _scores(plan, q_rows[row], k_rows[kv_row]), w, sm_params)
+    s = jnp.where(_visible(plan, ch, w, route_tiles, hq, mask.mask_params), s, -jnp.inf)
     m_t = jnp.max(s, axis=-1)  # [C, bq]
     p = jnp.exp(s - jnp.where(jnp.isfinite(m_t), m_t, 0.0)[..., None])
     l_t = jnp.sum(p, axis=-1)
@@ -227,7 +259,7 @@ def _forward(plan: _Plan, q, k, v, mask: BlockMask, routes: common.TokenRoutes |
   return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, routes, out, lse, d_out, d_lse):
+def _backward(plan: _Plan, q, k, v, sm_params, mask, routes, out, lse, d_out, d_lse):
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
   pairs = _pairs(mask, b, hq, hkv)
@@ -244,37 +276,47 @@ def _backward(plan: _Plan, q, k, v, mask, routes, out, lse, d_out, d_lse):
   delta_rows, lse_rows = as_rows(delta), as_rows(lse)  # [N, bq]
   c = plan.chunk
 
+  f32 = jnp.float32
+  mod = plan.score_mod
+
   def body(carry):
-    step, dq, dk, dv = carry
+    step, dq, dk, dv, d_params = carry
     ch = pairs.chunk(step * c, c)
     row, kv_row = ch.row, ch.kv_row
     q_t, k_t, v_t, do_t = q_rows[row], k_rows[kv_row], v_rows[kv_row], do_rows[row]
+    w = _where(plan, ch)
     s = _scores(plan, q_t, k_t)
-    vis = _visible(plan, ch, route_tiles, hq)
+    if mod is not None:
+      s, pullback = mod.with_vjp(s, w.b, w.h, w.q_pos, w.kv_pos, sm_params)
+    vis = _visible(plan, ch, w, route_tiles, hq, mask.mask_params)
     p = jnp.where(vis, jnp.exp(s - lse_rows[row][..., None]), 0.0)
     dp = jnp.einsum("cqd,ckd->cqk", do_t, v_t, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_rows[row][..., None]) * plan.scale
-    f32 = jnp.float32
+    ds = p * (dp - delta_rows[row][..., None])  # d loss / d (modified score)
+    if mod is not None:
+      ds, d_chunk = pullback(ds.astype(s.dtype))
+      d_params = common.add_cotangents(d_params, d_chunk, sm_params)
+    ds = ds * plan.scale
     dv = dv.at[kv_row].add(
       jnp.einsum("cqk,cqd->ckd", p.astype(do_t.dtype), do_t, preferred_element_type=f32)
     )
     ds_in = ds.astype(q_t.dtype)
     dq = dq.at[row].add(jnp.einsum("cqk,ckd->cqd", ds_in, k_t, preferred_element_type=f32))
     dk = dk.at[kv_row].add(jnp.einsum("cqk,cqd->ckd", ds_in, q_t, preferred_element_type=f32))
-    return step + 1, dq, dk, dv
+    return step + 1, dq, dk, dv, d_params
 
   init = (
     jnp.int32(0),
     jnp.zeros(q_rows.shape, jnp.float32),
     jnp.zeros(k_rows.shape, jnp.float32),
     jnp.zeros(v_rows.shape, jnp.float32),
+    jax.tree.map(lambda x: jnp.zeros(x.shape, f32), sm_params),
   )
   steps = _num_chunks(pairs, c)
-  _, dq, dk, dv = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
+  _, dq, dk, dv, d_params = jax.lax.while_loop(lambda cr: cr[0] < steps, body, init)
   dq = _from_rows(dq, b, hq, plan.q_len).astype(q.dtype)
   dk = _from_rows(dk, b, hkv, plan.kv_len).astype(k.dtype)
   dv = _from_rows(dv, b, hkv, plan.kv_len).astype(v.dtype)
-  return dq, dk, dv
+  return dq, dk, dv, common.float_cotangents(sm_params, d_params)
 
 
 _attention = common.attention_with_vjp(_forward, _backward)
@@ -289,6 +331,8 @@ def block_sparse_attention_xla(
   scale: float,
   chunk: int | None = None,
   routes: common.TokenRoutes | None = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params=None,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -303,5 +347,6 @@ def block_sparse_attention_xla(
     **common.Tiling.fields_of(mask),
     scale=scale,
     chunk=chunk,
+    score_mod=score_mod,
   )
-  return _attention(plan, q, k, v, mask, routes)
+  return _attention(plan, q, k, v, score_mod_params, mask, routes)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention.ops.block_mask import BlockMask
+from sparse_attention.pallas_kernels.block_sparse.common import ScoreMod
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -218,3 +219,23 @@ def check_values_in_range(
   raise ValueError(
     f"{name} must lie in {bounds}{note}; got {values[where].item()!r} at index {where}."
   )
+
+
+def check_score_mod(score_mod: Any, params: Any, op: str) -> ScoreMod | None:
+  """The user's score_mod as a `ScoreMod` (None if not given); its parameters must be a
+  pytree of arrays (gradients flow to the floating ones)."""
+  if score_mod is None:
+    if params is not None:
+      raise ValueError(f"{op}: score_mod_params given without a score_mod.")
+    return None
+  if isinstance(score_mod, ScoreMod):
+    return score_mod
+  if not callable(score_mod):
+    raise ValueError(f"{op}: score_mod must be callable, got {type(score_mod).__name__}.")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(
+        f"{op}: score_mod_params{jax.tree_util.keystr(path)} must be an array, got "
+        f"{type(leaf).__name__} (close over Python numbers instead)."
+      )
+  return ScoreMod(score_mod, has_params=params is not None)

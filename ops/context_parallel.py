@@ -712,6 +712,12 @@ def block_sparse_attention(
     fn = _check_element_mask(mask, op)
     block_q = _block(layout, block_q, "block_q", op)
     block_kv = _block(layout, block_kv, "block_kv", op)
+  if getattr(fn, "per_batch_head", False):
+    raise ValueError(
+      f"{op}: mask holds a mask_mod (a predicate of b, h and parameters): the ring "
+      "relocates position-only element masks; build the mask from element_masks or a "
+      "tile layout."
+    )
   layout.check_tiles(op, block_q=block_q, block_kv=block_kv)
   scale = checks.check_scale(scale, shape, op)
   checks.check_routes(routes, shape, op)

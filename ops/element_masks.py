@@ -19,6 +19,14 @@ tile that is empty (the tile is then visited and masked out), `all` must never
 say True for a tile that has a hidden pair.
 
 Positions are absolute: query i is row i of q, key j is row j of k/v.
+
+A `MaskMod` (what `masks.create_block_mask` builds) is the one predicate that also
+reads the batch row, the query head and array parameters:
+`mask_mod(b, h, q_idx, kv_idx[, params]) -> bool`, FlexAttention's contract. It has no
+analytic `classify` (its tiles are classified by evaluating it) and says so with
+`per_batch_head = True`; every consumer evaluates any element mask through
+`element_visible(fn, b, h, q_idx, kv_idx, params)` (pallas_kernels/block_sparse/
+common.py), which passes b, h and the mask's parameters where the predicate takes them.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any, Protocol
+
+from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 
 Array = Any  # np.ndarray or jax.Array; the predicates use operators only.
 
@@ -38,6 +48,42 @@ class ElementMask(Protocol):
   def classify(
     self, q_lo: Array, q_hi: Array, kv_lo: Array, kv_hi: Array
   ) -> tuple[Array, Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskMod:
+  """A user predicate `fn(b, h, q_idx, kv_idx[, params]) -> bool` (hashable by `fn`).
+
+  Its parameters live in the BlockMask (`mask.mask_params[slot]`, traced data, so new
+  values never retrace); `slot` says which entry of that tuple is this predicate's.
+  """
+
+  fn: Any
+  has_params: bool
+  slot: int = 0
+
+  per_batch_head = True
+
+  def evaluate(self, b: Array, h: Array, q_idx: Array, kv_idx: Array, params: tuple) -> Array:
+    if self.has_params:
+      return self.fn(b, h, q_idx, kv_idx, params[self.slot])
+    return self.fn(b, h, q_idx, kv_idx)
+
+  def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+    raise TypeError(
+      "A mask_mod needs the batch row, the head and its parameters: evaluate it with "
+      "common.element_visible(mask_fn, q_idx, kv_idx, b, h, params)."
+    )
+
+
+def shift_slots(fn: Any, offset: int) -> Any:
+  """`fn` with the parameter slots of its MaskMods moved by `offset` (when masks with
+  parameters are combined, their parameter tuples are concatenated)."""
+  if isinstance(fn, MaskMod):
+    return dataclasses.replace(fn, slot=fn.slot + offset)
+  if isinstance(fn, (AllOf, AnyOf)):
+    return type(fn)(tuple(shift_slots(m, offset) for m in fn.members))
+  return fn
 
 
 def _and(a: Array, b: Array) -> Array:
@@ -120,6 +166,15 @@ class AllOf:
 
   members: tuple[Any, ...]
 
+  @property
+  def per_batch_head(self) -> bool:
+    return any(getattr(m, "per_batch_head", False) for m in self.members)
+
+  def evaluate(self, b, h, q_idx, kv_idx, params):
+    return functools.reduce(
+      _and, (element_visible(m, b, h, q_idx, kv_idx, params) for m in self.members)
+    )
+
   def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
     return functools.reduce(_and, (m(q_idx, kv_idx) for m in self.members))
 
@@ -137,6 +192,15 @@ class AnyOf:
   """Visible iff some member predicate says visible (mask union)."""
 
   members: tuple[Any, ...]
+
+  @property
+  def per_batch_head(self) -> bool:
+    return any(getattr(m, "per_batch_head", False) for m in self.members)
+
+  def evaluate(self, b, h, q_idx, kv_idx, params):
+    return functools.reduce(
+      _or, (element_visible(m, b, h, q_idx, kv_idx, params) for m in self.members)
+    )
 
   def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
     return functools.reduce(_or, (m(q_idx, kv_idx) for m in self.members))

@@ -19,6 +19,7 @@ keys i-left .. i+right, like `local_window_size` there.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -36,15 +37,19 @@ from sparse_attention.ops.block_mask import (
   scatter_columns,
   union,
 )
+from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 
 __all__ = [
   "BlockMask",
   "causal",
   "chunked",
+  "create_block_mask",
   "dense",
+  "document",
   "from_element_mask",
   "from_layout",
   "intersection",
+  "prefix_lm",
   "sliding_window",
   "topk_blocks",
   "union",
@@ -355,3 +360,176 @@ def topk_blocks(
   if causal:
     mask = intersection(mask, _causal(q_len, kv_len, block_q=block_q, block_kv=block_kv))
   return mask
+
+
+# --------------------------------------------------------------------------
+# Programmable masks: any predicate (FlexAttention's mask_mod).
+# --------------------------------------------------------------------------
+
+# Predicate evaluations per classification step of create_block_mask (bool scratch of
+# this many elements, a few times over): bounded memory at any length.
+_CLASSIFY_ELEMENTS = 1 << 24
+
+
+def create_block_mask(
+  mask_mod: Any,
+  batch: int,
+  heads: int,
+  q_len: int,
+  kv_len: int,
+  *,
+  block_q: int = 128,
+  block_kv: int = 128,
+  params: Any = None,
+  max_kv_blocks: int | None = None,
+  max_q_blocks: int | None = None,
+) -> BlockMask:
+  """The BlockMask of any predicate: `mask_mod(b, h, q_idx, kv_idx) -> bool`, or, with
+  `params` given, `mask_mod(b, h, q_idx, kv_idx, params)`.
+
+  As FlexAttention's `create_block_mask`: the predicate is evaluated on device over
+  every tile, in steps (memory O(Qb * Kb) plus one step of about 2**24 evaluations,
+  never the S x S mask at once), each tile classified empty (skipped), full (no
+  element mask) or partial; partial tiles evaluate the predicate again, pair by pair,
+  inside every implementation. Under `jit` with traced `params` (document boundaries,
+  prefix lengths, a table) a new value never retraces; only the function, the sizes and
+  the parameters' shapes are static. Define `mask_mod` once (its identity is part of
+  the mask's static structure).
+
+  Args:
+    mask_mod: the predicate, written with `jnp` operations that broadcast: b and h are
+      int32 arrays (the batch row and the query head), q_idx and kv_idx int32 position
+      arrays, all broadcasting together; returns bool. Indexing `params` by them is
+      allowed (a gather; the xla path takes anything, kernels refuse what they cannot
+      lower and `implementation=None` then falls back).
+    batch, heads: the batch / query-head sizes the mask varies over; 1 broadcasts (the
+      predicate is then evaluated with b = 0 / h = 0 only).
+    q_len, kv_len, block_q, block_kv: the geometry.
+    params: a pytree of arrays the predicate reads, or None.
+    max_kv_blocks, max_q_blocks: static bounds on the tiles per row / column (Kmax,
+      Qmax); default the whole grid. A row keeping more is refused, never truncated.
+
+  Returns:
+    A BlockMask with `mask_fn` the predicate and `mask_params = (params,)`.
+  """
+  q_len, kv_len, block_q, block_kv = _check_geometry(q_len, kv_len, block_q, block_kv)
+  batch = _check_int("batch", batch, minimum=1)
+  heads = _check_int("heads", heads, minimum=1)
+  if not callable(mask_mod):
+    raise ValueError(f"mask_mod must be callable, got {type(mask_mod).__name__}.")
+  fn = element_masks.MaskMod(mask_mod, has_params=params is not None)
+  mask_params = () if params is None else (params,)
+  any_, all_ = _classify_mask_mod(fn, mask_params, batch, heads, q_len, kv_len, block_q, block_kv)
+  return from_block_layout(
+    any_,
+    all_,
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    mask_fn=fn,
+    mask_fn_exact=True,
+    max_kv_blocks=max_kv_blocks,
+    max_q_blocks=max_q_blocks,
+    mask_params=mask_params,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6, 7))
+def _classify_mask_mod(fn, params, batch, heads, q_len, kv_len, block_q, block_kv):
+  """(any, all) visibility of every tile, bool [batch, heads, Qb, Kb]: the predicate
+  evaluated over one q tile by `span` kv tiles per step (positions past the lengths
+  excluded)."""
+  qb, kb = num_blocks(q_len, block_q), num_blocks(kv_len, block_kv)
+  span = max(1, min(kb, _CLASSIFY_ELEMENTS // (batch * heads * block_q * block_kv)))
+  steps = -(-kb // span)
+  b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None]
+
+  def tiles(i, c):  # q tile i, kv tiles c * span .. c * span + span - 1
+    q_idx = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+    kv_idx = c * span * block_kv + jnp.arange(span * block_kv, dtype=jnp.int32)
+    valid = (q_idx < q_len)[:, None] & (kv_idx < kv_len)[None, :]  # [bq, span * bk]
+    vis = element_visible(fn, b, h, q_idx[:, None], kv_idx[None, :], params)
+    vis = jnp.broadcast_to(vis, (batch, heads, block_q, span * block_kv))
+    vis = vis.reshape(batch, heads, block_q, span, block_kv)
+    valid = valid.reshape(block_q, span, block_kv)
+    return (vis & valid).any((2, 4)), (vis | ~valid).all((2, 4))  # [batch, heads, span]
+
+  def row(i):
+    any_, all_ = jax.lax.map(lambda c: tiles(i, c), jnp.arange(steps))  # [steps, B, H, span]
+    flat = lambda x: jnp.moveaxis(x, 0, 2).reshape(batch, heads, steps * span)[..., :kb]
+    return flat(any_), flat(all_)
+
+  any_, all_ = jax.lax.map(row, jnp.arange(qb))  # [Qb, B, H, Kb]
+  return jnp.moveaxis(any_, 0, 2), jnp.moveaxis(all_, 0, 2)
+
+
+def _same_document(b, h, q_idx, kv_idx, segment_ids):
+  return segment_ids[b, q_idx] == segment_ids[b, kv_idx]
+
+
+def _same_document_causal(b, h, q_idx, kv_idx, segment_ids):
+  return (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+
+def document(
+  segment_ids: Any,  # int[batch, seq]
+  *,
+  causal: bool = False,
+  block_q: int = 128,
+  block_kv: int = 128,
+) -> BlockMask:
+  """Packed sequences: query i of batch row b sees key j iff both belong to the same
+  document (`segment_ids[b, i] == segment_ids[b, j]`), and, with causal, j <= i.
+
+  Tiles holding no pair of one document are skipped, so packing costs no attention
+  across documents. `segment_ids` may be traced: new boundaries never retrace.
+  """
+  if not hasattr(segment_ids, "shape") or segment_ids.ndim != 2:
+    raise ValueError(
+      "segment_ids must be an int array [batch, seq], got "
+      f"{getattr(segment_ids, 'shape', segment_ids)!r}."
+    )
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}.")
+  if not isinstance(causal, bool):
+    raise ValueError(f"causal must be a bool, got {causal!r}.")
+  batch, seq = segment_ids.shape
+  return create_block_mask(
+    _same_document_causal if causal else _same_document,
+    batch,
+    1,
+    seq,
+    seq,
+    block_q=block_q,
+    block_kv=block_kv,
+    params=jnp.asarray(segment_ids, jnp.int32),
+  )
+
+
+def _prefix_lm(b, h, q_idx, kv_idx, prefix):
+  return (kv_idx <= q_idx) | (kv_idx < prefix[b])
+
+
+def prefix_lm(
+  prefix_len: Any,  # int[batch]
+  seq_len: int,
+  *,
+  block_q: int = 128,
+  block_kv: int = 128,
+) -> BlockMask:
+  """Prefix-LM: a causal mask, except that the first `prefix_len[b]` keys of batch row b
+  are visible to every query of that row (bidirectional attention inside the prefix).
+  `prefix_len` may be traced."""
+  if not hasattr(prefix_len, "shape") or prefix_len.ndim != 1:
+    raise ValueError(
+      f"prefix_len must be an int array [batch], got {getattr(prefix_len, 'shape', prefix_len)!r}."
+    )
+  if not jnp.issubdtype(prefix_len.dtype, jnp.integer):
+    raise ValueError(f"prefix_len must be integers, got dtype {prefix_len.dtype}.")
+  prefix = jnp.asarray(prefix_len, jnp.int32)
+  return create_block_mask(
+    _prefix_lm, prefix.shape[0], 1, seq_len, seq_len, block_q=block_q, block_kv=block_kv,
+    params=prefix,
+  )  # fmt: skip

@@ -6,6 +6,8 @@ of the tests, and `implementation="reference"` of the ops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,8 @@ def reference_attention(
   mask: BlockMask | jax.Array | None = None,
   scale: float | None = None,
   return_lse: bool = False,
+  score_mod: Any = None,
+  score_mod_params: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """softmax(q k^T * scale, masked) v, computed naively in float32.
 
@@ -35,6 +39,9 @@ def reference_attention(
     scale: softmax scale; default `head_dim ** -0.5`.
     return_lse: also return the natural-log logsumexp of the scaled, masked
       scores, float32 `[batch, q_heads, q_len]`.
+    score_mod, score_mod_params: as in `block_sparse_attention`: the scaled float32
+      scores become `score_mod(score, b, h, q_idx, kv_idx[, score_mod_params])` before
+      the mask.
 
   Returns:
     The output `[batch, q_len, q_heads, v_head_dim]` in q's dtype (and the lse).
@@ -54,6 +61,13 @@ def reference_attention(
   qf = q.astype(jnp.float32).reshape(b, sq, shape.kv_heads, g, d)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=_HIGHEST)
   s = s * scale  # [batch, kv_heads, group, q_len, kv_len]
+  if score_mod is not None:
+    mod = checks.check_score_mod(score_mod, score_mod_params, op)
+    bi = jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None]
+    hi = jnp.arange(hq, dtype=jnp.int32).reshape(1, shape.kv_heads, g, 1, 1)
+    qi = jnp.arange(sq, dtype=jnp.int32)[:, None]
+    ki = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+    s = mod(s, bi, hi, qi, ki, score_mod_params).astype(jnp.float32)
   if mask is not None:
     bm, hm = mask.shape[:2]
     mask = mask.reshape(bm, shape.kv_heads, g, sq, -1) if hm > 1 else mask[:, :, None]

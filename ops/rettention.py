@@ -37,6 +37,7 @@ from sparse_attention.ops import checks, dispatch
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.pallas_kernels.block_sparse import gpu, tpu
+from sparse_attention.pallas_kernels.block_sparse.common import element_visible
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
 # kernel name -> (check_supported(q, k, v, mask), calibrate(q, k, v, mask, codes, ...))
@@ -139,7 +140,11 @@ def _mask_rows(mask: BlockMask, visited, full, rows: jax.Array) -> jax.Array:
   take = lambda x: x[:, :, tile_q][:, :, :, tile_kv]
   keep = take(visited)
   if mask.mask_fn is not None:
-    keep = keep & (take(full) | mask.mask_fn(rows[:, None], cols[None, :]))
+    bm, hm = mask.batch_heads
+    b = jnp.arange(bm, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(hm, dtype=jnp.int32)[None, :, None, None]
+    element = element_visible(mask.mask_fn, b, h, rows[:, None], cols[None, :], mask.mask_params)
+    keep = keep & (take(full) | element)
   return keep & (rows < mask.q_len)[:, None]
 
 

@@ -11,9 +11,12 @@ Convention: the batch dim is split over the mesh axes named in `BATCH_AXES`
 head dim over `HEAD_AXIS` when it divides the kv heads (so every query head
 stays with its kv head under GQA). Everything else is replicated. Mask
 metadata follows q: its batch / head dims are split the same way where they
-are not broadcast (size 1). Axes that are already manual (inside a caller's
-`jax.shard_map`, e.g. the context-parallel ring) are left alone: the arrays
-the kernel sees there are already per-device.
+are not broadcast (size 1). The parameters of a score_mod or mask_mod are
+replicated, and each device's kernel gets the global index of its first batch row
+and head (`batch_offset`, `head_offset`), so the functions see global b and h.
+Axes that are already manual (inside a caller's `jax.shard_map`, e.g. the
+context-parallel ring) are left alone: the arrays the kernel sees there are
+already per-device.
 """
 
 from __future__ import annotations
@@ -55,17 +58,22 @@ def shard_over_batch_and_heads(
   v: jax.Array,  # [batch, kv_len, kv_heads, v_head_dim]
   mask: Any,  # a pytree whose leaves are [Bm, Hm, ...] (a BlockMask)
   routes: Any = None,  # TokenRoutes: query [Br, Hr, Lq, R], key [Br, Lk]; or None
+  score_mod_params: Any = None,  # replicated
   **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
-  """`kernel(q, k, v, mask, routes=routes, **kwargs) -> (out, lse)`, under
-  `jax.shard_map` when a mesh is set and splits the batch or the heads; a plain
-  call otherwise."""
+  """`kernel(q, k, v, mask, routes=routes, score_mod_params=..., batch_offset=...,
+  head_offset=..., **kwargs) -> (out, lse)`, under `jax.shard_map` when a mesh is set
+  and splits the batch or the heads; a plain call otherwise."""
+  call = lambda q, k, v, m, r, p, offsets: kernel(
+    q, k, v, m, routes=r, score_mod_params=p, batch_offset=offsets[0],
+    head_offset=offsets[1], **kwargs,
+  )  # fmt: skip
   mesh = _active_mesh()
-  if mesh is None:
-    return kernel(q, k, v, mask, routes=routes, **kwargs)
-  batch_axes, head_axis = batch_head_axes(mesh, q.shape[0], k.shape[2])
+  batch_axes, head_axis = (), None
+  if mesh is not None:
+    batch_axes, head_axis = batch_head_axes(mesh, q.shape[0], k.shape[2])
   if not batch_axes and head_axis is None:
-    return kernel(q, k, v, mask, routes=routes, **kwargs)
+    return call(q, k, v, mask, routes, score_mod_params, (0, 0))
   b = batch_axes or None
 
   def leading(x, heads: bool):  # split leading [batch, heads] dims that are not broadcast
@@ -73,16 +81,24 @@ def shard_over_batch_and_heads(
     return P(b if x.shape[0] > 1 else None, head, *([None] * (x.ndim - 2)))
 
   qkv_spec = P(b, None, head_axis, None)
-  mask_specs = jax.tree.map(lambda x: leading(x, heads=True), mask)
+  replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+  metadata = jax.tree.map(lambda x: leading(x, heads=True), mask.replace_params(()))
+  mask_specs = metadata.replace_params(replicated(mask.mask_params))
   route_specs = None
   if routes is not None:
     route_specs = type(routes)(
       query=leading(routes.query, heads=True), key=leading(routes.key, heads=False)
     )
+
+  def local(q, k, v, m, r, p):
+    b0 = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
+    h0 = jax.lax.axis_index(head_axis) * q.shape[2] if head_axis else 0
+    return call(q, k, v, m, r, p, (b0, h0))
+
   return jax.shard_map(
-    lambda q, k, v, m, r: kernel(q, k, v, m, routes=r, **kwargs),
+    local,
     mesh=mesh,
-    in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_specs, route_specs),
+    in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_specs, route_specs, replicated(score_mod_params)),
     out_specs=(qkv_spec, P(b, head_axis, None)),
     check_vma=False,
-  )(q, k, v, mask, routes)
+  )(q, k, v, mask, routes, score_mod_params)

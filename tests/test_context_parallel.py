@@ -15,6 +15,7 @@ import pytest
 
 from sparse_attention.ops import context_parallel as cp
 from sparse_attention.ops import element_masks as em
+from sparse_attention.ops import masks
 
 WORKER = pathlib.Path(__file__).resolve().parent / "context_parallel_worker.py"
 LM_STEPS = 3
@@ -112,3 +113,12 @@ def test_lm_trains_context_parallel_with_one_device_losses():
     expected, got = one[f"{kind}:1:1:{LM_STEPS}"], four[f"{kind}:1:4:{LM_STEPS}"]
     assert len(got) == len(expected) == LM_STEPS, (kind, got, expected)
     np.testing.assert_allclose(got, expected, rtol=1e-3, err_msg=kind)
+
+
+def test_mask_mods_are_refused_by_name():
+  mask = masks.create_block_mask(
+    lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, 1, 64, 64, block_q=8, block_kv=8
+  )
+  q = np.zeros((1, 64, 2, 8), np.float32)
+  with pytest.raises(ValueError, match="mask holds a mask_mod"):
+    cp.block_sparse_attention(q, q, q, mask, layout=cp.SequenceLayout(64, 1))

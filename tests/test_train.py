@@ -13,10 +13,12 @@ import types
 
 import jax
 import numpy as np
+import optax
 import pytest
 import testutil
+from tensorboard.backend.event_processing import event_accumulator
 
-from sparse_attention.train import checkpoint, summary, trainer
+from sparse_attention.train import checkpoint, data, tasks, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "litv2_digits.py")
@@ -54,6 +56,7 @@ def test_config_file_and_overrides():
     ("--config.optimizer.learning_rate=-1.0", "config.optimizer.learning_rate"),
     ("--config.optimizer.accumulate_steps=7", "config.optimizer.accumulate_steps"),
     ("--config.task=segmentation", "config.task"),
+    ("--config.label_smoothing=1.0", "config.label_smoothing"),
   ],
 )
 def test_invalid_config_names_the_field(override, match):
@@ -76,6 +79,13 @@ def test_bad_setup_fails_before_training(tmp_path, overrides, match):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def _tensorboard_steps(workdir, tag: str) -> list[int]:
+  """The steps TensorBoard shows for `tag` (its reader applies the runs' purge_step)."""
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"scalars": 0})
+  events.Reload()
+  return [e.step for e in events.Scalars(tag)]
+
+
 def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
   config = load_config(
     *FAST, "--config.steps=4", "--config.checkpoint_every=2", "--config.eval_every=2"
@@ -89,10 +99,66 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
   for key in ("loss", "accuracy", "learning_rate", "steps_per_s", "examples_per_s", "eta_s"):
     assert all(np.isfinite(r[key]) for r in train), key
   assert {r["split"] for r in records} == {"train", "eval", "test"}
-  scalars = summary.read_scalars(str(tmp_path))
-  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  assert _tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4]
+  assert _tensorboard_steps(tmp_path, "test/accuracy") == [4]
   assert json.loads((tmp_path / "final_metrics.json").read_text())["step"] == 4
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3).all_steps() == [2, 4]
+
+
+def test_imagenet_config_trains_on_a_folder_of_mixed_images(tmp_path, caplog):
+  """configs/litv2_imagenet.py (LITv2-S, its augmentation, schedule and loss) end to end
+  on small generated folders of JPEG / PNG / WebP files (RGB, gray, RGBA, palette,
+  16-bit; odd sizes) with a stray text file, at 32x32, decoded in a worker process."""
+  testutil.write_image_folder(tmp_path / "train", per_class=8)
+  testutil.write_image_folder(tmp_path / "val", per_class=2, seed=1, stray=False)
+  config = testutil.load_config(
+    "litv2_imagenet",
+    f"--config.data.path={tmp_path / 'train'}",
+    f"--config.data.eval_path={tmp_path / 'val'}",
+    "--config.data.image_size=32",
+    "--config.data.worker_count=1",
+    "--config.batch_size=4",
+    "--config.eval_batch_size=4",
+    "--config.steps=2",
+    "--config.optimizer.warmup_steps=1",
+  )
+  with caplog.at_level("WARNING"):
+    final = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "skipped 1 files that are not images" in caplog.text  # notes.txt, counted
+  facts = json.loads((tmp_path / "run" / "dataset.json").read_text())
+  assert facts["class_names"] == ["cat", "dog"] and facts["image_shape"] == [32, 32, 3]
+  assert facts["examples"] == {"train": 15, "eval": 4, "test": 1}
+  assert np.isfinite(final["eval"]["loss"]) and np.isfinite(final["test"]["loss"])
+
+
+def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it(tmp_path):
+  testutil.write_image_folder(tmp_path, per_class=4, stray=False)
+  (tmp_path / "cat" / "broken.jpg").write_bytes(b"not a JPEG")
+  fields = {"kind": "images", "path": str(tmp_path), "eval_fraction": 0.0, "test_fraction": 0.0}
+  # mean / std given: no statistics pass reads the files first
+  datasets = data.make_datasets(dict(fields, mean=(0.5,) * 3, std=(0.25,) * 3))
+  batches = data.train_batches(datasets, len(datasets.train), seed=0)
+  with pytest.raises(trainer.UsageError, match="batch of step 1: cannot read .*broken.jpg"):
+    trainer._next_batch(batches, "the training batch of step 1")  # the loop's way
+  batches.close()
+
+
+def test_label_smoothing_trains_on_smoothed_targets_and_reports_cross_entropy():
+  logits = jax.numpy.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+  labels = jax.numpy.asarray([0, 1])
+
+  class Model:
+    label_smoothing = 0.1
+
+    def __call__(self, images):
+      return logits
+
+  batch = {"image": jax.numpy.zeros((2, 1)), "label": labels}
+  loss, sums = tasks.TASKS["classification"].loss(Model(), batch, jax.numpy.float32)
+  plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  smooth = optax.softmax_cross_entropy(logits, 0.9 * jax.nn.one_hot(labels, 3) + 0.1 / 3)
+  np.testing.assert_allclose(loss, smooth.mean(), rtol=1e-6)
+  np.testing.assert_allclose(sums["loss_sum"], plain.sum(), rtol=1e-6)
 
 
 def _corrupt(step_dir: pathlib.Path) -> None:
@@ -117,6 +183,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     if json.loads(line)["split"] == "train"
   ]
   assert steps == [1, 2, 3, 4, 5, 6]
+  assert _tensorboard_steps(tmp_path, "train/loss") == steps  # the first 3-4 purged
   assert (tmp_path / "checkpoints" / "4.unreadable").is_dir()
 
 
@@ -150,7 +217,9 @@ def _final_state(workdir):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
   step = ckpt.all_steps()[-1]
   state, meta = ckpt.read(step)  # as stored: compare bit for bit
-  return step, jax.tree.leaves(state), meta
+  # The grain iterator's state, as grain's CheckpointHandler wrote it.
+  iterator = pathlib.Path(ckpt.directory, str(step), "data", "process_0-of-1.json")
+  return step, jax.tree.leaves(state), dict(meta, data=json.loads(iterator.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +243,7 @@ def _assert_same_run(a, b):
   step_a, leaves_a, meta_a = _final_state(a)
   step_b, leaves_b, meta_b = _final_state(b)
   assert step_a == step_b == 12 and len(leaves_a) == len(leaves_b) and meta_a == meta_b
+  assert meta_a["data"] == {"next_index": 12 * 32}  # the iterator's position, 12 batches on
   for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

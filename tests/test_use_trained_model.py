@@ -102,7 +102,7 @@ def test_loaded_classifier_is_in_eval_mode_and_scores_as_trained(runs):
   _, workdirs = runs
   model, config = train.load(workdirs["litv2_digits"])
   datasets = data.make_datasets(config)
-  test = datasets.test.get(np.arange(len(datasets.test)))
+  test = data.load_split(datasets, "test")
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   logits = np.asarray(model(test["image"]))
   after = nnx.state(model, nnx.BatchStat)

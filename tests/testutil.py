@@ -243,3 +243,54 @@ def load_config(name: str, *overrides: str):
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
   values(argv)
   return holder.value
+
+
+# ---------------------------------------------------------------------------
+# Image folders for the data pipeline.
+# ---------------------------------------------------------------------------
+
+# (format, Pillow mode) of the files `write_image_folder` cycles through.
+IMAGE_KINDS = (
+  ("JPEG", "RGB"),
+  ("PNG", "L"),
+  ("WEBP", "RGBA"),
+  ("PNG", "P"),
+  ("JPEG", "L"),
+  ("WEBP", "RGB"),
+  ("PNG", "RGBA"),
+  ("PNG", "I;16"),
+)
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=8, seed=0, stray=True) -> dict:
+  """An image folder of mixed formats, modes and odd sizes (cycling IMAGE_KINDS); each
+  image is one solid colour. Returns {relative path: (label, RGB colour 0..255)}; a
+  stray `notes.txt` sits in the first class folder when `stray`."""
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  out = {}
+  for label, name in enumerate(classes):
+    folder = pathlib.Path(root, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      fmt, mode = IMAGE_KINDS[(label * per_class + i) % len(IMAGE_KINDS)]
+      h, w = (int(v) for v in rng.integers(9, 40, 2))
+      color = tuple(int(v) for v in rng.integers(0, 256, 3))
+      if mode in ("L", "I;16"):
+        color = (round(0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]),) * 3
+      image = Image.new("RGB", (w, h), color)
+      if mode == "I;16":
+        image = Image.fromarray(np.full((h, w), color[0] * 257, np.uint16))
+      elif mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+      elif mode == "RGBA":
+        image.putalpha(100)  # translucent: the alpha is dropped, the colour kept
+      elif mode != "RGB":
+        image = image.convert(mode)
+      relative = f"{name}/{i:02d}.{fmt.lower()}"
+      image.save(pathlib.Path(root, relative), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+      out[relative] = (label, color)
+  if stray:
+    pathlib.Path(root, classes[0], "notes.txt").write_text("not an image")
+  return out

@@ -1,12 +1,14 @@
 """Checkpoints with orbax: save everything a bitwise-exact resume needs.
 
-One checkpoint per saved step, in `<workdir>/checkpoints/<step>/`, with two items:
+One checkpoint per saved step, in `<workdir>/checkpoints/<step>/`, with up to three items:
 
   state  the training state pytree: parameters, the model's other variables
          (BatchNorm statistics, the NNX RNG streams' keys and counters), the
          optimizer state and the step; sharded arrays are saved and restored
          in place on the mesh
-  meta   JSON: the data iterator's position and the step
+  meta   JSON: the step
+  data   the training data iterator's state, one JSON file per process
+         (`process_<i>-of-<n>.json`), by grain's orbax CheckpointHandler
 
 Saves are asynchronous (training continues while orbax writes) and atomic: orbax
 writes into a temporary folder and renames it when complete, so a job killed in the
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -83,29 +86,34 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=async_save
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+    }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts saving `state` (a pytree, typed keys allowed) and `meta` (JSON)."""
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta)
-      ),
-      force=True,
-    )
+  def save(self, step: int, state: Any, meta: dict[str, Any], data: Any = None) -> None:
+    """Starts saving `state` (a pytree, typed keys allowed), `meta` (JSON) and the state
+    of `data`, a grain iterator (its position now: it is read before this returns)."""
+    items = {"state": ocp.args.StandardSave(to_storable(state)), "meta": ocp.args.JsonSave(meta)}
+    if data is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-    """(state, meta) of `step`; `like` gives structure, dtypes, shardings, key types."""
-    target = abstract(to_storable(like))
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-    )
+  def restore(self, step: int, like: Any, data: Any = None) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of `step`; `like` gives structure, dtypes, shardings, key types. A
+    grain iterator `data` is moved to the position saved with the step."""
+    items = {
+      "state": ocp.args.StandardRestore(abstract(to_storable(like))),
+      "meta": ocp.args.JsonRestore(),
+    }
+    if data is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return from_storable(restored.state, like), dict(restored.meta)
 
   def read(self, step: int) -> tuple[Any, dict[str, Any]]:
@@ -135,9 +143,10 @@ class Checkpointer:
     )
 
   def restore_latest(
-    self, like: Any, *, set_aside: bool = True
+    self, like: Any, *, data: Any = None, set_aside: bool = True
   ) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest readable checkpoint as (step, state, meta); None if there is none.
+    """The newest readable checkpoint as (step, state, meta); None if there is none. A
+    grain iterator `data` is moved to the position saved with it.
 
     Unreadable newer checkpoints are skipped (logged) and, with `set_aside`, renamed
     `<step>.unreadable` (kept for inspection, no longer listed), so training can save
@@ -150,7 +159,7 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         self.check_fits(step, like)
-        state, meta = self.restore(step, like)
+        state, meta = self.restore(step, like, data)
       except IncompatibleCheckpoint:
         raise
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous

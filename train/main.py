@@ -4,7 +4,8 @@ r"""Trains a model from a config: the library's training entry point.
       [--config.steps=200 --config.model.name=litv2_s ...]
 
 `--config` takes the name of a config shipped in `sparse_attention/configs/`
-(litv2_digits, lm_text, dit_digits) or the path of any file with `get_config()`.
+(litv2_digits, litv2_imagenet, lm_text, dit_digits) or the path of any file with
+`get_config()`.
 
 A job stopped by Ctrl-C or SIGTERM saves a checkpoint and says so; a job killed at any
 moment resumes, started again with the same --workdir, from its newest complete

@@ -5,7 +5,9 @@ batch into (mean loss, metric sums). Metric sums add up over batches and devices
 `summarize` turns them into the reported numbers. Evaluation batches carry a
 "mask" (padding of the last batch) that weights every example once.
 
-  classification  images -> LITv2 (HiLo attention); metrics: loss, accuracy
+  classification  images -> LITv2 (HiLo attention); metrics: loss (cross entropy with
+                  the true labels), accuracy; trained on the cross entropy with labels
+                  smoothed by `config.label_smoothing` (default 0)
   lm              byte text -> decoder-only LM (dense / sliding / MoBA / NSA attention);
                   metrics: loss (mean next-token cross entropy), perplexity
 """
@@ -64,6 +66,11 @@ def _check_classification(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.alpha must lie in [0, 1], got {m.alpha!r}.")
   if not 0.0 <= m.drop_path_rate < 1.0:
     raise ValueError(f"config.model.drop_path_rate must lie in [0, 1), got {m.drop_path_rate!r}.")
+  smoothing = config.get("label_smoothing", 0.0)
+  if isinstance(smoothing, bool) or not isinstance(smoothing, int | float):
+    raise ValueError(f"config.label_smoothing must be a float in [0, 1), got {smoothing!r}.")
+  if not 0.0 <= smoothing < 1.0:
+    raise ValueError(f"config.label_smoothing must lie in [0, 1), got {smoothing!r}.")
 
 
 def _check_classes(datasets: Any) -> None:
@@ -86,20 +93,30 @@ def _build_litv2(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rng
     drop_path_rate=m.drop_path_rate,
     implementation=m.implementation or None,
   )
-  return litv2.LITv2(model_config, rngs=rngs)
+  model = litv2.LITv2(model_config, rngs=rngs)
+  # The loss reads it here (Task.loss gets no config); a static attribute, not saved.
+  model.label_smoothing = float(config.get("label_smoothing", 0.0))
+  return model
 
 
 def _classification_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
+  """(mean training loss, metric sums): the loss uses the model's `label_smoothing`; the
+  reported loss (`loss_sum`) is the plain cross entropy."""
   logits = model(batch["image"].astype(dtype)).astype(jnp.float32)  # [B, classes]
-  labels = batch["label"]
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  weight = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+  labels = batch["label"]  # [B]
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B]
+  weight = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)  # [B]
   count = jnp.sum(weight)
   metrics = {
     "loss_sum": jnp.sum(per_example * weight),
     "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weight),
     "count": count,
   }
+  smoothing = getattr(model, "label_smoothing", 0.0)
+  if smoothing:
+    classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, classes), smoothing)  # [B, classes]
+    per_example = optax.softmax_cross_entropy(logits, targets)
   return jnp.sum(per_example * weight) / jnp.maximum(count, 1.0), metrics
 
 

@@ -12,11 +12,12 @@
      the successor of pjit), batches split over ("data", "fsdp");
   4. resumes from the newest readable checkpoint in `<workdir>/checkpoints`, if any:
      parameters, optimizer state, BatchNorm statistics, RNG streams, step and data
-     position, so a killed job continues exactly where the last checkpoint left it;
+     position (the grain iterator's state), so a killed job continues exactly where
+     the last checkpoint left it;
   5. trains, logging every `log_every` steps (stderr, `<workdir>/metrics.jsonl`,
-     TensorBoard event files in `<workdir>`), evaluating every `eval_every` steps and
-     checkpointing every `checkpoint_every` steps, at the end, and on SIGINT / SIGTERM
-     (then raising `Interrupted`);
+     TensorBoard event files in `<workdir>`, by tensorboardX), evaluating every
+     `eval_every` steps and checkpointing every `checkpoint_every` steps, at the end,
+     and on SIGINT / SIGTERM (then raising `Interrupted`);
   6. evaluates on the eval and test splits and returns (and logs) the summary.
 
 A step whose loss or gradients are not finite never changes the state: with
@@ -51,8 +52,9 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
 
-from sparse_attention.train import checkpoint, data, optim, partitioning, summary, tasks
+from sparse_attention.train import checkpoint, data, optim, partitioning, tasks
 from sparse_attention.train import workdir as workdir_lib
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -158,7 +160,9 @@ class MetricsLog:
 
   A run resumed at step S first drops the rows metrics.jsonl holds for steps after S
   (written by the attempt that was killed), and, when it only evaluates (S is the last
-  step), the evaluation rows of step S it is about to write again: every row once.
+  step), the evaluation rows of step S it is about to write again: every row once. Its
+  TensorBoard event file starts with `purge_step` S + 1, so TensorBoard drops the
+  killed attempt's events of the steps after S too.
   """
 
   def __init__(self, workdir: str, total_steps: int, unit: str, enabled: bool, start: int):
@@ -167,19 +171,20 @@ class MetricsLog:
     self.unit = unit
     self.tty = enabled and sys.stderr.isatty()
     self._bar_open = False
-    self._jsonl = None
+    self._jsonl = self._writer = None
     if enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, start, drop_evaluations=start == total_steps)
       self._jsonl = open(path, "a")
-    self._writer = summary.SummaryWriter(workdir, enabled=enabled)
+      self._writer = SummaryWriter(workdir, purge_step=start + 1 if start else None, flush_secs=10)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
     self._jsonl.flush()
-    self._writer.scalars({f"{split}/{k}": v for k, v in values.items()}, step)
+    for key, value in values.items():
+      self._writer.add_scalar(f"{split}/{key}", value, step)
 
   def say(self, message: str, *args: Any) -> None:
     """A message on its own line, never glued to the live bar."""
@@ -220,7 +225,7 @@ class MetricsLog:
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
-    self._writer.close()
+      self._writer.close()
     if self._bar_open:
       sys.stderr.write("\n")
       self._bar_open = False
@@ -325,6 +330,14 @@ def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def _next_batch(batches, where: str) -> dict[str, np.ndarray]:
+  """The next batch; a file that cannot be decoded raises UsageError naming it."""
+  try:
+    return next(batches)
+  except ValueError as e:
+    raise UsageError(f"{where}: {e}") from e
+
+
 def check_batch(batch: dict[str, np.ndarray], datasets: Any, where: str) -> None:
   """The host-side check of every batch before it reaches the compiled step (where an
   out-of-range id would silently read garbage): labels in [0, num_classes), token ids
@@ -349,14 +362,20 @@ def check_batch(batch: dict[str, np.ndarray], datasets: Any, where: str) -> None
       raise UsageError(f"{where}: {key} holds {count} non-finite values (check config.data).")
 
 
-def evaluate(steps: Steps, eval_step, state, source, batch_size: int, sharding, datasets) -> dict:
-  """The task's metrics over every example of `source` exactly once."""
+def evaluate(
+  steps: Steps, eval_step, state, split: str, batch_size: int, sharding, datasets
+) -> dict:
+  """The task's metrics over every example of `datasets.<split>` exactly once."""
   shard_index, num_shards = partitioning.process_batch_shard(sharding.mesh)
-  batches = data.eval_batches(source, batch_size, shard_index=shard_index, num_shards=num_shards)
+  batches = data.eval_batches(
+    datasets, split, batch_size, shard_index=shard_index, num_shards=num_shards
+  )
   metrics = []
-  for i, batch in enumerate(batches):
-    check_batch(batch, datasets, f"evaluation batch {i}")
-    metrics.append(eval_step(state, _to_global(batch, sharding)))
+  with contextlib.closing(batches):  # stops its worker processes
+    for i in range(data.num_eval_batches(datasets, split, batch_size)):
+      batch = _next_batch(batches, f"{split} batch {i}")
+      check_batch(batch, datasets, f"{split} batch {i}")
+      metrics.append(eval_step(state, _to_global(batch, sharding)))
   return steps.task.summarize(_sum_metrics(jax.device_get(metrics)))
 
 
@@ -481,8 +500,8 @@ def train_and_evaluate(
     eval_step = jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding))
 
     shard_index, num_shards = partitioning.process_batch_shard(mesh)
-    train_iter = data.BatchIterator(
-      datasets.train,
+    train_iter = data.train_batches(
+      datasets,
       config.batch_size,
       seed=config.seed,
       shard_index=shard_index,
@@ -493,20 +512,21 @@ def train_and_evaluate(
     )
     start = 0
     try:
-      restored = ckpt.restore_latest(state)
+      restored = ckpt.restore_latest(state, data=train_iter)
     except checkpoint.IncompatibleCheckpoint as e:
+      train_iter.close()
       ckpt.close()
       raise UsageError(str(e)) from None
     if restored is not None:
-      start, state, meta = restored
+      start, state, _ = restored
       if start > config.steps:
+        train_iter.close()
         ckpt.close()
         raise UsageError(
           f"config.steps ({config.steps}) is below the step of the newest checkpoint in "
           f"{ckpt.directory} ({start}): raise --config.steps to train on, or evaluate the "
           "trained model with sparse_attention.train.load(workdir)."
         )
-      train_iter.restore(meta["data"])
       say("Resumed from the checkpoint at step %d in %s.", start, ckpt.directory)
     specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
     parameters = {
@@ -534,11 +554,10 @@ def train_and_evaluate(
     log = MetricsLog(workdir, config.steps, task.unit, enabled=primary, start=start)
 
     def run_eval(split: str, state: dict) -> dict | None:
-      source = getattr(datasets, split)
-      if not len(source):
+      if not len(getattr(datasets, split)):
         return None
       return evaluate(
-        steps, eval_step, state, source, config.eval_batch_size, batch_sharding, datasets
+        steps, eval_step, state, split, config.eval_batch_size, batch_sharding, datasets
       )
 
     try:
@@ -551,6 +570,7 @@ def train_and_evaluate(
       log.close()
       raise
     finally:
+      train_iter.close()
       ckpt.close()
 
     final = {"step": config.steps, "parameters": parameters}
@@ -605,7 +625,7 @@ def _train_loop(
     done = step + 1
     if config.profile.num_steps and step == config.profile.start_step:
       jax.profiler.start_trace(profile_dir)
-    batch = next(train_iter)
+    batch = _next_batch(train_iter, f"the training batch of step {done}")
     check_batch(batch, datasets, f"the training batch of step {done}")
     batch = _to_global(batch, batch_sharding)
     if compiled is None:  # compile before the clock runs: rates and ETA exclude it
@@ -652,7 +672,7 @@ def _train_loop(
           log.say("eval at step %d: %s", done, format_metrics(values))
     if at_checkpoint or stop:
       with clock.paused():
-        ckpt.save(done, state, {"data": train_iter.state(), "step": done})
+        ckpt.save(done, state, {"step": done}, data=train_iter)
         last_saved = done
     if stop:
       ckpt.wait()

@@ -32,8 +32,9 @@ DATASET_FILE = "dataset.json"
 PREVIOUS = "previous"
 
 # Config fields (a dotted prefix covers its sub-fields) a resumed run may change: they do
-# not shape the model, the optimizer state or the data order. `steps` stretches the
-# learning-rate schedule to the new length from the resumed step on.
+# not shape the model, the optimizer state or the data order (the input pipeline's
+# batches do not depend on its worker processes). `steps` stretches the learning-rate
+# schedule to the new length from the resumed step on.
 SAFE_TO_CHANGE = (
   "steps",
   "log_every",
@@ -43,6 +44,8 @@ SAFE_TO_CHANGE = (
   "eval_batch_size",
   "nonfinite",
   "profile",
+  "data.worker_count",
+  "data.prefetch",
   "mesh",
   "sharding_rules",
   "model.implementation",

@@ -28,6 +28,15 @@ class Unsupported(NotImplementedError):
   from ValueError, which means the call itself is wrong."""
 
 
+def refuse_mods(kernel: str, mask: Any, score_mod: Any) -> None:
+  """Raises Unsupported for a score_mod or a mask_mod (a predicate of b, h and
+  parameters), which `kernel` does not take."""
+  if score_mod is not None:
+    raise Unsupported(f"the {kernel} kernel does not take a score_mod.")
+  if getattr(mask.mask_fn, "per_batch_head", False):
+    raise Unsupported(f"the {kernel} kernel does not take a mask_mod (create_block_mask).")
+
+
 class BlockSparseLayout(Protocol):
   """The compact mask a kernel walks (see ops/block_mask.py for the format)."""
 
@@ -82,7 +91,15 @@ class Tiling:
     return ids == length // block
 
   def visible(
-    self, partial: Any, q_pos: jax.Array, kv_pos: jax.Array, routed: jax.Array | None = None
+    self,
+    partial: Any,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    routed: jax.Array | None = None,
+    *,
+    b: Any = None,
+    h: Any = None,
+    params: tuple = (),
   ) -> jax.Array | None:
     """`visibility` with this tiling's static facts."""
     return visibility(
@@ -95,6 +112,9 @@ class Tiling:
       block_q=self.block_q,
       block_kv=self.block_kv,
       routed=routed,
+      b=b,
+      h=h,
+      params=params,
     )
 
 
@@ -148,6 +168,87 @@ def route_match(
   return jnp.any(q_route[..., :, None, :] == kv_route[..., None, :, None], axis=-1)
 
 
+def element_visible(mask_fn: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any, params: tuple):
+  """An element mask on a tile: position predicates take (q_idx, kv_idx); mask_mods
+  (`per_batch_head`) also the batch row, the query head and the mask's parameters
+  (`BlockMask.mask_params`). b, h: int32 scalars or arrays broadcasting with the
+  positions."""
+  if getattr(mask_fn, "per_batch_head", False):
+    return mask_fn.evaluate(b, h, q_idx, kv_idx, params)
+  return mask_fn(q_idx, kv_idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreMod:
+  """A user's `fn(score, b, h, q_idx, kv_idx[, params]) -> score` on the scaled float32
+  logits, before the mask (FlexAttention's score_mod); static and hashable by `fn`, its
+  parameters (any pytree of arrays) are traced data passed at each call."""
+
+  fn: Callable
+  has_params: bool
+
+  def __call__(self, score, b, h, q_idx, kv_idx, params):
+    if self.has_params:
+      return self.fn(score, b, h, q_idx, kv_idx, params)
+    return self.fn(score, b, h, q_idx, kv_idx)
+
+  def with_vjp(self, score, b, h, q_idx, kv_idx, params):
+    """(modified score, pullback): pullback(d_modified) -> (d_score, d_params)."""
+    return jax.vjp(lambda s, p: self(s, b, h, q_idx, kv_idx, p), score, params)
+
+
+class _Reader:
+  """A parameter inside a kernel: a Pallas ref read by indexing (`p[h]`, `table[i, h]`,
+  `c[...]`), each read recorded as (leaf, index, value)."""
+
+  def __init__(self, ref: Any, leaf: int, reads: list):
+    self._ref, self._leaf, self._reads = ref, leaf, reads
+
+  def __getitem__(self, index):
+    value = self._ref[index]
+    self._reads.append((self._leaf, index, value))
+    return value
+
+
+class _Replayer:
+  """A parameter replaying recorded values in read order (a pure function of them)."""
+
+  def __init__(self, values: Any):
+    self._values = values
+
+  def __getitem__(self, index):
+    return next(self._values)
+
+
+def score_mod_vjp_in_kernel(
+  score_mod: ScoreMod, score, b, h, q_idx, kv_idx, param_refs: Any
+) -> tuple[jax.Array, Callable]:
+  """A score_mod inside a kernel whose parameters are refs (a pytree of refs, read by
+  indexing). Returns (modified score, pullback); pullback(d_modified) -> (d_score,
+  reads), `reads` a list of (leaf number in the parameters' flattened order, index,
+  cotangent of the value read there): the kernel adds each cotangent into that leaf's
+  gradient at that index (an atomic add on GPUs). Works because every read is recorded
+  on the way and the function is replayed, for jax.vjp, as a pure function of the
+  score and the values read."""
+  leaves, tree = jax.tree.flatten(param_refs)
+  reads: list = []
+  readers = tree.unflatten([_Reader(r, i, reads) for i, r in enumerate(leaves)])
+  out = score_mod(score, b, h, q_idx, kv_idx, readers)
+  where = [(leaf, index) for leaf, index, _ in reads]
+
+  def replay(s, values):
+    it = iter(values)
+    return score_mod(s, b, h, q_idx, kv_idx, tree.unflatten([_Replayer(it)] * len(leaves)))
+
+  _, pull = jax.vjp(replay, score, [v for _, _, v in reads])
+
+  def pullback(d_out):
+    d_score, d_values = pull(d_out)
+    return d_score, [(leaf, index, d) for (leaf, index), d in zip(where, d_values, strict=True)]
+
+  return out, pullback
+
+
 def visibility(
   mask_fn: Any,
   partial: Any,  # bool, broadcastable to the tile: apply mask_fn here
@@ -159,6 +260,9 @@ def visibility(
   block_q: int,
   block_kv: int,
   routed: jax.Array | None = None,  # bool [..., block_q, block_kv] route match
+  b: Any = None,  # int32 batch row(s), for mask_mods
+  h: Any = None,  # int32 query head(s), for mask_mods
+  params: tuple = (),  # the mask's parameters, for mask_mods
 ) -> jax.Array | None:
   """Which (query, key) pairs of a tile are attended; None if all of them.
 
@@ -169,7 +273,8 @@ def visibility(
   """
   vis = routed
   if mask_fn is not None:
-    by_fn = jnp.logical_or(jnp.logical_not(partial), mask_fn(q_pos, kv_pos))
+    element = element_visible(mask_fn, b, h, q_pos, kv_pos, params)
+    by_fn = jnp.logical_or(jnp.logical_not(partial), element)
     vis = by_fn if vis is None else vis & by_fn
   if q_len % block_q:
     in_q = q_pos < q_len
@@ -230,28 +335,49 @@ def finalize(m: jax.Array, l: jax.Array, acc: jax.Array | None, *, base2: bool =
 def attention_with_vjp(forward: Callable, backward: Callable) -> Callable:
   """Ties a forward and a backward pass into one differentiable attention.
 
-  Returns `attention(cfg, q, k, v, *mask_args) -> (out, lse)`, a
-  `jax.custom_vjp` with `cfg` static, from
-    forward(cfg, q, k, v, *mask_args) -> (out, lse)
-    backward(cfg, q, k, v, *mask_args, out, lse, d_out, d_lse) -> (dq, dk, dv).
-  The mask arguments (integer metadata) get no cotangent.
+  Returns `attention(cfg, q, k, v, *rest) -> (out, lse)`, a `jax.custom_vjp` with
+  `cfg` static, from
+    forward(cfg, q, k, v, *rest) -> (out, lse)
+    backward(cfg, q, k, v, *rest, out, lse, d_out, d_lse) -> (dq, dk, dv, *d_lead).
+  The backward's cotangents cover q, k, v and the first len(d_lead) of `rest` (e.g.
+  score_mod parameters); the other arguments (mask metadata, routes) get none.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-  def attention(cfg, q, k, v, *mask_args):
-    return forward(cfg, q, k, v, *mask_args)
+  def attention(cfg, q, k, v, *rest):
+    return forward(cfg, q, k, v, *rest)
 
-  def attention_fwd(cfg, q, k, v, *mask_args):
-    out, lse = forward(cfg, q, k, v, *mask_args)
-    return (out, lse), (q, k, v, mask_args, out, lse)
+  def attention_fwd(cfg, q, k, v, *rest):
+    out, lse = forward(cfg, q, k, v, *rest)
+    return (out, lse), (q, k, v, rest, out, lse)
 
   def attention_bwd(cfg, residuals, cotangents):
-    q, k, v, mask_args, out, lse = residuals
-    grads = backward(cfg, q, k, v, *mask_args, out, lse, *cotangents)
-    return (*grads, *(None for _ in mask_args))
+    q, k, v, rest, out, lse = residuals
+    grads = backward(cfg, q, k, v, *rest, out, lse, *cotangents)
+    return (*grads, *(None for _ in rest[len(grads) - 3 :]))
 
   attention.defvjp(attention_fwd, attention_bwd)
   return attention
+
+
+def _floating(x: Any) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def add_cotangents(acc: Any, d: Any, params: Any) -> Any:
+  """acc (f32 sums, like `params`) plus the cotangents `d` of a vjp of `params`
+  (integer leaves carry float0 cotangents: they are skipped)."""
+  return jax.tree.map(lambda a, g, p: a + g.astype(a.dtype) if _floating(p) else a, acc, d, params)
+
+
+def float_cotangents(params: Any, grads: Any) -> Any:
+  """Cotangents of a parameter pytree: `grads` (f32 sums) cast to each floating leaf's
+  dtype, None for integer leaves (they get no gradient)."""
+
+  def one(p, g):
+    return g.astype(p.dtype) if _floating(p) else None
+
+  return jax.tree.map(one, params, grads)
 
 
 def forward_only(fn: Callable, message: str) -> Callable:

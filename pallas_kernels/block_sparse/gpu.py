@@ -69,9 +69,16 @@ SMEM_BYTES_OTHER = 99 * 1024
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if this kernel cannot run the call (before any work)."""
+  common.refuse_mods("Triton block-sparse", mask, score_mod)
   del routes  # token routes of any shape are supported
   for name, block in (("block_q", mask.block_q), ("block_kv", mask.block_kv)):
     if block < MIN_BLOCK or block & (block - 1):
@@ -637,6 +644,10 @@ def block_sparse_attention_triton(
   scale: float,
   interpret: bool = False,
   routes: common.TokenRoutes | None = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params: Any = None,
+  batch_offset: Any = 0,
+  head_offset: Any = 0,
   num_warps: int | None = None,
   num_stages: int = 3,
 ) -> tuple[jax.Array, jax.Array]:
@@ -654,7 +665,8 @@ def block_sparse_attention_triton(
       dims <= 64, else 8; 3 pipeline stages: a 3-deep k/v ring, as the tile id
       is read one step ahead).
   """
-  check_supported(q, k, v, mask, routes)
+  check_supported(q, k, v, mask, routes, score_mod=score_mod)
+  del score_mod_params, batch_offset, head_offset  # refused above until supported
   cfg = _config(
     q,
     k,

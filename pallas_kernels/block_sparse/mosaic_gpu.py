@@ -65,9 +65,16 @@ def _smem_bytes(block_q: int, block_kv: int, d: int, dv: int, stages: int) -> in
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if this kernel cannot run the call (shapes only)."""
+  common.refuse_mods("Mosaic GPU block-sparse", mask, score_mod)
   del k, routes  # any GQA grouping and token routes of any shape are supported
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise common.Unsupported(f"the Mosaic GPU kernel takes bf16/f16 inputs, got {q.dtype}.")
@@ -689,6 +696,10 @@ def block_sparse_attention_mosaic_gpu(
   scale: float,
   interpret: bool = False,
   routes: common.TokenRoutes | None = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params: Any = None,
+  batch_offset: Any = 0,
+  head_offset: Any = 0,
   num_stages: int | None = None,
   num_ctas: int = NUM_SMS,
 ) -> tuple[jax.Array, jax.Array]:
@@ -707,7 +718,8 @@ def block_sparse_attention_mosaic_gpu(
   Raises:
     common.Unsupported: a call this kernel does not take (see `check_supported`).
   """
-  check_supported(q, k, v, mask, routes)
+  check_supported(q, k, v, mask, routes, score_mod=score_mod)
+  del score_mod_params, batch_offset, head_offset  # refused above until supported
   d, dv = q.shape[-1], v.shape[-1]
   if num_stages is None:
     fits = _smem_bytes(mask.block_q, mask.block_kv, d, dv, 3) <= SMEM_BYTES

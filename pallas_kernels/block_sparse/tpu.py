@@ -125,7 +125,13 @@ def _words_per_row(*arrays: jax.Array) -> int:
 
 
 def check_supported(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, routes: Any = None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: Any,
+  routes: Any = None,
+  *,
+  score_mod: Any = None,
 ) -> None:
   """Raises `common.Unsupported` if the TPU kernel cannot run this call (before any work).
 
@@ -134,6 +140,7 @@ def check_supported(
     mask: a `common.BlockSparseLayout` (an `ops.BlockMask`).
     routes: token routes or None; routes of any shape are supported.
   """
+  common.refuse_mods("TPU block-sparse", mask, score_mod)
   del k, v, routes
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise common.Unsupported(
@@ -858,6 +865,10 @@ def block_sparse_attention_tpu(
   scale: float,
   interpret: Any = False,
   routes: common.TokenRoutes | None = None,
+  score_mod: common.ScoreMod | None = None,
+  score_mod_params: Any = None,
+  batch_offset: Any = 0,
+  head_offset: Any = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """(output [batch, q_len, q_heads, v_head_dim], lse f32 [batch, q_heads, q_len]).
 
@@ -874,7 +885,8 @@ def block_sparse_attention_tpu(
       [B|1, Hr, q_len, R], key int [B|1, kv_len]): inside the visited tiles,
       a query sees only keys whose route it lists.
   """
-  check_supported(q, k, v, mask, routes)
+  check_supported(q, k, v, mask, routes, score_mod=score_mod)
+  del score_mod_params, batch_offset, head_offset  # refused above until supported
   if q.dtype == jnp.float16:  # Mosaic has no float16 vectors: compute in float32
     f32 = lambda x: x.astype(jnp.float32)
     out, lse = block_sparse_attention_tpu(
