@@ -11,7 +11,8 @@ attention layer (batch 1, 4 query heads / 2 kv heads of 64, float32):
     overhead, not a speed-up;
   * ring steps skipped: (step, device) pairs whose sub-mask keeps no tile (they run no
     attention), of n x n. Causal (zig-zag) and a 4k sliding window from the host plan
-    (`ring_occupancy`); MoBA from its selection on random inputs.
+    (`ring_occupancy`); MoBA from its selection on random inputs, and on inputs biased
+    to select recent chunks (as trained models mostly do: "MoBA recent").
 
 n = 1 is the unsharded op. The sequence is in zig-zag order (`SequenceLayout`).
 
@@ -54,7 +55,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 64
 
 def attend(kind: str, layout: cp.SequenceLayout):
   """fn(q, k, v) -> out: the attention `kind` over `layout` (stored order)."""
-  if kind == "dense causal":
+  if kind == "dense causal":  # else MoBA
     return lambda q, k, v: cp.block_sparse_attention(
       q, k, v, em.Band(None, 0), layout=layout, block_q=BLOCK, block_kv=BLOCK
     )
@@ -84,22 +85,32 @@ def per_device_bytes(kind: str, n: int, length: int) -> int:
   return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
 
 
-def seconds(kind: str, n: int, length: int) -> float:
-  mesh, step = step_fn(kind, n, length)
+def inputs(length: int, recent: bool):
+  """Random q, k, v; `recent`: q > 0 and the keys' mean growing with their chunk, so
+  MoBA's gates rank the past chunks newest first (a local selection)."""
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q = jax.random.normal(keys[0], (1, length, HEADS, HEAD_DIM))
   k, v = (jax.random.normal(x, (1, length, KV_HEADS, HEAD_DIM)) for x in keys[1:])
+  if recent:
+    q = jnp.abs(q) + 1.0
+    k = (
+      k + 4.0 * (jnp.arange(length) // _CHUNK.value / (length / _CHUNK.value))[None, :, None, None]
+    )
+  return q, k, v
+
+
+def seconds(kind: str, n: int, length: int) -> float:
+  mesh, step = step_fn(kind, n, length)
+  q, k, v = inputs(length, kind == "MoBA recent")
   with jax.set_mesh(mesh):
     return benchutil.median_seconds(step, q, k, v, repeats=_REPEATS.value)
 
 
-def moba_skipped(n: int, length: int) -> int:
-  """(step, device) pairs of the MoBA ring with no kept tile, for random q, k: a device
+def moba_skipped(n: int, length: int, recent: bool) -> int:
+  """(step, device) pairs of the MoBA ring with no kept tile (`inputs`): a device
   skips step t when none of its queries selected a chunk with keys on shard d - t."""
   layout = cp.SequenceLayout(length, n)
-  keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  q = jax.random.normal(keys[0], (1, length, HEADS, HEAD_DIM))
-  k = jax.random.normal(keys[1], (1, length, KV_HEADS, HEAD_DIM))
+  q, k, _ = inputs(length, recent)
   chunk = _CHUNK.value
   ids = jnp.arange(length) // chunk
   num_chunks = -(-length // chunk)
@@ -132,10 +143,13 @@ def main(argv):
   timed = {
     "dense causal": set(map(int, _TIME_DENSE.value)),
     "MoBA": set(map(int, _TIME_MOBA.value)),
+    "MoBA recent": set(map(int, _TIME_MOBA.value)),
   }
   mem_rows, time_rows, skip_rows = [], [], []
-  for kind in ("dense causal", "MoBA"):
+  for kind in ("dense causal", "MoBA", "MoBA recent"):
     for length in lengths:
+      if kind == "MoBA recent" and length not in timed[kind]:
+        continue  # its memory is MoBA's
       mem = [benchutil.attempt(f"{kind} {length} n={n}", per_device_bytes, kind, n, length)
              for n in devices]  # fmt: skip
       mem_rows.append([kind, f"{length // 1024}k"] + [benchutil.mib(m) if m else "-" for m in mem])
@@ -148,7 +162,8 @@ def main(argv):
     for name, count in (
       ("causal (zig-zag)", lambda n, length=length: band_skipped(em.Band(None, 0), n, length)),
       ("sliding 4k", lambda n, length=length: band_skipped(em.Band(-4095, 0), n, length)),
-      ("MoBA (random q, k)", lambda n, length=length: moba_skipped(n, length)),
+      ("MoBA (random q, k)", lambda n, length=length: moba_skipped(n, length, False)),
+      ("MoBA recent", lambda n, length=length: moba_skipped(n, length, True)),
     ):
       skip_rows.append([name, f"{length // 1024}k"] + [f"{count(n)} / {n * n}" for n in devices])
   head = ["attention", "tokens"] + [f"n={n}" for n in devices]
