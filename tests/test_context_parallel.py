@@ -81,6 +81,7 @@ def test_layout_errors_name_the_argument():
 # Each test runs its own worker process(es), so that pytest-xdist can spread them.
 
 
+@pytest.mark.slow
 def test_ring_matches_unsharded_ops():
   """On rings of 8 and 4 devices: causal, sliding, dense (batch also split: a ring of 4
   on 8 devices), a random layout with token routes and row_scale, MoBA, NSA, and the
@@ -103,6 +104,7 @@ def test_per_device_memory_shrinks_with_devices():
     assert sizes[2 * n] < 0.6 * sizes[n], sizes
 
 
+@pytest.mark.slow
 def test_lm_trains_context_parallel_with_one_device_losses():
   """configs/lm_text.py with --config.mesh.data=1 --config.mesh.context=4 on 4 devices
   logs the losses of one device, for dense, MoBA and NSA attention."""

@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from context_parallel_worker import lm_overrides, train_losses
 from test_context_parallel import run_worker
 
@@ -66,6 +67,7 @@ def _wait(procs) -> list[str]:
   return logs
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
   reference = run_worker(
     "train", f"dense:4:1:{DATA_STEPS}", f"dense:1:4:{CONTEXT_STEPS}", devices=4
