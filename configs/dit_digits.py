@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.recalibrate_every = 5  # calibrate at 5, 10, 15
   config.sampling.r_increment = 0.04
 
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "model": 1})
   config.sharding_rules = [(".*", "fsdp")]
   config.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
   return config

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
 
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "model": 1})
   config.sharding_rules = [(".*", "fsdp")]
   config.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
   return config

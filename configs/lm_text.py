@@ -9,6 +9,27 @@ Attention: `--config.model.attention=dense|sliding|moba|nsa` with its fields bel
 (`--config.model.moba_chunk=64 --config.model.moba_topk=2`, ...). Your own text:
 `--config.data.path=/data/corpus.txt` (a file, or a folder read recursively). The 1B
 shapes: `--config.model.name=lm_1b` (not for a CPU).
+
+Long sequences (64k tokens and more) across devices: `--config.mesh.context=N` splits
+every sequence over N devices (context parallelism, ops/context_parallel.py): each holds
+seq_len / N tokens and attention runs as a ring over them, so activation memory per
+device falls ~1/N. 64k tokens of MoBA on one 8-GPU host:
+
+  python -m sparse_attention.train.main --config=lm_text --workdir=/tmp/lm64k \
+    --config.model.name=lm_1b --config.model.attention=moba \
+    --config.model.moba_chunk=2048 --config.model.moba_topk=4 \
+    --config.data.seq_len=65536 --config.data.path=/data/corpus --config.data.max_bytes=1000000000 \
+    --config.mesh.data=1 --config.mesh.context=8 --config.batch_size=1 \
+    --config.compute_dtype=bfloat16
+
+seq_len must be a multiple of 2 x context (zig-zag: two slices per device); NSA also
+needs seq_len / (2 x context) to be a multiple of nsa_stride; batch_size a multiple of
+data x fsdp. With more devices than the sequence needs, put the rest on data
+(`--config.mesh.data=-1`): the ring moves every key/value shard past every device, so a
+sparse attention (MoBA, NSA) turns communication-bound as context grows (the arithmetic
+is in docs/context_parallel.md); keep context within a host. Several hosts: README,
+"Multi-host training". The 2 MiB default text is ~30 sequences of 64k: point
+data.path at more.
 """
 
 import ml_collections
@@ -59,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 100
   config.keep_checkpoints = 2
 
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "model": 1})
   config.sharding_rules = [(".*", "fsdp")]
   config.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
   return config

@@ -65,6 +65,15 @@ plus one int32 length; shapes never change, so a jitted step compiles once. Per 
   step costs an NSA pass over max_len queries; an op argument for the queries'
   position offset would make it O(n).
 
+Context parallelism (`LM(tokens, layout=SequenceLayout)`, what the trainer does on a mesh
+with a `context` axis): the sequence is stored in the layout's order, zig-zag over the
+devices (ops/context_parallel.py). The tokens are permuted once at the input, RoPE
+gets the stored positions, embeddings / norms / MLPs / the head run on each device's
+slices, and every attention kind runs as a ring over the context axis (dense and
+sliding as element masks, MoBA and NSA through their context-parallel ops; NSA's phi
+runs on the blocks each device cuts from its slices). The logits come back in the
+stored order: permute the targets with `layout.to_layout`. No segment_ids.
+
 Exactness: a cached step computes, for every new token, the same keys, blocks,
 selection and softmax as the full forward; only the floating-point summation order of
 the attention can differ (other tiles), which is within float32 round-off
@@ -75,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -91,11 +101,13 @@ from sparse_attention.ops import (
   check_values_in_range,
   compress_mean,
   decode_attention,
+  element_masks,
   masks,
   moba_attention,
   nsa_attention,
   num_compressed_blocks,
 )
+from sparse_attention.ops import context_parallel as cp
 
 ATTENTIONS = ("dense", "sliding", "moba", "nsa")
 NSA_COMPRESS = ("mlp", "mean")
@@ -331,6 +343,20 @@ def segment_positions(segment_ids: jax.Array | None, length: int) -> jax.Array:
   return pos - jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)
 
 
+def context_parallel_problem(config: LMConfig, slice_len: int) -> str:
+  """Why the model cannot split its sequence into slices of `slice_len` tokens ("" if
+  it can): NSA cuts its compressed blocks from whole slices."""
+  if config.attention != "nsa":
+    return ""
+  if slice_len % config.nsa_stride or config.nsa_block_len - config.nsa_stride > slice_len:
+    return (
+      f"NSA needs slices of seq_len / (2 x context) = {slice_len} tokens that are a multiple "
+      f"of nsa_stride ({config.nsa_stride}) and at least nsa_block_len - nsa_stride "
+      f"({config.nsa_block_len - config.nsa_stride}) long."
+    )
+  return ""
+
+
 def _block_q(q_len: int, block_size: int) -> int:
   """Query tile: block_size, or the next power of two >= max(q_len, 16) if smaller."""
   return min(block_size, max(16, 1 << (q_len - 1).bit_length()))
@@ -453,13 +479,19 @@ class Attention(nnx.Module):
   # -- full forward
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    layout: cp.SequenceLayout | None = None,
   ) -> jax.Array:
-    """x [B, L, dim] -> [B, L, dim]."""
+    """x [B, L, dim] -> [B, L, dim] (with `layout`: the sequence in its stored order)."""
     c = self.config
     b, l, _ = x.shape
     q, k, v = self._qkv(x, positions)  # [B, L, H, D]
-    if c.attention in ("dense", "sliding"):
+    if layout is not None:
+      o = self._context_parallel(q, k, v, x, layout)
+    elif c.attention in ("dense", "sliding"):
       blocks = dict(block_q=_block_q(l, c.block_size), block_kv=c.block_size)
       if c.attention == "dense":
         mask = masks.causal(l, l, **blocks)
@@ -484,6 +516,25 @@ class Attention(nnx.Module):
       k_cmp, v_cmp = self._compress(k, v)
       o = self._nsa(q, k, v, k_cmp, v_cmp, self._gates(x), segment_ids)
     return self.wo(o.reshape(b, l, c.num_heads * c.head_dim))
+
+  def _context_parallel(self, q, k, v, x, layout: cp.SequenceLayout) -> jax.Array:
+    """Attention as a ring over the context axis; q, k, v [B, L, H, D] in stored order."""
+    c = self.config
+    block = math.gcd(layout.slice_len, c.block_size)
+    kw = dict(layout=layout, implementation=c.implementation, block_q=block, block_kv=block)
+    if c.attention in ("dense", "sliding"):
+      fn = element_masks.Band(None if c.attention == "dense" else -c.window, 0)
+      return cp.block_sparse_attention(q, k, v, fn, **kw)
+    if c.attention == "moba":
+      return cp.moba_attention(q, k, v, chunk_size=c.moba_chunk, topk=c.moba_topk, **kw)
+    geometry = dict(block_len=c.nsa_block_len, stride=c.nsa_stride)
+    k_cmp = cp.compress(k, lambda x: self._phi(x, self.k_compress), layout=layout, **geometry)
+    v_cmp = cp.compress(v, lambda x: self._phi(x, self.v_compress), layout=layout, **geometry)
+    return cp.nsa_attention(
+      q, k, v, k_cmp.astype(q.dtype), v_cmp.astype(q.dtype), self._gates(x).astype(q.dtype),
+      select_len=c.nsa_select_len, num_select=c.nsa_num_select, window=c.nsa_window,
+      **geometry, **kw,
+    )  # fmt: skip
 
   # -- cached decoding
 
@@ -579,8 +630,8 @@ class Block(nnx.Module):
     self.norm2 = norm(config.dim)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.norm1(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids, layout=None):
+    x = x + self.attn(self.norm1(x), positions, segment_ids, layout)
     return x + self.mlp(self.norm2(x))
 
   def decode(self, x, positions, cache: LayerCache, length):
@@ -680,11 +731,23 @@ class LM(nnx.Module):
   def _logits(self, x: jax.Array) -> jax.Array:
     return self.head(self.norm(x)).astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """tokens int [B, L] (and segment_ids int [B, L]) -> logits float32 [B, L, vocab]."""
+  def __call__(
+    self,
+    tokens: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    layout: cp.SequenceLayout | None = None,
+  ) -> jax.Array:
+    """tokens int [B, L] (and segment_ids int [B, L]) -> logits float32 [B, L, vocab].
+
+    With `layout` (context parallelism, see the module docstring) the logits are in the
+    layout's stored order (`layout.to_layout(targets)` matches them); no segment_ids.
+    """
     c = self.config
     _check_tokens("tokens", tokens, c.max_len, c.vocab_size)
     b, l = tokens.shape
+    if layout is not None:
+      return self._context_parallel(tokens, segment_ids, layout)
     if segment_ids is not None:
       if getattr(segment_ids, "shape", None) != (b, l) or not jnp.issubdtype(
         segment_ids.dtype, jnp.integer
@@ -699,6 +762,20 @@ class LM(nnx.Module):
     x = self.embed(tokens)  # [B, L, dim]
     for block in self.blocks:
       x = block(x, positions, segment_ids)
+    return self._logits(x)
+
+  def _context_parallel(self, tokens, segment_ids, layout: cp.SequenceLayout) -> jax.Array:
+    if segment_ids is not None:
+      raise ValueError("LM: segment_ids are not supported with a context-parallel layout.")
+    if layout.length != tokens.shape[1]:
+      raise ValueError(f"LM: layout is for {layout.length} tokens, tokens have {tokens.shape[1]}.")
+    problem = context_parallel_problem(self.config, layout.slice_len)
+    if problem:
+      raise ValueError(f"LM: {problem}")
+    positions = jnp.asarray(layout.positions())[None]  # [1, L]: RoPE in stored order
+    x = cp.shard_sequence(self.embed(layout.to_layout(tokens)))  # [B, L, dim], split
+    for block in self.blocks:
+      x = block(x, positions, None, layout)
     return self._logits(x)
 
   def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> Cache:

@@ -14,6 +14,9 @@ metadata follows q: its batch / head dims are split the same way where they
 are not broadcast (size 1). The parameters of a score_mod or mask_mod are
 replicated, and each device's kernel gets the global index of its first batch row
 and head (`batch_offset`, `head_offset`), so the functions see global b and h.
+Axes that are already manual (inside a caller's `jax.shard_map`, e.g. the
+context-parallel ring) are left alone: the arrays the kernel sees there are
+already per-device.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ def _active_mesh():
 
 
 def batch_head_axes(mesh, batch: int, kv_heads: int) -> tuple[tuple[str, ...], str | None]:
-  """The mesh axes the batch and the heads are split over (possibly none)."""
-  shape = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  """The mesh axes the batch and the heads are split over (possibly none); manual
+  axes (inside a `jax.shard_map`) are not."""
+  manual = set(getattr(mesh, "manual_axes", ()))
+  shape = {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if a not in manual}
   batch_axes = tuple(a for a in BATCH_AXES if shape.get(a, 1) > 1)
   if batch % math.prod(shape[a] for a in batch_axes):
     batch_axes = ()

@@ -1,13 +1,16 @@
 """Device mesh and shardings: how parameters, optimizer state and batches are split.
 
-The mesh has three named axes (`jax.make_mesh`, Auto axis types):
+The mesh has four named axes (`jax.make_mesh`, Auto axis types):
 
-  data   batches are split over it (pure data parallelism: parameters replicated)
-  fsdp   batches are split over it too, and parameters / optimizer state are sharded
-         over it (ZeRO-3 / FSDP: each device holds 1/fsdp of every large tensor and
-         XLA gathers it for the matmuls)
-  model  parameters are split over it along their output features (tensor
-         parallelism); the Pallas attention kernels split heads over it
+  data     batches are split over it (pure data parallelism: parameters replicated)
+  fsdp     batches are split over it too, and parameters / optimizer state are sharded
+           over it (ZeRO-3 / FSDP: each device holds 1/fsdp of every large tensor and
+           XLA gathers it for the matmuls)
+  context  the sequence is split over it (context parallelism, the lm task): activations
+           are sequence-local, attention runs as a ring over it
+           (ops/context_parallel.py); parameters are replicated over it
+  model    parameters are split over it along their output features (tensor
+           parallelism); the Pallas attention kernels split heads over it
 
 `config.mesh` gives the axis sizes; -1 takes all remaining devices, so the same
 config runs on 1 CPU, 8 GPUs or a TPU slice. Parameter shardings follow
@@ -20,7 +23,10 @@ the first match wins:
                the last dim of >= 2-d tensors over `model` when it divides
   "replicate"  keep a full copy on every device
 
-Batches: the leading dim over ("data", "fsdp").
+Batches: the leading dim over ("data", "fsdp"), replicated over "context" (the model
+splits the sequence itself). A process loads the batch rows its devices hold
+(`process_batch_shard`): with a context or model axis spanning hosts, several processes
+load the same rows.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "model")
+AXES = ("data", "fsdp", "context", "model")
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("fsdp", "replicate")
 DEFAULT_RULES = ((".*", "fsdp"),)
@@ -43,7 +49,8 @@ MIN_FSDP_SIZE = 2**12  # smaller tensors (biases, norms) are not worth gathering
 
 
 def make_mesh(sizes: Any, devices: Sequence[Any] | None = None) -> Mesh:
-  """A ("data", "fsdp", "model") mesh from a mapping of axis sizes (-1: the rest)."""
+  """A ("data", "fsdp", "context", "model") mesh from a mapping of axis sizes (-1: the
+  rest; a missing axis is 1)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = []
   for axis in AXES:
@@ -77,6 +84,24 @@ def batch_size_divisor(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over ("data", "fsdp"); the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
+  """(shard_index, num_shards) of the global batch rows this process's devices hold:
+  what it loads (`data.BatchIterator`, `data.eval_batches`). One process: (0, 1); data
+  parallel over processes: (process_index, process_count); processes that share rows
+  (a context or model axis spanning them) get the same shard."""
+  shards = batch_size_divisor(mesh)
+  held = batch_sharding(mesh).addressable_devices_indices_map((shards,))
+  starts = sorted({index[0].start or 0 for index in held.values()})
+  count = len(starts)
+  if starts != list(range(starts[0], starts[0] + count)) or shards % count:
+    raise ValueError(
+      f"config.mesh: process {jax.process_index()} holds batch shards {starts} of {shards}; "
+      "each process must hold a contiguous run of them (order the mesh so that data / fsdp "
+      "split across hosts)."
+    )
+  return starts[0] // count, shards // count
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from sparse_attention.models import litv2, lm
+from sparse_attention.ops import context_parallel
 from sparse_attention.train import diffusion
 
 LITV2_PRESETS: dict[str, Callable[..., litv2.LITv2Config]] = {
@@ -175,7 +176,19 @@ def _check_lm(config: ml_collections.ConfigDict) -> None:
       f"config.data.kind must be 'text' (or 'npz' with a token stream) for the lm task, got "
       f"{config.data.kind!r}."
     )
-  _lm_config(config, None)
+  model = _lm_config(config, None)
+  context = config.mesh.get("context", 1)
+  seq_len = config.data.get("seq_len")
+  if context != 1 and isinstance(seq_len, int):
+    # Zig-zag: every device holds 2 slices of seq_len / (2 * context) tokens.
+    if seq_len % (2 * context):
+      raise ValueError(
+        f"config.data.seq_len ({seq_len}) must be a multiple of 2 x config.mesh.context "
+        f"({context}): each device holds two slices of the sequence."
+      )
+    problem = lm.context_parallel_problem(model, seq_len // (2 * context))
+    if problem:
+      raise ValueError(f"config.mesh.context={context} with seq_len {seq_len}: {problem}")
 
 
 def _build_lm(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rngs):
@@ -185,8 +198,11 @@ def _build_lm(config: ml_collections.ConfigDict, datasets: Any, rngs: nnx.Rngs):
 def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array], dtype: Any):
   """Mean next-token cross entropy over the target tokens (eval: of the masked-in examples)."""
   del dtype  # the token ids are ints; the trainer has cast the parameters
-  logits = model(batch["inputs"])  # [B, L, vocab] float32
-  targets = batch["targets"]  # [B, L]
+  # A mesh with a context axis splits the sequence: the model stores it zig-zag (logits
+  # in that order), so the targets follow; the mean over tokens does not care.
+  layout = context_parallel.active_layout(batch["inputs"].shape[1])
+  logits = model(batch["inputs"], layout=layout)  # [B, L, vocab] float32
+  targets = batch["targets"] if layout is None else layout.to_layout(batch["targets"])  # [B, L]
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
   weight = batch.get("mask", jnp.ones(targets.shape[:1], bool)).astype(jnp.float32)  # [B]
   weight = jnp.broadcast_to(weight[:, None], targets.shape)

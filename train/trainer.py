@@ -115,6 +115,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"start_step={profile.start_step}, num_steps={profile.num_steps}."
     )
   _check_implementation(config.model.get("implementation") or "")
+  context = config.mesh.get("context", 1)
+  if context != 1 and config.task != "lm":
+    raise ValueError(
+      f"config.mesh.context ({context}) splits sequences: only the lm task runs context "
+      "parallel; leave it 1."
+    )
   task = tasks.get(config.task)
   task.check(config)
   data.check_config(config)
@@ -360,8 +366,9 @@ def evaluate(
   steps: Steps, eval_step, state, split: str, batch_size: int, sharding, datasets
 ) -> dict:
   """The task's metrics over every example of `datasets.<split>` exactly once."""
+  shard_index, num_shards = partitioning.process_batch_shard(sharding.mesh)
   batches = data.eval_batches(
-    datasets, split, batch_size, shard_index=jax.process_index(), num_shards=jax.process_count()
+    datasets, split, batch_size, shard_index=shard_index, num_shards=num_shards
   )
   metrics = []
   with contextlib.closing(batches):  # stops its worker processes
@@ -492,12 +499,13 @@ def train_and_evaluate(
     )
     eval_step = jax.jit(steps.eval_step, in_shardings=(state_shardings, batch_sharding))
 
+    shard_index, num_shards = partitioning.process_batch_shard(mesh)
     train_iter = data.train_batches(
       datasets,
       config.batch_size,
       seed=config.seed,
-      shard_index=jax.process_index(),
-      num_shards=jax.process_count(),
+      shard_index=shard_index,
+      num_shards=num_shards,
     )
     ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
