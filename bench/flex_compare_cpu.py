@@ -104,7 +104,9 @@ def _run_torch(what: str, arrays: dict, tmp: str) -> dict:
   src, dst = os.path.join(tmp, f"{what}_in.npz"), os.path.join(tmp, f"{what}_out.npz")
   np.savez(src, threads=os.cpu_count(), **arrays)
   script = os.path.join(HERE, "flex_compare_torch.py")
-  subprocess.run([_TORCH_PYTHON.value, script, what, src, dst], check=True)
+  # A fresh inductor cache: the first compiled call is a cold compile, every round.
+  env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(dir=tmp))
+  subprocess.run([_TORCH_PYTHON.value, script, what, src, dst], check=True, env=env)
   return dict(np.load(dst))
 
 
@@ -281,7 +283,8 @@ def timing(tmp: str) -> tuple[str, str]:
     f"B1 H8 S{seq} D64 float32, 128-tiles; sliding: causal, keys i-{_WINDOW.value}..i; "
     f"document: {len(lens)} packed documents of {lens} tokens, causal inside each. "
     f"{_ROUNDS.value} rounds of (ours, then flex in its own process), best median of "
-    f"{_REPEATS.value} calls each; first call = compile (flex: the slowest round's). "
+    f"{_REPEATS.value} calls each; first call = compile (flex: with a cold inductor cache "
+    "each round, the slowest round's). "
     f"Load average (1 min) after each part: {', '.join(f'{x:.1f}' for x in loads)}."
   )
   return text, note
