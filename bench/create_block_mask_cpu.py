@@ -202,7 +202,7 @@ def main(argv):
     "[Qb, Kb] index arrays. Peak RSS: `/usr/bin/time -v` of a process doing one predicate "
     f"(compile + {1 + _REPEATS.value} builds + layout read-back); baseline = a process "
     f"building a 256 x 256 mask: {base_rss / 1024:,.0f} MiB. The S x S boolean mask would "
-    f"take {dense_gib:,.0f} GiB. Load average (1 min) at start: {load:.1f} (2 shared cores; "
+    f"take {dense_gib:,.1f} GiB. Load average (1 min) at start: {load:.1f} (2 shared cores; "
     "times move with it).\n\n"
     f"{table}\n\n"
     + "".join(f"- {n}\n" for n in notes)
