@@ -198,7 +198,7 @@ def agreement(tmp: str) -> tuple[str, dict]:
     rows,
   )  # fmt: skip
   facts = {
-    "torch": str(flex["torch_version"]),
+    "torch": f"{flex['torch_version']} (Python {flex['python_version']})",
     "buckets": "equal" if buckets_equal else "DIFFERENT",
   }
   return table, facts
@@ -302,7 +302,7 @@ def main(argv):
     f"# Programmable attention vs PyTorch FlexAttention, {benchutil.machine()} "
     f"({benchutil.today()})\n\n"
     f"`python bench/flex_compare_cpu.py` (torch side: bench/flex_compare_torch.py); torch "
-    f"{facts['torch']} (CPU wheel), Python {sys.version.split()[0]}; load average (1 min) "
+    f"{facts['torch']}, CPU wheel; jax side Python {sys.version.split()[0]}; load average (1 min) "
     f"at start {load:.1f}.\n\n"
     "## 1. Agreement (float32, B2 H4 (2 kv heads) S256 D64, 64-tiles)\n\n"
     "Max abs differences of the output and the lse against eager FlexAttention (its "

@@ -155,6 +155,7 @@ def main(argv):
   inp = dict(np.load(src))
   result = {"accuracy": accuracy, "timing": timing}[what](inp)
   result["torch_version"] = np.array(torch.__version__)
+  result["python_version"] = np.array(sys.version.split()[0])
   result["torch_threads"] = np.array(torch.get_num_threads())
   np.savez(dst, **result)
 
