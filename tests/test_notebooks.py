@@ -61,7 +61,7 @@ def _text(nb) -> str:
   return "\n".join(parts)
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "kernels.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "kernels.ipynb", "programmable.ipynb"])
 def test_stored_notebook_holds_the_outputs_of_a_full_run(name):
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   nbformat.validate(nb)
@@ -87,3 +87,11 @@ def test_kernels_runs(tmp_path):
   text = _text(nb)
   assert "FAST=True" in text
   assert "pallas_tpu" in text and "pallas_triton" in text
+
+
+@pytest.mark.slow
+def test_programmable_runs(tmp_path):
+  nb = _execute("programmable.ipynb", tmp_path)
+  text = _text(nb)
+  assert "FAST=True" in text
+  assert "traced 1 time(s)" in text and "max |decode step - full forward" in text
