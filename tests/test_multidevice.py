@@ -30,11 +30,10 @@ def single_device_losses():
   return _run("1,1,1", str(STEPS), devices=1)["losses"]
 
 
-@pytest.mark.parametrize(
-  "mesh, shards_params", [("8,1,1", False), ("2,4,1", True), ("4,1,2", True)]
-)
+@pytest.mark.parametrize("mesh, shards_params", [("8,1,1", False), ("2,2,2", True)])
 def test_sharded_training_matches_one_device(single_device_losses, mesh, shards_params):
-  """data parallel (8), FSDP (data 2 x fsdp 4), data 4 x model 2: same losses."""
+  """Data parallel (8), and data 2 x FSDP 2 x model 2 (parameters sharded over both the
+  fsdp and the model axis in one run): the same losses as one device."""
   result = _run(mesh, str(STEPS))
   assert (result["sharded_tensors"] > 0) == shards_params, result
   losses = result["losses"]

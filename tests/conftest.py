@@ -1,0 +1,27 @@
+"""Suite-wide settings.
+
+One persistent XLA compilation cache for the whole run, shared by the test processes,
+the xdist workers and every training job a test starts as a subprocess (they inherit
+the environment): the suite compiles the same training steps many times (resume, kill,
+refusal and sharding tests each start several jobs of one model), and a cache hit turns
+a 10-30 s compilation into a file read. Entries are keyed by the HLO, the jax/XLA
+versions, the flags and the backend, so a hit is the executable XLA would have built.
+Set SPARSE_ATTENTION_TEST_CACHE=0 to run without it.
+"""
+
+import os
+import pathlib
+import tempfile
+
+import jax
+
+if os.environ.get("SPARSE_ATTENTION_TEST_CACHE", "1") != "0":
+  _dir = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(tempfile.gettempdir()) / f"sparse_attention_jax_cache_{os.getuid()}"),
+  )
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  jax.config.update("jax_compilation_cache_dir", _dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
