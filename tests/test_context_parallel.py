@@ -5,13 +5,13 @@ per-device memory shrinks with the devices, and the LM trains with the same loss
 a context axis of 4 as on one device. The host-side planning runs in this process."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import testutil
 
 from sparse_attention.ops import context_parallel as cp
 from sparse_attention.ops import element_masks as em
@@ -23,7 +23,7 @@ LM_STEPS = 3
 
 def run_worker(*args: str, devices: int) -> dict:
   """tests/context_parallel_worker.py MODE ARGS... on `devices` fake CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = testutil.fake_devices_env(devices)
   proc = subprocess.run(
     [sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=900
   )

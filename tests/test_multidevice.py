@@ -3,20 +3,20 @@ count is fixed when jax starts): the same training losses on 1 device and on
 data-parallel, FSDP and tensor-parallel meshes; Pallas kernels under shard_map."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import testutil
 
 WORKER = pathlib.Path(__file__).resolve().parent / "multidevice_worker.py"
 STEPS = 5
 
 
 def _run(*args: str, devices: int = 8) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = testutil.fake_devices_env(devices)
   proc = subprocess.run(
     [sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=900
   )
@@ -30,10 +30,11 @@ def single_device_losses():
   return _run("1,1,1", str(STEPS), devices=1)["losses"]
 
 
-@pytest.mark.parametrize("mesh, shards_params", [("8,1,1", False), ("2,2,2", True)])
+@pytest.mark.parametrize(
+  "mesh, shards_params", [("8,1,1", False), ("2,4,1", True), ("4,1,2", True)]
+)
 def test_sharded_training_matches_one_device(single_device_losses, mesh, shards_params):
-  """Data parallel (8), and data 2 x FSDP 2 x model 2 (parameters sharded over both the
-  fsdp and the model axis in one run): the same losses as one device."""
+  """data parallel (8), FSDP (data 2 x fsdp 4), data 4 x model 2: same losses."""
   result = _run(mesh, str(STEPS))
   assert (result["sharded_tensors"] > 0) == shards_params, result
   losses = result["losses"]

@@ -5,7 +5,6 @@ CPU devices each, gloo CPU collectives) train configs/lm_text.py data parallel
 processes) and log the per-step losses of one process with four devices; the context
 parallel run, killed (SIGKILL, both processes) after a checkpoint, resumes from it."""
 
-import os
 import pathlib
 import signal
 import socket
@@ -15,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import testutil
 from context_parallel_worker import lm_overrides, train_losses
 from test_context_parallel import run_worker
 
@@ -31,12 +31,7 @@ def _free_port() -> int:
 def _launch(workdir: pathlib.Path, data: int, context: int, steps: int, *extra: str):
   """Starts the two processes of one run; returns [(Popen, log path)]."""
   port = _free_port()
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    JAX_PLATFORMS="cpu",
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-  )
+  env = testutil.fake_devices_env(2, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   procs = []
   for pid in range(2):
     cmd = [

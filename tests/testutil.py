@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -294,3 +295,11 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=8, seed=0, stray=
   if stray:
     pathlib.Path(root, classes[0], "notes.txt").write_text("not an image")
   return out
+
+
+def fake_devices_env(devices: int, **extra: str) -> dict:
+  """The environment for a subprocess with `devices` fake CPU devices: this one's, with
+  the device count added to its XLA_FLAGS (keeping the suite's other flags)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  return dict(os.environ, XLA_FLAGS=flags, **extra)
