@@ -906,22 +906,6 @@ def moba_attention(
 
 
 @dataclasses.dataclass(frozen=True)
-class _StridedCausal:
-  """Query i sees column w iff w * stride + lag <= i: NSA's compressed-key visibility
-  (compressed block c ends at c * stride + block_len - 1) in a window's coordinates.
-  Monotone, so a tile's corners classify it exactly."""
-
-  stride: int
-  lag: int
-
-  def __call__(self, q_idx, kv_idx):
-    return kv_idx * self.stride + self.lag <= q_idx
-
-  def classify(self, q_lo, q_hi, kv_lo, kv_hi):
-    return kv_lo * self.stride + self.lag <= q_hi, kv_hi * self.stride + self.lag <= q_lo
-
-
-@dataclasses.dataclass(frozen=True)
 class _NSAGeometry:
   """Static facts of a context-parallel NSA call."""
 
@@ -982,7 +966,7 @@ def _nsa_compressed(geo: _NSAGeometry, ring: _Ring, q, k_cmp, v_cmp, d) -> jax.A
   Slice s (queries at (s c) + i) reads the window of W = L / stride compressed keys
   ending at block (s + 1) c / stride (zeros before block 0 and past the last one, which
   token routes hide): in window coordinates the visibility is one static element mask
-  for every slice, `_StridedCausal`. The slices run as one batch.
+  for every slice, `element_masks.Strided`. The slices run as one batch.
   """
   layout, c = geo.layout, geo.layout.slice_len
   b, _, hq, dd = q.shape
@@ -999,7 +983,7 @@ def _nsa_compressed(geo: _NSAGeometry, ring: _Ring, q, k_cmp, v_cmp, d) -> jax.A
   block = ends - w + jnp.arange(w, dtype=jnp.int32)[:, None]  # [W, S]: window -> block id
   key = jnp.repeat(((block < 0) | (block >= nc)).astype(jnp.int32).T, b, axis=0)  # 0: real
   routes = TokenRoutes(jnp.zeros((key.shape[0], 1, c, 1), jnp.int32), key)
-  fn = _StridedCausal(geo.stride, c + geo.block_len - 1 - w * geo.stride)
+  fn = element_masks.Strided(geo.stride, c + geo.block_len - 1 - w * geo.stride)
   mask = masks.from_element_mask(fn, c, w, block_q=ring.block_q, block_kv=ring.block_kv)
   out = block_sparse.block_sparse_attention(
     qs, ks, vs, mask, routes=routes, scale=ring.scale, implementation=ring.implementation,

@@ -161,6 +161,23 @@ class Chunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class Strided:
+  """Key j is visible to query i iff j * stride + lag <= i: a causal mask over keys that
+  stand for strided blocks (NSA's compressed keys: block j ends at j * stride + lag in
+  the query's coordinates). Monotone (up in i, down in j), so a tile's corners classify
+  it exactly."""
+
+  stride: int
+  lag: int
+
+  def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+    return kv_idx * self.stride + self.lag <= q_idx
+
+  def classify(self, q_lo, q_hi, kv_lo, kv_hi):
+    return kv_lo * self.stride + self.lag <= q_hi, kv_hi * self.stride + self.lag <= q_lo
+
+
+@dataclasses.dataclass(frozen=True)
 class AllOf:
   """Visible iff every member predicate says visible (mask intersection)."""
 

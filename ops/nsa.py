@@ -104,7 +104,7 @@ Implementations:
   - window: the static mask `Band(offset - w + 1, offset)` (keys t - w < j <= t), through
     the same kernel without routes;
   - compression: the kernel attends the Nc compressed keys under the static element mask
-    `_CompressedVisible` (compressed key c visible to query t iff c*d + l - 1 <= t:
+    `element_masks.Strided` (compressed key c visible to query t iff c*d + l - 1 <= t:
     monotone, so tiles classify exactly), the same math as the xla path with Nc ~ Lk / d
     keys; a query that sees no block gets 0 (the kernels' empty-row rule), Nc = 0 skips it.
   Tiles are powers of two in [16, cap] (the Triton kernel needs powers of two >= 16; the
@@ -580,26 +580,10 @@ def _kernel_plan(cfg: _Config, kernel: str, interpret: bool) -> _KernelPlan:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class _CompressedVisible:
-  """Element mask of the compression branch: query row i (position offset + i) sees
-  compressed key c iff its block ends in the query's past, c*stride + block_len - 1 <=
-  offset + i; `lag` = block_len - 1 - offset. Monotone (up in i, down in c), so a tile's
-  corners classify it exactly."""
-
-  stride: int
-  lag: int
-
-  def __call__(self, q_idx, kv_idx):
-    return kv_idx * self.stride + self.lag <= q_idx
-
-  def classify(self, q_lo, q_hi, kv_lo, kv_hi):
-    return kv_lo * self.stride + self.lag <= q_hi, kv_hi * self.stride + self.lag <= q_lo
-
-
 def _compressed_mask(plan: _KernelPlan) -> BlockMask:
   cfg = plan.cfg
-  fn = _CompressedVisible(cfg.stride, cfg.block_len - 1 - cfg.offset)
+  # compressed key c is visible to query row i iff c*stride + block_len - 1 <= offset + i
+  fn = element_masks.Strided(cfg.stride, cfg.block_len - 1 - cfg.offset)
   return masks.from_element_mask(
     fn, cfg.q_len, cfg.num_compressed, block_q=plan.block_q, block_kv=plan.cmp_kv
   )

@@ -83,15 +83,16 @@ def _loss(attend, q, k, v, params, ct):
   return jnp.sum(out * ct[0]) + jnp.sum(finite * ct[1]), (out, lse)
 
 
-def _dense_f64(q, k, v, visible, score_mod, params):
-  """softmax(score_mod(q k^T / sqrt(D)), visible) v, the definition, in float64."""
-  g = HQ // HKV
+def dense_f64(q, k, v, visible, score_mod, params):
+  """softmax(score_mod(q k^T / sqrt(D)), visible) v, the definition (run in float64)."""
+  b, length, hq, d = q.shape
+  g = hq // k.shape[2]
   kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, kk) * D**-0.5
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kk) * d**-0.5
   if score_mod is not None:
     idx = functools.partial(jnp.arange, dtype=jnp.int32)
-    b, h = idx(B)[:, None, None, None], idx(HQ)[None, :, None, None]
-    args = (s, b, h, idx(L)[:, None], idx(L)[None, :])
+    args = (s, idx(b)[:, None, None, None], idx(hq)[None, :, None, None])
+    args = (*args, idx(length)[:, None], idx(length)[None, :])
     s = score_mod(*args, params) if params is not None else score_mod(*args)
   s = jnp.where(visible, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
@@ -118,7 +119,7 @@ def _expected(name):
   visible = jnp.asarray(mask.to_dense())  # bool [B|1, 1, L, L]
   with jax.enable_x64(True):
     f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x), jnp.float64)
-    attend = lambda q, k, v, p: _dense_f64(q, k, v, visible, score_mod, p)
+    attend = lambda q, k, v, p: dense_f64(q, k, v, visible, score_mod, p)
     out, lse, grads = _outputs_and_grads(attend, f64(q), f64(k), f64(v), f64(params), ct)
     expected = jax.tree.map(np.asarray, (out, lse, grads))
   return (q, k, v, params, ct), expected

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import testutil
-from test_programmable import alibi, softcap, t5_bias, window40
+from test_programmable import alibi, dense_f64, softcap, t5_bias, window40
 
 from sparse_attention.ops import block_sparse_attention, masks
 from sparse_attention.pallas_kernels.block_sparse import common, gpu, mosaic_gpu
@@ -47,27 +47,6 @@ def _cases(length: int, block: int, heads: int) -> dict:
   }
 
 
-def _dense_f64(q, k, v, visible, score_mod, params):
-  """softmax(score_mod(q k^T / sqrt(D)), visible) v, the definition (float64 here)."""
-  b, length, hq, d = q.shape
-  g = hq // k.shape[2]
-  kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, kk) * d**-0.5
-  if score_mod is not None:
-    idx = functools.partial(jnp.arange, dtype=jnp.int32)
-    args = (s, idx(b)[:, None, None, None], idx(hq)[None, :, None, None])
-    args = (*args, idx(length)[:, None], idx(length)[None, :])
-    s = score_mod(*args, params) if params is not None else score_mod(*args)
-  s = jnp.where(visible, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l > 0, l, 1.0)[..., None], vv)
-  lse = jnp.where(l > 0, m[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return out, lse
-
-
 def _outputs_and_grads(attend, q, k, v, params, ct):
   def loss(q, k, v, p):
     out, lse = attend(q, k, v, p)
@@ -91,7 +70,7 @@ def _check(case, geometry, attend):
   with jax.enable_x64(True):
     f64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
     visible = jnp.asarray(mask.to_dense())
-    dense = lambda q, k, v, p: _dense_f64(q, k, v, visible, score_mod, p)
+    dense = lambda q, k, v, p: dense_f64(q, k, v, visible, score_mod, p)
     expected = _outputs_and_grads(dense, f64(q), f64(k), f64(v), f64(params), ct)
     e_out, e_lse, e_grads = jax.tree.map(np.asarray, expected)
   testutil.assert_close(out, e_out, dtype, "out", f"{case} out")
