@@ -49,21 +49,21 @@ plus one int32 length; shapes never change, so a jitted step compiles once. Per 
 * dense / sliding: `ops.decode_attention` reads the left-aligned cache itself, with
   the fill level as traced data: only the tiles up to the newest token (and, sliding,
   back to the window) are visited, so a step costs O(length), not O(max_len).
-* MoBA: the frame is the cache "right-aligned" (row f of the frame is position
-  length + n - F + f, gathered; F = max_len). Rows before position 0 (not yet
-  written) are hidden exactly by segment_ids (0 = unwritten, 1 = the sequence), which
-  also restarts MoBA's chunk grid at position 0, so chunks, gates and the top-k
-  selection are the full forward's.
-* NSA: its block grids are anchored at key 0 and `nsa_attention` has no position
-  offset, so the frame is the left-aligned cache itself and the new queries (and
-  gates) are placed at their rows of a zero [B, max_len, Hq, *] query array:
-  Lq = Lk = max_len. Every NSA branch and the selection are causal in the query's
-  position (compressed blocks visible only when complete, selection blocks and keys
-  <= t, window t - w < j <= t), so rows not yet written are never seen. The
-  compressed cache [B, Nc(max_len), Hkv, D] is updated incrementally: a step runs phi
-  on the blocks that became complete (at most n // stride + 1 of them). Exact, but a
-  step costs an NSA pass over max_len queries; an op argument for the queries'
-  position offset would make it O(n).
+* MoBA and NSA, steps of up to `DECODE_MAX_NEW` tokens (generation): the ops of
+  `ops/sparse_decoding.py` read the left-aligned cache with the fill level as data, so
+  a step costs what the method needs, not O(max_len): MoBA gates the cached chunk
+  mean keys (k_gate [B, ceil(max_len / chunk), Hkv, D]) and attends its top-k chunks'
+  keys only; NSA attends the cached compressed blocks (k_cmp / v_cmp [B, Nc(max_len),
+  Hkv, D]), gathers its selected blocks and runs the window through
+  `decode_attention`. The summaries are updated incrementally: a step runs phi (the
+  mean, for MoBA) on the blocks that became complete (at most n // stride + 1).
+* MoBA and NSA, longer steps (prefill): the full op over a frame of max_len rows.
+  MoBA's frame is the cache "right-aligned" (row f is position length + n - F + f,
+  gathered; F = max_len), the rows before position 0 hidden by segment_ids (0 =
+  unwritten, 1 = the sequence), which also restarts the chunk grid at position 0.
+  NSA's frame is the left-aligned cache, the new queries (and gates) at their rows of
+  a zero [B, max_len, Hq, *] array: every branch is causal in the query's position,
+  so rows not yet written are never seen.
 
 Context parallelism (`LM(tokens, layout=SequenceLayout)`, what the trainer does on a mesh
 with a `context` axis): the sequence is stored in the layout's order, zig-zag over the
@@ -104,13 +104,18 @@ from sparse_attention.ops import (
   element_masks,
   masks,
   moba_attention,
+  moba_decode_attention,
   nsa_attention,
+  nsa_decode_attention,
   num_compressed_blocks,
 )
 from sparse_attention.ops import context_parallel as cp
 
 ATTENTIONS = ("dense", "sliding", "moba", "nsa")
 NSA_COMPRESS = ("mlp", "mean")
+# MoBA and NSA decode steps of up to this many new tokens run the decoding ops (cost set
+# by the selection); longer ones (prefill) run the full op over the cache.
+DECODE_MAX_NEW = 16
 DTYPES = ("float32", "bfloat16", "float16")
 # Implementations each attention kind's op accepts (None: the best available).
 _IMPLEMENTATIONS = {
@@ -528,8 +533,8 @@ class Attention(nnx.Module):
     if c.attention == "moba":
       return cp.moba_attention(q, k, v, chunk_size=c.moba_chunk, topk=c.moba_topk, **kw)
     geometry = dict(block_len=c.nsa_block_len, stride=c.nsa_stride)
-    k_cmp = cp.compress(k, lambda x: self._phi(x, self.k_compress), layout=layout, **geometry)
-    v_cmp = cp.compress(v, lambda x: self._phi(x, self.v_compress), layout=layout, **geometry)
+    k_cmp = cp.compress(k, self._k_phi, layout=layout, **geometry)
+    v_cmp = cp.compress(v, self._v_phi, layout=layout, **geometry)
     return cp.nsa_attention(
       q, k, v, k_cmp.astype(q.dtype), v_cmp.astype(q.dtype), self._gates(x).astype(q.dtype),
       select_len=c.nsa_select_len, num_select=c.nsa_num_select, window=c.nsa_window,
@@ -550,53 +555,69 @@ class Attention(nnx.Module):
     k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
     v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
     end = length + n
-    k_cmp = v_cmp = None
+    lengths = jnp.broadcast_to(length, (b,))
+    step = n <= DECODE_MAX_NEW  # else prefill: the full op over the cache
+    k_gate, k_cmp, v_cmp = cache.k_gate, cache.k_cmp, cache.v_cmp
     if c.attention in ("dense", "sliding"):  # visits the filled tiles only
       o = decode_attention(
-        q, k_all.astype(q.dtype), v_all.astype(q.dtype), jnp.broadcast_to(length, (b,)),
+        q, k_all.astype(q.dtype), v_all.astype(q.dtype), lengths,
         window=c.window if c.attention == "sliding" else None, block_kv=c.block_size,
         implementation=c.implementation,
       )  # fmt: skip
     elif c.attention == "moba":
-      k_f, written = _right_aligned(k_all, end, s)
-      v_f, _ = _right_aligned(v_all, end, s)
-      segments = jnp.broadcast_to(written.astype(jnp.int32)[None], (b, s))
-      o = moba_attention(
-        q,
-        k_f.astype(q.dtype),
-        v_f.astype(q.dtype),
-        chunk_size=c.moba_chunk,
-        topk=c.moba_topk,
-        segment_ids=segments,
-        implementation=c.implementation,
-      )
+      chunk = c.moba_chunk
+      mean = lambda blocks: self._phi(blocks, None)
+      k_gate = self._update_blocks(k_gate, k_all, length, n, chunk, chunk, mean)
+      kw = dict(chunk_size=chunk, topk=c.moba_topk)
+      if step:
+        k_c, v_c = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        o = moba_decode_attention(q, k_c, v_c, k_gate.astype(q.dtype), lengths, **kw)
+      else:
+        k_f, written = _right_aligned(k_all, end, s)
+        v_f, _ = _right_aligned(v_all, end, s)
+        segments = jnp.broadcast_to(written.astype(jnp.int32)[None], (b, s))
+        o = moba_attention(
+          q, k_f.astype(q.dtype), v_f.astype(q.dtype), segment_ids=segments,
+          implementation=c.implementation, **kw,
+        )  # fmt: skip
     else:
-      k_cmp, v_cmp = self._update_compressed(cache, k_all, v_all, length, n)
-      q_all = jax.lax.dynamic_update_slice(jnp.zeros((b, s) + q.shape[2:], q.dtype), q, at)
+      geometry = (c.nsa_block_len, c.nsa_stride)
+      k_cmp = self._update_blocks(k_cmp, k_all, length, n, *geometry, self._k_phi)
+      v_cmp = self._update_blocks(v_cmp, v_all, length, n, *geometry, self._v_phi)
       gates = self._gates(x).astype(q.dtype)
-      g_all = jax.lax.dynamic_update_slice(jnp.zeros((b, s) + gates.shape[2:], q.dtype), gates, at)
-      o_all = self._nsa(q_all, k_all.astype(q.dtype), v_all.astype(q.dtype), k_cmp, v_cmp, g_all)
-      o = jax.lax.dynamic_slice_in_dim(o_all, length, n, axis=1)
+      k_c, v_c = k_all.astype(q.dtype), v_all.astype(q.dtype)
+      kc_c, vc_c = k_cmp.astype(q.dtype), v_cmp.astype(q.dtype)
+      if step:
+        o = nsa_decode_attention(
+          q, k_c, v_c, kc_c, vc_c, gates, lengths, block_len=c.nsa_block_len,
+          stride=c.nsa_stride, select_len=c.nsa_select_len, num_select=c.nsa_num_select,
+          window=c.nsa_window, implementation=c.implementation,
+        )  # fmt: skip
+      else:
+        q_all = jax.lax.dynamic_update_slice(jnp.zeros((b, s) + q.shape[2:], q.dtype), q, at)
+        g_all = jnp.zeros((b, s) + gates.shape[2:], q.dtype)
+        g_all = jax.lax.dynamic_update_slice(g_all, gates, at)
+        o = jax.lax.dynamic_slice_in_dim(self._nsa(q_all, k_c, v_c, kc_c, vc_c, g_all), length, n, 1)
     y = self.wo(o.reshape(b, n, c.num_heads * c.head_dim))
-    return y, LayerCache(k=k_all, v=v_all, k_cmp=k_cmp, v_cmp=v_cmp)
+    return y, LayerCache(k=k_all, v=v_all, k_gate=k_gate, k_cmp=k_cmp, v_cmp=v_cmp)
 
-  def _update_compressed(self, cache, k_all, v_all, length, n):
-    """phi of the compressed blocks that `length -> length + n` completes, written in."""
-    c = self.config
-    l, d = c.nsa_block_len, c.nsa_stride
-    s = k_all.shape[1]
-    done = lambda t: jnp.maximum((t - l) // d + 1, 0)  # Nc(t), traced
-    ids = done(length) + jnp.arange(n // d + 1, dtype=jnp.int32)  # [M] >= the new blocks
-    rows = jnp.minimum(ids[:, None] * d + jnp.arange(l), s - 1)  # [M, l]
-    target = jnp.where(ids < done(length + n), ids, cache.k_cmp.shape[1])  # past the end: dropped
-    out = []
-    for x, old, compressor in (
-      (k_all, cache.k_cmp, self.k_compress),
-      (v_all, cache.v_cmp, self.v_compress),
-    ):
-      new = self._phi(x[:, rows], compressor)  # [B, M, Hkv, D]
-      out.append(old.at[:, target].set(new.astype(old.dtype), mode="drop"))
-    return tuple(out)
+  def _k_phi(self, blocks: jax.Array) -> jax.Array:
+    return self._phi(blocks, self.k_compress)
+
+  def _v_phi(self, blocks: jax.Array) -> jax.Array:
+    return self._phi(blocks, self.v_compress)
+
+  @staticmethod
+  def _update_blocks(old, x_all, length, n, block_len, stride, phi):
+    """old [B, N, Hkv, D] with phi of the blocks [c * stride, c * stride + block_len) of
+    x_all [B, S, Hkv, D] that `length -> length + n` completes written in (at most
+    n // stride + 1 of them; phi: [B, M, block_len, Hkv, D] -> [B, M, Hkv, D])."""
+    s = x_all.shape[1]
+    done = lambda t: jnp.maximum((t - block_len) // stride + 1, 0)  # complete blocks, traced
+    ids = done(length) + jnp.arange(n // stride + 1, dtype=jnp.int32)  # [M] >= the new ones
+    rows = jnp.minimum(ids[:, None] * stride + jnp.arange(block_len), s - 1)  # [M, l]
+    target = jnp.where(ids < done(length + n), ids, old.shape[1])  # past the end: dropped
+    return old.at[:, target].set(phi(x_all[:, rows]).astype(old.dtype), mode="drop")
 
 
 class MLP(nnx.Module):
@@ -643,15 +664,19 @@ class Block(nnx.Module):
 # ---------------------------------------------------------------------------- cache
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "k_cmp", "v_cmp"],
-                   meta_fields=[])  # fmt: skip
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["k", "v", "k_gate", "k_cmp", "v_cmp"],
+  meta_fields=[],
+)  # fmt: skip
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-  """One block's cache: k, v [B, S, Hkv, D] (position t at row t); NSA also keeps the
-  compressed k_cmp, v_cmp [B, Nc(S), Hkv, D] (block c valid once complete)."""
+  """One block's cache: k, v [B, S, Hkv, D] (position t at row t); MoBA also keeps its
+  chunks' mean keys k_gate [B, ceil(S / moba_chunk), Hkv, D] and NSA the compressed
+  k_cmp, v_cmp [B, Nc(S), Hkv, D] (a block's row valid once the block is complete)."""
 
   k: jax.Array
   v: jax.Array
+  k_gate: jax.Array | None = None
   k_cmp: jax.Array | None = None
   v_cmp: jax.Array | None = None
 
@@ -793,7 +818,14 @@ class LM(nnx.Module):
     nc = num_compressed_blocks(s, c.nsa_block_len, c.nsa_stride)
     cmp = jnp.zeros((batch, nc, c.num_kv_heads, c.head_dim), dtype)
     nsa_on = c.attention == "nsa"
-    layer = LayerCache(k=kv, v=kv, k_cmp=cmp if nsa_on else None, v_cmp=cmp if nsa_on else None)
+    gate = jnp.zeros((batch, -(-s // c.moba_chunk), c.num_kv_heads, c.head_dim), dtype)
+    layer = LayerCache(
+      k=kv,
+      v=kv,
+      k_gate=gate if c.attention == "moba" else None,
+      k_cmp=cmp if nsa_on else None,
+      v_cmp=cmp if nsa_on else None,
+    )
     return Cache(layers=(layer,) * c.depth, length=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:

@@ -23,6 +23,11 @@ from sparse_attention.ops.nsa import (
   num_compressed_blocks,
 )
 from sparse_attention.ops.reference import reference_attention
+from sparse_attention.ops.sparse_decoding import (
+  moba_decode_attention,
+  moba_gate_keys,
+  nsa_decode_attention,
+)
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
@@ -43,8 +48,11 @@ __all__ = [
   "hilo_attention",
   "masks",
   "moba_attention",
+  "moba_decode_attention",
+  "moba_gate_keys",
   "moba_selection",
   "nsa_attention",
+  "nsa_decode_attention",
   "nsa_selection",
   "num_chunks",
   "num_compressed_blocks",

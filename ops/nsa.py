@@ -833,40 +833,41 @@ def nsa_attention(
 
 
 def _check_inputs(
-  q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale
+  q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale,
+  op: str = _OP,
 ) -> _Config:
-  shape = checks.check_qkv(q, k, v, _OP)
-  block_len, stride = _check_compression(_OP, block_len, stride)
-  select_len = _check_int(_OP, "select_len", select_len, 1)
-  num_select = _check_int(_OP, "num_select", num_select, 3)  # initial + 2 local blocks
-  window = _check_int(_OP, "window", window, 1)
+  shape = checks.check_qkv(q, k, v, op)
+  block_len, stride = _check_compression(op, block_len, stride)
+  select_len = _check_int(op, "select_len", select_len, 1)
+  num_select = _check_int(op, "num_select", num_select, 3)  # initial + 2 local blocks
+  window = _check_int(op, "window", window, 1)
   b, lq, lk, hq, hkv = shape.batch, shape.q_len, shape.kv_len, shape.q_heads, shape.kv_heads
   d, dv = shape.head_dim, shape.v_head_dim
   if lq > lk:
     raise ValueError(
-      f"{_OP}: q has {lq} positions (dim 1) but k only {lk}; the queries are the last "
+      f"{op}: q has {lq} positions (dim 1) but k only {lk}; the queries are the last "
       "q_len of the kv_len positions, so q_len <= kv_len."
     )
   nc = max(0, (lk - block_len) // stride + 1)
   for name, x, last in (("k_cmp", k_cmp, d), ("v_cmp", v_cmp, dv)):
     layout = f"[batch, Nc, kv_heads, {'head_dim' if name == 'k_cmp' else 'v_head_dim'}]"
-    _check_array(_OP, name, x, 4, layout)
+    _check_array(op, name, x, 4, layout)
     expected = (b, nc, hkv, last)
     if tuple(x.shape) != expected:
       raise ValueError(
-        f"{_OP}: {name} must be {layout} = {expected} (Nc = num_compressed_blocks("
+        f"{op}: {name} must be {layout} = {expected} (Nc = num_compressed_blocks("
         f"kv_len={lk}, block_len={block_len}, stride={stride}) = {nc}), got "
         f"{tuple(x.shape)}."
       )
     if x.dtype != q.dtype:
-      raise ValueError(f"{_OP}: {name} has dtype {x.dtype}; expected q's dtype {q.dtype}.")
-  _check_array(_OP, "gates", gates, 4, "[batch, q_len, q_heads, 3]")
+      raise ValueError(f"{op}: {name} has dtype {x.dtype}; expected q's dtype {q.dtype}.")
+  _check_array(op, "gates", gates, 4, "[batch, q_len, q_heads, 3]")
   if tuple(gates.shape) != (b, lq, hq, 3):
     raise ValueError(
-      f"{_OP}: gates must be [batch, q_len, q_heads, 3] = {(b, lq, hq, 3)} (cmp, slc, win), "
+      f"{op}: gates must be [batch, q_len, q_heads, 3] = {(b, lq, hq, 3)} (cmp, slc, win), "
       f"got {tuple(gates.shape)}."
     )
-  scale = checks.check_scale(scale, shape, _OP)
+  scale = checks.check_scale(scale, shape, op)
   return _Config(
     lq, lk, block_len, stride, select_len, num_select, window, scale, _CHUNK_ELEMENTS, _SLC_BLOCK_Q
   )

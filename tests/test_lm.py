@@ -65,12 +65,13 @@ def _prefill_then_steps(graphdef, state, prompt, rest):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_equals_the_full_forward(kind):
+@pytest.mark.parametrize("prompt", [5, lm.DECODE_MAX_NEW + 4])  # decode op / full op prefill
+def test_cached_decoding_equals_the_full_forward(kind, prompt):
   model = _model(attention=kind)
   tokens = jax.random.randint(jax.random.key(1), (2, SMALL.max_len), 0, SMALL.vocab_size)
   graphdef, state = nnx.split(model)
   full = _forward(graphdef, state, tokens)  # [B, L, V]
-  cached, length = _prefill_then_steps(graphdef, state, tokens[:, :5], tokens[:, 5:])
+  cached, length = _prefill_then_steps(graphdef, state, tokens[:, :prompt], tokens[:, prompt:])
   assert full.dtype == cached.dtype == jnp.float32 and int(length) == SMALL.max_len
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
   if kind in ("sliding", "moba"):  # same parameters as dense: late positions must differ
