@@ -6,7 +6,9 @@ Offline, a few minutes on 2 CPU cores; the loss falls from ln(256) = 5.5 to abou
   python -m sparse_attention.train.main --config=lm_text --workdir=/tmp/lm
 
 Attention: `--config.model.attention=dense|sliding|moba|nsa` with its fields below
-(`--config.model.moba_chunk=64 --config.model.moba_topk=2`, ...). Your own text:
+(`--config.model.moba_chunk=64 --config.model.moba_topk=2`, ...); scores:
+`--config.model.score_mod=t5 --config.model.rope=False` (a learned T5 bias instead of
+RoPE), `alibi` or `softcap`. Your own text:
 `--config.data.path=/data/corpus.txt` (a file, or a folder read recursively). The 1B
 shapes: `--config.model.name=lm_1b` (not for a CPU).
 
@@ -55,6 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.nsa_num_select = 4  # NSA: selected blocks per query (initial + 2 local forced)
   config.model.nsa_window = 64  # NSA: sliding-window branch
   config.model.nsa_compress = "mlp"  # NSA phi: "mlp" (learned) | "mean"
+  # Scores (dense / sliding): "" | "softcap" | "alibi" (learned slopes) | "t5" (learned
+  # relative-position bias table); rope=False leaves positions to the score_mod.
+  config.model.score_mod = ""
+  config.model.softcap = 30.0
+  config.model.t5_buckets = 32
+  config.model.t5_max_distance = 128
+  config.model.rope = True
 
   config.data = data.default_config()
   config.data.kind = "text"  # the standard library's .py sources, byte level

@@ -113,6 +113,7 @@ from sparse_attention.ops import context_parallel as cp
 
 ATTENTIONS = ("dense", "sliding", "moba", "nsa")
 NSA_COMPRESS = ("mlp", "mean")
+SCORE_MODS = ("softcap", "alibi", "t5")
 # MoBA and NSA decode steps of up to this many new tokens run the decoding ops (cost set
 # by the selection); longer ones (prefill) run the full op over the cache.
 DECODE_MAX_NEW = 16
@@ -162,6 +163,15 @@ class LMConfig:
     nsa_compress: NSA's phi: "mlp" (learned, as the paper) or "mean" (mean pooling).
     nsa_compress_hidden: hidden width of the phi MLP.
     block_size: tile size of the dense / sliding BlockMasks.
+    score_mod: None, or a modification of the attention scores (dense / sliding only;
+      the ops' `score_mod`, in the full forward and in decoding): "softcap" (Gemma 2:
+      softcap * tanh(s / softcap)), "alibi" (s - slope_h * |i - j|, learned slopes per
+      head, initialised to ALiBi's geometric ones) or "t5" (s + table[bucket(i - j), h],
+      a learned table per block over T5's causal log-spaced distance buckets).
+    softcap: the softcap value.
+    t5_buckets, t5_max_distance: T5's buckets (half exact distances, half log-spaced up
+      to t5_max_distance; farther shares the last).
+    rope: rotate q and k by RoPE (off for position information from the score_mod only).
     implementation: passed to the attention op; None = best available.
     dtype: compute dtype ("float32", "bfloat16", "float16"); None follows the
       parameters (the trainer casts them for mixed precision).
@@ -190,6 +200,11 @@ class LMConfig:
   nsa_compress: str = "mlp"
   nsa_compress_hidden: int = 64
   block_size: int = 64
+  score_mod: str | None = None
+  softcap: float = 30.0
+  t5_buckets: int = 32
+  t5_max_distance: int = 128
+  rope: bool = True
   implementation: str | None = None
   dtype: str | None = None
   param_dtype: str = "float32"
@@ -219,8 +234,10 @@ class LMConfig:
       "nsa_window",
       "nsa_compress_hidden",
       "block_size",
+      "t5_max_distance",
     ):
       integer(name, 1)
+    integer("t5_buckets", 4)
     integer("nsa_num_select", 3)  # NSA forces the initial and 2 local blocks
     if self.head_dim % 2:
       raise LMConfigError("head_dim", f"must be even (RoPE rotates pairs), got {self.head_dim}.")
@@ -240,6 +257,19 @@ class LMConfig:
       raise LMConfigError("norm_eps", f"must be a number > 0, got {eps!r}.")
     if self.attention not in ATTENTIONS:
       raise LMConfigError("attention", f"must be one of {ATTENTIONS}, got {self.attention!r}.")
+    if self.score_mod is not None and self.score_mod not in SCORE_MODS:
+      raise LMConfigError("score_mod", f"must be None or one of {SCORE_MODS}, got {self.score_mod!r}.")
+    if self.score_mod is not None and self.attention not in ("dense", "sliding"):
+      raise LMConfigError(
+        "score_mod",
+        f"({self.score_mod!r}) needs attention 'dense' or 'sliding' (moba_attention and "
+        f"nsa_attention take no score_mod), got {self.attention!r}.",
+      )
+    cap = self.softcap
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+      raise LMConfigError("softcap", f"must be a number > 0, got {cap!r}.")
+    if not isinstance(self.rope, bool):
+      raise LMConfigError("rope", f"must be a bool, got {self.rope!r}.")
     if self.nsa_compress not in NSA_COMPRESS:
       raise LMConfigError(
         "nsa_compress", f"must be one of {NSA_COMPRESS}, got {self.nsa_compress!r}."
@@ -338,6 +368,37 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def t5_bucket(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's causal relative-position bucket of distance = i - j >= 0 (int32, same shape):
+  distances below num_buckets // 2 get their own bucket, the rest log-spaced buckets up
+  to max_distance (farther: the last bucket)."""
+  exact = num_buckets // 2
+  n = jnp.maximum(distance, 0)
+  log_ratio = jnp.log(jnp.maximum(n, 1) / exact) / np.log(max(max_distance, exact + 1) / exact)
+  far = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
+  return jnp.where(n < exact, n, jnp.minimum(far, num_buckets - 1))
+
+
+@functools.cache
+def _score_mod(kind: str | None, softcap: float, buckets: int, max_distance: int):
+  """The ops' score_mod of config.score_mod (cached: one identity per setting, so jitted
+  calls are not retraced); None without one."""
+  if kind == "softcap":
+    return lambda score, b, h, q_idx, kv_idx: softcap * jnp.tanh(score / softcap)
+  if kind == "alibi":
+    return lambda score, b, h, q_idx, kv_idx, slopes: score - slopes[h] * jnp.abs(q_idx - kv_idx)
+  if kind == "t5":
+    return lambda score, b, h, q_idx, kv_idx, table: score + table[
+      t5_bucket(q_idx - kv_idx, buckets, max_distance), h
+    ]
+  return None
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's geometric slopes 2 ** (-8 (h + 1) / H), float32 [H] (any H)."""
+  return (2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)).astype(np.float32)
+
+
 def segment_positions(segment_ids: jax.Array | None, length: int) -> jax.Array:
   """int32 [B|1, L]: each token's position in its segment (a maximal run of equal ids)."""
   pos = jnp.arange(length, dtype=jnp.int32)
@@ -350,7 +411,13 @@ def segment_positions(segment_ids: jax.Array | None, length: int) -> jax.Array:
 
 def context_parallel_problem(config: LMConfig, slice_len: int) -> str:
   """Why the model cannot split its sequence into slices of `slice_len` tokens ("" if
-  it can): NSA cuts its compressed blocks from whole slices."""
+  it can): the ring ops take no score_mod; NSA cuts its compressed blocks from whole
+  slices."""
+  if config.score_mod is not None:
+    return (
+      f"score_mod={config.score_mod!r} is not supported with context parallelism (the "
+      "ring attention ops take no score_mod)."
+    )
   if config.attention != "nsa":
     return ""
   if slice_len % config.nsa_stride or config.nsa_block_len - config.nsa_stride > slice_len:
@@ -432,6 +499,13 @@ class Attention(nnx.Module):
     mlp_phi = nsa_on and c.nsa_compress == "mlp"
     self.k_compress = Compressor(c, rngs=rngs) if mlp_phi else None
     self.v_compress = Compressor(c, rngs=rngs) if mlp_phi else None
+    # The score_mod's parameters: ALiBi's slopes [Hq] or T5's bias table [buckets, Hq].
+    params = None
+    if c.score_mod == "alibi":
+      params = nnx.Param(jnp.asarray(alibi_slopes(c.num_heads), c.params_dtype))
+    elif c.score_mod == "t5":
+      params = nnx.Param(jnp.zeros((c.t5_buckets, c.num_heads), c.params_dtype))
+    self.score_params = nnx.data(params)
 
   # -- pieces shared by the full forward and decoding
 
@@ -441,7 +515,18 @@ class Attention(nnx.Module):
     q = self.wq(x).reshape(b, l, c.num_heads, c.head_dim)
     k = self.wk(x).reshape(b, l, c.num_kv_heads, c.head_dim)
     v = self.wv(x).reshape(b, l, c.num_kv_heads, c.head_dim)
+    if not c.rope:
+      return q, k, v
     return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+  def _score_mod(self) -> dict[str, Any]:
+    """The ops' score_mod arguments (empty without one)."""
+    c = self.config
+    mod = _score_mod(c.score_mod, float(c.softcap), c.t5_buckets, c.t5_max_distance)
+    if mod is None:
+      return {}
+    params = None if self.score_params is None else self.score_params[...]
+    return dict(score_mod=mod, score_mod_params=params)
 
   def _gates(self, x: jax.Array) -> jax.Array:
     b, l, _ = x.shape
@@ -506,7 +591,9 @@ class Attention(nnx.Module):
       if segment_ids is not None:  # a query sees the keys of its own segment only
         seg = segment_ids.astype(jnp.int32)
         routes = TokenRoutes(query=seg[:, None, :, None], key=seg)
-      o = block_sparse_attention(q, k, v, mask, routes=routes, implementation=c.implementation)
+      o = block_sparse_attention(
+        q, k, v, mask, routes=routes, implementation=c.implementation, **self._score_mod()
+      )
     elif c.attention == "moba":
       o = moba_attention(
         q,
@@ -562,7 +649,7 @@ class Attention(nnx.Module):
       o = decode_attention(
         q, k_all.astype(q.dtype), v_all.astype(q.dtype), lengths,
         window=c.window if c.attention == "sliding" else None, block_kv=c.block_size,
-        implementation=c.implementation,
+        implementation=c.implementation, **self._score_mod(),
       )  # fmt: skip
     elif c.attention == "moba":
       chunk = c.moba_chunk

@@ -12,6 +12,7 @@ import testutil
 from flax import nnx
 
 from sparse_attention.models import lm
+from sparse_attention import train
 from sparse_attention.train import trainer
 
 # Tiny shapes where blocks complete while decoding 40 tokens: MoBA 5 chunks of 8 (top 2),
@@ -78,6 +79,36 @@ def test_cached_decoding_equals_the_full_forward(kind, prompt):
     dense = _forward(*nnx.split(_model(attention="dense")), tokens)
     np.testing.assert_allclose(dense[:, :6], full[:, :6], atol=2e-5, rtol=2e-5)
     assert not np.allclose(dense[:, -8:], full[:, -8:], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+  "attention, score_mod, rope",
+  [("dense", "softcap", True), ("sliding", "alibi", True), ("dense", "t5", False)],
+)
+def test_score_mods_decode_as_they_train(attention, score_mod, rope):
+  """Cached decoding (decode_attention with the score_mod at absolute positions) equals
+  the full forward (block_sparse_attention with it), and the mod changes the model."""
+  model = _model(attention=attention, score_mod=score_mod, rope=rope, softcap=0.5)
+  params = model.blocks[0].attn.score_params
+  if params is not None:  # learned: make the layers differ from the initialisation
+    for block in model.blocks:
+      p = block.attn.score_params
+      p[...] = p[...] + jax.random.uniform(jax.random.key(3), p.shape)
+  tokens = jax.random.randint(jax.random.key(1), (2, SMALL.max_len), 0, SMALL.vocab_size)
+  graphdef, state = nnx.split(model)
+  full = _forward(graphdef, state, tokens)
+  cached, _ = _prefill_then_steps(graphdef, state, tokens[:, :5], tokens[:, 5:])
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
+  plain = _forward(*nnx.split(_model(attention=attention, rope=rope)), tokens)
+  assert not np.allclose(plain, full, atol=1e-3)
+
+
+def test_t5_bucket_is_exact_then_log_spaced():
+  d = jnp.arange(200)
+  bucket = np.asarray(lm.t5_bucket(d, 32, 128))
+  np.testing.assert_array_equal(bucket[:16], np.arange(16))
+  assert np.all(np.diff(bucket) >= 0) and bucket[127] == 31 and np.all(bucket[128:] == 31)
+  assert len(np.unique(bucket)) == 32
 
 
 def test_decode_checks_the_cache_room():
@@ -171,6 +202,10 @@ def _forward_segments(graphdef, state, tokens, segments):
     ({"window": 0}, "window"),
     ({"implementation": "cudnn", "attention": "moba"}, "implementation"),
     ({"dtype": "int8"}, "dtype"),
+    ({"score_mod": "rel"}, "score_mod"),
+    ({"score_mod": "alibi", "attention": "moba"}, "score_mod"),
+    ({"softcap": 0.0}, "softcap"),
+    ({"t5_buckets": 2}, "t5_buckets"),
   ],
 )
 def test_lm_config_errors_name_the_field(overrides, field):
@@ -191,6 +226,7 @@ def load_config(*overrides: str):
     ("--config.model.nsa_stride=64", "config.model.nsa_stride"),
     ("--config.model.implementation=triton", "config.model.implementation"),
     ("--config.data.kind=digits", "config.data.kind"),
+    ("--config.model.score_mod=bias", "config.model.score_mod"),
   ],
 )
 def test_lm_task_config_errors_name_the_field(override, match):
@@ -240,9 +276,11 @@ FAST = [
 ]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("dense+t5",))
 def test_training_lowers_the_loss(tmp_path, kind):
-  config = load_config(*FAST, f"--config.model.attention={kind}")
+  attention, _, score_mod = kind.partition("+")
+  mods = [f"--config.model.score_mod={score_mod}", "--config.model.rope=False"] if score_mod else []
+  config = load_config(*FAST, f"--config.model.attention={attention}", *mods)
   final = trainer.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if r["split"] == "train"]
@@ -251,3 +289,7 @@ def test_training_lowers_the_loss(tmp_path, kind):
   for split in ("eval", "test"):
     assert final[split]["loss"] < losses[0]
     np.testing.assert_allclose(final[split]["perplexity"], np.exp(final[split]["loss"]), rtol=1e-6)
+  if score_mod:  # the bias table (zeros at initialisation) was learned
+    model, _ = train.load(str(tmp_path))
+    table = np.asarray(model.blocks[0].attn.score_params[...])
+    assert table.shape == (32, 4) and np.abs(table).max() > 1e-3, table

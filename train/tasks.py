@@ -141,6 +141,10 @@ LM_FIELDS = (
   "nsa_num_select",
   "nsa_window",
   "nsa_compress",
+  "softcap",
+  "t5_buckets",
+  "t5_max_distance",
+  "rope",
 )
 
 
@@ -158,6 +162,7 @@ def _lm_config(config: ml_collections.ConfigDict, vocab_size: int | None) -> lm.
     )
   overrides = {name: m[name] for name in LM_FIELDS if name in m}
   overrides["implementation"] = m.get("implementation") or None
+  overrides["score_mod"] = m.get("score_mod") or None
   preset = LM_PRESETS[m.name]()
   if vocab_size is not None:
     overrides["vocab_size"] = vocab_size
