@@ -29,6 +29,7 @@ from sparse_attention.ops.sparse_decoding import (
   nsa_decode_attention,
 )
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
+from sparse_attention.ops.tile_scores import estimate_tile_scores
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
   "chunk_ids",
   "compress_mean",
   "decode_attention",
+  "estimate_tile_scores",
   "hilo_attention",
   "masks",
   "moba_attention",

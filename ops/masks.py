@@ -7,7 +7,7 @@
 Every builder costs O(Qb * Kb) at most (never O(S^2)) and can run inside
 `jax.jit`. Builders whose tiles follow from static arguments alone (dense,
 causal, sliding_window, chunked) lay them out on the host and get the exact
-Kmax; builders that take arrays (from_layout, topk_blocks, the anchor offset
+Kmax; builders that take arrays (from_layout, topk_blocks, topp_blocks, the anchor offset
 of window_with_anchors) run on device from traced values, with a Kmax fixed by
 their static arguments, so a new mask of the same kind never recompiles.
 
@@ -52,6 +52,7 @@ __all__ = [
   "prefix_lm",
   "sliding_window",
   "topk_blocks",
+  "topp_blocks",
   "union",
   "window_with_anchors",
 ]
@@ -355,6 +356,96 @@ def topk_blocks(
     q_len=q_len,
     kv_len=kv_len,
     max_kv_blocks=k,
+    max_q_blocks=qb,
+  )
+  if causal:
+    mask = intersection(mask, _causal(q_len, kv_len, block_q=block_q, block_kv=block_kv))
+  return mask
+
+
+def topp_blocks(
+  scores: Any,  # float[B|1, H|1, Qb, Kb]
+  p: float,
+  *,
+  block_q: int,
+  block_kv: int,
+  q_len: int,
+  kv_len: int,
+  min_blocks: int = 1,
+  max_blocks: int | None = None,
+  causal: bool = False,
+  keep_diagonal: bool = False,
+) -> BlockMask:
+  """Keeps, per q block, the fewest kv blocks whose softmax mass of `scores` reaches p.
+
+  ZipVL's adaptive top-p: with `scores` the tile-level attention logits (e.g.
+  `ops.estimate_tile_scores`), row r's mass over kv blocks is softmax(scores[..., r, :]);
+  the blocks are taken in decreasing mass (ties: lower block id first) until the kept
+  mass reaches p, so a head whose attention is peaked keeps few tiles and a diffuse one
+  many. On device under jit: a sort per row, O(B * H * Qb * Kb log Kb); p may be traced.
+
+  Args:
+    scores: float `[B|1, H|1, Qb, Kb]` tile logits; -inf (and NaN) blocks have no mass
+      and are never kept.
+    p: target mass in (0, 1]; 1 keeps every block with mass.
+    min_blocks: keep at least this many blocks per row (fewer only where fewer have
+      mass), >= 1.
+    max_blocks: keep at most this many (None: Kb). It is the mask's static Kmax, so a
+      cap bounds the kernels' per-row work and metadata; the mass may then stay below p.
+    causal: blocks wholly in the future have no mass, and the causal element mask
+      applies on the diagonal (as `intersection(..., causal(...))`).
+    keep_diagonal: always keep the tiles holding the queries' own positions; they are
+      taken first and their mass counts toward p.
+
+  Returns:
+    A BlockMask with max_kv_blocks = max_blocks or Kb.
+  """
+  q_len, kv_len, block_q, block_kv = _check_geometry(q_len, kv_len, block_q, block_kv)
+  qb, kb = _check_grid_array("scores", scores, q_len, kv_len, block_q, block_kv)
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    raise ValueError(f"scores must be floating point, got dtype {scores.dtype}.")
+  if isinstance(p, (int, float)) and not isinstance(p, bool) and not 0 < p <= 1:
+    raise ValueError(f"p must be in (0, 1], got {p!r}.")
+  min_blocks = _check_int("min_blocks", min_blocks, minimum=1)
+  cap = kb if max_blocks is None else _check_int("max_blocks", max_blocks, minimum=1)
+  if cap > kb:
+    raise ValueError(f"max_blocks={cap} exceeds the number of kv blocks Kb={kb}.")
+  if min_blocks > cap:
+    raise ValueError(f"min_blocks={min_blocks} exceeds max_blocks={cap}.")
+  s = jnp.asarray(scores, jnp.float32)
+  s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+  if causal:
+    q_lo, q_hi = block_bounds(q_len, block_q)
+    k_lo, _ = block_bounds(kv_len, block_kv)
+    s = jnp.where(k_lo[None, :] > q_hi[:, None], -jnp.inf, s)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  mass = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  order_key = jnp.where(s > -jnp.inf, mass, -1.0)  # blocks without mass last
+  if keep_diagonal:
+    diag = jnp.asarray(diagonal_tiles(q_len, kv_len, block_q, block_kv))
+    need = int(np.asarray(diag).sum(-1).max(initial=0))
+    if need > cap:
+      raise ValueError(
+        f"max_blocks={cap} is smaller than the {need} diagonal tiles keep_diagonal=True "
+        f"must keep per q block (block_q={block_q}, block_kv={block_kv})."
+      )
+    order_key = jnp.where(diag, 2.0, order_key)  # first, whatever their mass
+  # lax.top_k orders equal keys lowest index first: ties go to the lower block id.
+  key, index = jax.lax.top_k(order_key, cap)  # [..., cap] in decreasing mass
+  taken = jnp.take_along_axis(jnp.broadcast_to(mass, order_key.shape), index, axis=-1)
+  before = jnp.cumsum(taken, axis=-1) - taken  # mass kept before this block
+  rank = jnp.arange(cap)
+  keep = (key >= 0) & ((before < p) | (rank < min_blocks) | (key > 1.0))
+  layout = scatter_columns(index, keep, kb)
+  mask = from_block_layout(
+    layout,
+    layout,
+    block_q=block_q,
+    block_kv=block_kv,
+    q_len=q_len,
+    kv_len=kv_len,
+    max_kv_blocks=cap,
     max_q_blocks=qb,
   )
   if causal:
