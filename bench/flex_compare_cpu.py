@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sparse_attention.ops import block_sparse_attention, masks
+from sparse_attention.ops import block_sparse_attention, masks, score_mods
 
 _TORCH_PYTHON = flags.DEFINE_string(
   "torch_python", "/tmp/torchenv/bin/python", "A Python with torch and numpy (no jax needed)."
@@ -49,31 +49,11 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds of (ours, flex) in turn; bes
 _OUT = flags.DEFINE_string("out_dir", "", "Where to write the table (default bench/results).")
 
 B, S, HQ, HKV, D, BLOCK = 2, 256, 4, 2, 64, 64
-SOFTCAP = 20.0
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def softcap(score, b, h, q_idx, kv_idx):
-  return SOFTCAP * jnp.tanh(score / SOFTCAP)
-
-
-def alibi(score, b, h, q_idx, kv_idx, slopes):
-  return score - slopes[h] * jnp.abs(q_idx - kv_idx)
-
-
-def t5_bucket(relative, num_buckets=16, max_distance=64):
-  """T5's bidirectional relative-position buckets (as tests/test_programmable.py)."""
-  half = num_buckets // 2
-  bucket = jnp.where(relative > 0, half, 0)
-  n = jnp.abs(relative)
-  exact = half // 2
-  log_ratio = jnp.log(jnp.maximum(n, 1) / exact) / np.log(max_distance / exact)
-  large = exact + (log_ratio * (half - exact)).astype(jnp.int32)
-  return bucket + jnp.where(n < exact, n, jnp.minimum(large, half - 1))
-
-
-def t5_bias(score, b, h, q_idx, kv_idx, table):
-  return score + table[t5_bucket(kv_idx - q_idx), h]
+# The score_mods of tests/test_programmable.py; flex_compare_torch.py restates them in torch.
+softcap = score_mods.Softcap(20.0)
+alibi = score_mods.alibi  # slopes [HQ]
+t5_bias = score_mods.T5Bias(num_buckets=16, max_distance=64)  # table [16, HQ]
 
 
 def window40(b, h, q_idx, kv_idx):
@@ -157,7 +137,7 @@ def agreement(tmp: str) -> tuple[str, dict]:
   arrays["cases"] = np.array(json.dumps({n: c[2] for n, c in cases.items()}))
   flex = _run_torch("accuracy", arrays, tmp)
   rel = np.arange(-4 * 1024, 4 * 1024, dtype=np.int32)
-  buckets_equal = np.array_equal(np.asarray(t5_bucket(jnp.asarray(rel))), flex["t5_buckets"])
+  buckets_equal = np.array_equal(np.asarray(t5_bias.bucket(jnp.asarray(rel))), flex["t5_buckets"])
 
   q, k, v, ct = (jnp.asarray(arrays[x]) for x in ("q", "k", "v", "ct"))
   impls = ["reference", "xla"] + (["pallas_triton"] if _TRITON.value else [])

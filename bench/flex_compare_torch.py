@@ -4,7 +4,7 @@ Runs in a Python that has torch (and numpy), not jax; bench/flex_compare_cpu.py 
 with a .npz of inputs and reads back a .npz of outputs. The five programmable cases are
 written here as FlexAttention's `score_mod` / `mask_mod` (parameters captured as
 tensors, as FlexAttention takes them), the same functions as bench/flex_compare_cpu.py
-and tests/test_programmable.py write for this library.
+and tests/test_programmable.py take from sparse_attention.ops.score_mods.
 
   python bench/flex_compare_torch.py accuracy IN.npz OUT.npz
   python bench/flex_compare_torch.py timing IN.npz OUT.npz
@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-SOFTCAP = 20.0
+SOFTCAP = 20.0  # score_mods.Softcap(20.0) on the jax side
 
 
 def t5_bucket(relative, num_buckets=16, max_distance=64):
-  """T5's bidirectional relative-position buckets, as bench/flex_compare_cpu.py."""
+  """T5's bidirectional relative-position buckets: sparse_attention.ops.score_mods.t5_bucket
+  in torch (bench/flex_compare_cpu.py checks the two agree)."""
   half = num_buckets // 2
   bucket = torch.where(relative > 0, half, 0)
   n = relative.abs()

@@ -641,6 +641,57 @@ def _check_element_mask(mask: Any, op: str) -> Any:
   return mask
 
 
+@dataclasses.dataclass(frozen=True)
+class _RingSetup:
+  """What every ring op checks and sets up first: the call's sizes (self-attention:
+  q and k share the sequence), the mesh, the context axis and the sequence layout."""
+
+  op: str
+  shape: checks.AttentionShape
+  mesh: Any
+  axis: str
+  layout: SequenceLayout
+
+  @property
+  def n(self) -> int:
+    """The context size: devices along the ring (1: no ring, the plain op)."""
+    return self.layout.num_shards
+
+  def tiles(self, block_q: Any, block_kv: Any) -> tuple[int, int]:
+    """The ring's (block_q, block_kv): the given ones or the defaults, checked to
+    divide the layout's slices."""
+    block_q = _block(self.layout, block_q, "block_q", self.op)
+    block_kv = _block(self.layout, block_kv, "block_kv", self.op)
+    self.layout.check_tiles(self.op, block_q=block_q, block_kv=block_kv)
+    return block_q, block_kv
+
+  def ring(self, fn: Any, tiles: Callable, block_q: int, block_kv: int, **attend: Any) -> _Ring:
+    """A ring under element mask `fn` (its predicates planned on the host), whose steps
+    take their tiles from `tiles`; attend: scale, implementation, interpret."""
+    fns, table = _plan_predicates(fn, self.layout)
+    return _Ring(self.axis, self.layout, block_q, block_kv, self.shape.q_heads, tiles, fns,
+                 tuple(map(tuple, table)), **attend)  # fmt: skip
+
+  def specs(self, q: jax.Array) -> tuple[_Specs, P, P]:
+    """The call's spec maker, and the specs of q / k / v / out `[B, L, H, D]` and of an
+    lse `[B, Hq, L]`."""
+    specs = _Specs.of(self.mesh, self.axis, self.shape.batch, self.shape.kv_heads)
+    return specs, specs(q, heads=2, seq=1), P(specs.batch, specs.head, self.axis)
+
+
+def _ring_setup(
+  op: str, q: Any, k: Any, v: Any, layout: Any, axis_name: str, mesh: Any
+) -> _RingSetup:
+  """The prologue of the ring ops: q, k, v checked (one shared sequence), the mesh and
+  context size found, and the layout argument resolved against them."""
+  shape = checks.check_qkv(q, k, v, op)
+  if shape.q_len != shape.kv_len:
+    raise ValueError(f"{op}: q ({shape.q_len}) and k ({shape.kv_len}) must share the sequence.")
+  mesh = _mesh(mesh)
+  n = context_size(axis_name, mesh)
+  return _RingSetup(op, shape, mesh, axis_name, _resolve_layout(layout, shape.q_len, n, op))
+
+
 # ------------------------------------------------------------------------- block-sparse
 
 
@@ -693,12 +744,8 @@ def block_sparse_attention(
     ValueError: bad shapes, a layout or tiles that do not fit, before any work.
   """
   op = "context_parallel.block_sparse_attention"
-  shape = checks.check_qkv(q, k, v, op)
-  if shape.q_len != shape.kv_len:
-    raise ValueError(f"{op}: q ({shape.q_len}) and k ({shape.kv_len}) must share the sequence.")
-  mesh = _mesh(mesh)
-  n = context_size(axis_name, mesh)
-  layout = _resolve_layout(layout, shape.q_len, n, op)
+  setup = _ring_setup(op, q, k, v, layout, axis_name, mesh)
+  shape, layout = setup.shape, setup.layout
   if isinstance(mask, BlockMask):
     checks.check_block_mask(mask, shape, op)
     for name, given, own in (
@@ -710,20 +757,18 @@ def block_sparse_attention(
     block_q, block_kv, fn = mask.block_q, mask.block_kv, mask.mask_fn
   else:
     fn = _check_element_mask(mask, op)
-    block_q = _block(layout, block_q, "block_q", op)
-    block_kv = _block(layout, block_kv, "block_kv", op)
   if getattr(fn, "per_batch_head", False):
     raise ValueError(
       f"{op}: mask holds a mask_mod (a predicate of b, h and parameters): the ring "
       "relocates position-only element masks; build the mask from element_masks or a "
       "tile layout."
     )
-  layout.check_tiles(op, block_q=block_q, block_kv=block_kv)
+  block_q, block_kv = setup.tiles(block_q, block_kv)  # a BlockMask's own, checked
   scale = checks.check_scale(scale, shape, op)
   checks.check_routes(routes, shape, op)
   checks.check_row_scale(row_scale, shape, op)
   attend = dict(scale=scale, implementation=implementation, interpret=interpret)
-  if n == 1:
+  if setup.n == 1:
     if not isinstance(mask, BlockMask):
       mask = masks.from_element_mask(
         fn, shape.q_len, shape.kv_len, block_q=block_q, block_kv=block_kv
@@ -731,16 +776,13 @@ def block_sparse_attention(
     return block_sparse.block_sparse_attention(
       q, k, v, mask, routes=routes, row_scale=row_scale, return_lse=return_lse, **attend
     )
-  fns, table = _plan_predicates(fn, layout)
   tiles = _LayoutTiles() if isinstance(mask, BlockMask) else _StructuredTiles(fn)
-  ring = _Ring(axis_name, layout, block_q, block_kv, shape.q_heads, tiles, fns,
-               tuple(map(tuple, table)), **attend)  # fmt: skip
+  ring = setup.ring(fn, tiles, block_q, block_kv, **attend)
   tile_args = None
   if isinstance(mask, BlockMask):  # the rows of the q tiles, in stored order
     order = (_tile_bounds(layout, block_q)[0] // block_q).reshape(-1)
     tile_args = tuple(x[:, :, order] for x in mask.block_layout())
-  specs = _Specs.of(mesh, axis_name, shape.batch, shape.kv_heads)
-  qkv = specs(q, heads=2, seq=1)
+  specs, qkv, lse_spec = setup.specs(q)
   query_routes, key_routes = (None, None) if routes is None else (routes.query, routes.key)
 
   def body(q, k, v, key_routes, query_routes, tile_args, row_scale):
@@ -756,10 +798,10 @@ def block_sparse_attention(
     None if tile_args is None else tuple(specs(x, heads=1, seq=2) for x in tile_args),
     specs(row_scale, heads=1, seq=2),
   )
-  out_specs = (qkv, P(specs.batch, specs.head, axis_name))
   out, lse = _shard_map(
-    mesh, body, in_specs, out_specs, q, k, v, key_routes, query_routes, tile_args, row_scale
-  )
+    setup.mesh, body, in_specs, (qkv, lse_spec), q, k, v, key_routes, query_routes, tile_args,
+    row_scale,
+  )  # fmt: skip
   return (out, lse) if return_lse else out
 
 
@@ -861,29 +903,20 @@ def moba_attention(
   slices). Arrays with a sequence dim are in stored order.
   """
   op = "context_parallel.moba_attention"
-  shape = checks.check_qkv(q, k, v, op)
-  if shape.q_len != shape.kv_len:
-    raise ValueError(f"{op}: q ({shape.q_len}) and k ({shape.kv_len}) must share the sequence.")
+  setup = _ring_setup(op, q, k, v, layout, axis_name, mesh)
+  shape, layout = setup.shape, setup.layout
   chunk_size = _check_positive(op, "chunk_size", chunk_size)
   topk = _check_positive(op, "topk", topk)
-  mesh = _mesh(mesh)
-  n = context_size(axis_name, mesh)
-  layout = _resolve_layout(layout, shape.q_len, n, op)
   scale = checks.check_scale(scale, shape, op)
   attend = dict(scale=scale, implementation=implementation, interpret=interpret)
-  if n == 1:
+  if setup.n == 1:
     return moba.moba_attention(
       q, k, v, chunk_size=chunk_size, topk=topk, return_lse=return_lse, block_q=block_q,
       block_kv=block_kv, **attend,
     )  # fmt: skip
-  block_q = _block(layout, block_q, "block_q", op)
-  block_kv = _block(layout, block_kv, "block_kv", op)
-  layout.check_tiles(op, block_q=block_q, block_kv=block_kv)
+  block_q, block_kv = setup.tiles(block_q, block_kv)
   causal = element_masks.Band(None, 0)
-  fns, table = _plan_predicates(causal, layout)
-  tiles = _RouteTiles(causal, chunk_size)
-  ring = _Ring(axis_name, layout, block_q, block_kv, shape.q_heads, tiles, fns,
-               tuple(map(tuple, table)), **attend)  # fmt: skip
+  ring = setup.ring(causal, _RouteTiles(causal, chunk_size), block_q, block_kv, **attend)
   num_chunks = -(-shape.q_len // chunk_size)
 
   def body(q, k, v):
@@ -895,10 +928,8 @@ def moba_attention(
     key_routes = jnp.broadcast_to(ids, (q.shape[0], ids.shape[0]))  # [B, L/n]
     return _ring_attention(ring, q, k, v, key_routes, (query_routes, None))
 
-  specs = _Specs.of(mesh, axis_name, shape.batch, shape.kv_heads)
-  qkv = specs(q, heads=2, seq=1)
-  out_specs = (qkv, P(specs.batch, specs.head, axis_name))
-  out, lse = _shard_map(mesh, body, (qkv, qkv, qkv), out_specs, q, k, v)
+  _, qkv, lse_spec = setup.specs(q)
+  out, lse = _shard_map(setup.mesh, body, (qkv, qkv, qkv), (qkv, lse_spec), q, k, v)
   return (out, lse) if return_lse else out
 
 
@@ -1031,16 +1062,12 @@ def nsa_attention(
     `[batch, seq, q_heads, v_head_dim]` in q's dtype, stored order.
   """
   op = "context_parallel.nsa_attention"
-  shape = checks.check_qkv(q, k, v, op)
-  if shape.q_len != shape.kv_len:
-    raise ValueError(f"{op}: q ({shape.q_len}) and k ({shape.kv_len}) must share the sequence.")
-  mesh = _mesh(mesh)
-  n = context_size(axis_name, mesh)
-  layout = _resolve_layout(layout, shape.q_len, n, op)
+  setup = _ring_setup(op, q, k, v, layout, axis_name, mesh)
+  shape, layout = setup.shape, setup.layout
   kw = dict(block_len=block_len, stride=stride, select_len=select_len, num_select=num_select,
             window=window, scale=scale, implementation=implementation,
             interpret=interpret)  # fmt: skip
-  if n == 1:
+  if setup.n == 1:
     return nsa.nsa_attention(q, k, v, k_cmp, v_cmp, gates, **kw)
   for name in ("block_len", "stride", "select_len", "window"):
     _check_positive(op, name, kw[name])
@@ -1065,17 +1092,10 @@ def nsa_attention(
       f"at least block_len - stride ({block_len - stride}) long."
     )
   scale = checks.check_scale(scale, shape, op)
-  block_q = _block(layout, block_q, "block_q", op)
-  block_kv = _block(layout, block_kv, "block_kv", op)
-  layout.check_tiles(op, block_q=block_q, block_kv=block_kv)
+  block_q, block_kv = setup.tiles(block_q, block_kv)
   geo = _NSAGeometry(layout, block_len, stride, select_len, num_select, window, scale)
   attend = dict(scale=scale, implementation=implementation, interpret=interpret)
-
-  def ring_for(fn, tiles):
-    fns, table = _plan_predicates(fn, layout)
-    return _Ring(axis_name, layout, block_q, block_kv, shape.q_heads, tiles, fns,
-                 tuple(map(tuple, table)), **attend)  # fmt: skip
-
+  ring_for = lambda fn, tiles: setup.ring(fn, tiles, block_q, block_kv, **attend)
   causal, band = element_masks.Band(None, 0), element_masks.Band(1 - window, 0)
   slc_ring = ring_for(causal, _RouteTiles(causal, select_len))
   win_ring = ring_for(band, _StructuredTiles(band))
@@ -1097,11 +1117,10 @@ def nsa_attention(
     out = g[..., 0, :] * f32(o_cmp) + g[..., 1, :] * f32(o_slc) + g[..., 2, :] * f32(o_win)
     return out.astype(q.dtype)
 
-  specs = _Specs.of(mesh, axis_name, shape.batch, shape.kv_heads)
-  qkv = specs(q, heads=2, seq=1)
+  specs, qkv, _ = setup.specs(q)
   cmp = specs(k_cmp, heads=2)
   in_specs = (qkv, qkv, qkv, cmp, cmp, specs(gates, heads=2, seq=1))
-  return _shard_map(mesh, body, in_specs, qkv, q, k, v, k_cmp, v_cmp, gates)
+  return _shard_map(setup.mesh, body, in_specs, qkv, q, k, v, k_cmp, v_cmp, gates)
 
 
 def compress(

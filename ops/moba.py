@@ -1,85 +1,19 @@
 """`moba_attention`: MoBA (Mixture of Block Attention, Moonshot AI, 2025).
 
-Semantics (those of Moonshot's reference `moba_attn_varlen_naive`, which users
-compare against), per sequence of length L and chunk size C:
+The specification is docs/moba.md (semantics, layout, packed sequences, block ids,
+implementations, the routed engine's cost model). In short, with Moonshot's
+`moba_attn_varlen_naive` as the reference: the keys are cut into chunks of
+`chunk_size`; each query keeps its own chunk plus the `topk - 1` earlier chunks whose
+mean key gates highest (q . kbar in float32, unscaled, ties to the older chunk; no
+gradient through the gate), and attends, in one softmax, causally to the kept keys.
+q `[B, Lq, Hq, D]` are the last Lq positions of k / v `[B, Lk, Hkv, D|Dv]`;
+`segment_ids` `[B, Lk]` pack several sequences per row, which neither gating nor
+attention crosses.
 
-* The keys are cut into nb = ceil(L / C) consecutive blocks ("chunks") of C
-  keys; a ragged last block holds the remaining L - (nb - 1) * C keys.
-* kbar_j, the gate key of block j, is the mean of its (real) keys, computed in
-  float32 and rounded to k's dtype as the reference does (`k.mean()` in k's
-  dtype), then used in float32.
-* gate[h, t, j] = q_t . kbar_j in float32, unscaled (GQA: query head h gates on
-  the mean keys of its kv head h // (Hq / Hkv)).
-* Query t (in block i) keeps its own block i always, plus the topk - 1 blocks
-  j < i with the largest gate: the top min(topk, i + 1) blocks of the
-  reference, whose gate puts -inf on future blocks and +inf on the own block.
-  Ties are broken toward the lower block id (the older block).
-* Output: ONE softmax with scale D^-0.5 (or `scale`) over the union of the
-  kept keys, causal inside the own block (key s <= t). topk = 1 is attention
-  within the own chunk only. The selection is discrete: no gradient flows
-  through the gate (as in the reference); outputs are differentiable in q, k, v
-  through the attention.
-
-Layout (like `jax.nn.dot_product_attention`): q `[B, Lq, Hq, D]`, k
-`[B, Lk, Hkv, D]`, v `[B, Lk, Hkv, Dv]`, Lq <= Lk. The queries are the LAST Lq
-positions of the sequence: query t sits at position Lk - Lq + t (training:
-Lq == Lk; KV-cached decoding: Lq new tokens, Lk = cache + new). Output
-`[B, Lq, Hq, Dv]` in q's dtype; lse float32 `[B, Hq, Lq]`, natural log.
-
-Packed sequences: `segment_ids` int `[B, Lk]` (the queries use the last Lq
-entries). A segment is a maximal run of equal consecutive ids; each is its own
-sequence: its chunks start at its first token (the last one may be ragged),
-and neither gating nor attention crosses segments. Two runs with the same id
-separated by another id are two segments.
-
-Block ids: chunks are numbered in position order over the whole row,
-restarting the C-grid at every segment start, so `chunk_ids(segment_ids,
-Lk, C)` gives each key position its absolute chunk id; chunk c covers the
-positions whose id is c (a contiguous run of at most C keys). Without segments
-chunk c is positions [c*C, (c+1)*C). Ids are < `num_chunks(Lk, C, segmented)`:
-ceil(Lk / C) without segments, Lk with them (a static bound: every key could
-be its own segment).
-
-Implementations: "reference" (the kept blocks expanded to a boolean
-`[B, Hq, Lq, Lk]` mask for `reference_attention`), "xla" (the block-sparse XLA
-engine with the routed tiles below, like the kernels), "xla_chunked" (MoBA's own
-chunk-major schedule, `ops/_moba_chunked.py`: work proportional to the kept keys,
-4x faster than "xla" on CPU with random queries) and the Pallas paths below; all
-take the selection from `moba_selection` (`_select`), so the semantics live in
-one place. `implementation=None` runs the backend's kernel on GPU / TPU, else
-(CPU, or a call the kernel does not take) "xla_chunked".
-
-Routed ("xla", the XLA engine; "pallas": the backend's kernel; "pallas_triton",
-"pallas_tpu"; both run on CPU with interpret=True). MoBA runs on the routed
-block-sparse paths (`ops.block_sparse_attention` with `TokenRoutes`), exactly:
-
-* Routing stays in XLA: `_select` computes the gates, the top-k and the kept
-  chunk ids, memory O(B * Hq * Lq * topk) (plus the gate matrix of
-  `_past_gates`). It is a dense top-k over all past chunks per query, which a
-  flash-style kernel cannot fuse cheaply (it would need every chunk's gate before
-  the first kv tile), and it is small next to the attention (Lk / C gate keys
-  per query).
-  The selection has no gradient, as in the reference.
-* Token routes (exact per pair): query routes = the kept chunk ids
-  `[B, Hq, Lq, topk]` (-1 in padding slots), key routes = `chunk_ids(...)` of
-  each key `[B, Lk]`. Key j is visible to query i iff its chunk is one of i's;
-  chunk ids are unique per segment, so routes also keep segments apart.
-* The tiles visited (a `BlockMask`, block_q x block_kv tiles, default 64 x 64
-  clipped to the lengths): per (batch, q head, q tile) the union of the kv tiles
-  that hold a key of a chunk some query of the tile kept, computed on device as
-  a difference array over kv tiles (scatter-add + cumsum, O(B * Hq * Qb * Kb),
-  never O(Lq * Lk)); intersected with the causal mask (offset Lk - Lq), so the
-  causal element mask runs on diagonal tiles only. Kmax (max_kv_blocks) is a
-  static bound from the geometry (`_max_kv_blocks`), Qmax is Qb.
-* Cost: every visited tile is computed in full (block_q x block_kv scores),
-  the routes only mask pairs out. A tile is visited if ANY of its block_q
-  queries kept ANY chunk touching it, so work grows with how differently
-  neighbouring queries select: with chunk_size < block_kv a tile mixes selected
-  and unselected chunks, and with random (untrained) queries the union of a q
-  tile's selections approaches all past chunks (block-causal attention). The
-  "xla_chunked" path's work is exactly proportional to the kept keys instead;
-  the routed paths win when neighbouring queries agree (trained models) and on
-  the FLOP rate of a fused kernel.
+Every implementation takes the selection from `moba_selection` (`_select`): the
+semantics live there. "reference" expands it to a dense mask; "xla" and the Pallas
+kernels run it as token routes on the block-sparse engine; "xla_chunked"
+(`ops/_moba_chunked.py`) runs MoBA's chunk-major schedule.
 """
 
 from __future__ import annotations

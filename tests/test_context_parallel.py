@@ -4,11 +4,6 @@ the ring equals the unsharded ops (outputs, lse, gradients) on 4 and 8 devices, 
 per-device memory shrinks with the devices, and the LM trains with the same losses on
 a context axis of 4 as on one device. The host-side planning runs in this process."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import testutil
@@ -17,19 +12,8 @@ from sparse_attention.ops import context_parallel as cp
 from sparse_attention.ops import element_masks as em
 from sparse_attention.ops import masks
 
-WORKER = pathlib.Path(__file__).resolve().parent / "context_parallel_worker.py"
+WORKER = "context_parallel_worker.py"  # MODE ARGS...
 LM_STEPS = 3
-
-
-def run_worker(*args: str, devices: int) -> dict:
-  """tests/context_parallel_worker.py MODE ARGS... on `devices` fake CPU devices."""
-  env = testutil.fake_devices_env(devices)
-  proc = subprocess.run(
-    [sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=900
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT ") :])
 
 
 # ------------------------------------------------------------------- host-side planning
@@ -87,7 +71,7 @@ def test_ring_matches_unsharded_ops():
   on 8 devices), a random layout with token routes and row_scale, MoBA, NSA, and the
   interpreted Triton kernel as the per-device engine; outputs, lse and the gradients of
   q, k, v (and NSA's gates) against the unsharded op."""
-  errors = run_worker("ops", devices=8)
+  errors = testutil.run_worker(WORKER, "ops", devices=8)
   rings = {
     8: ("causal", "sliding", "dense_data2", "random_routes_row_scale", "moba", "nsa"),
     4: ("random_routes_row_scale", "moba", "causal_pallas_triton"),
@@ -97,7 +81,7 @@ def test_ring_matches_unsharded_ops():
 
 
 def test_per_device_memory_shrinks_with_devices():
-  sizes = {int(n): size for n, size in run_worker("memory", devices=8).items()}
+  sizes = {int(n): size for n, size in testutil.run_worker(WORKER, "memory", devices=8).items()}
   assert sorted(sizes) == [1, 2, 4, 8], sizes
   assert sizes[2] < sizes[1] and sizes[8] < sizes[1] / 4, sizes
   for n in (2, 4):  # ~1/n: the ring's buffers are all sequence shards
@@ -109,8 +93,12 @@ def test_lm_trains_context_parallel_with_one_device_losses():
   """configs/lm_text.py with --config.mesh.data=1 --config.mesh.context=4 on 4 devices
   logs the losses of one device, for dense, MoBA and NSA attention."""
   kinds = ("dense", "moba", "nsa")
-  four = run_worker("train", *(f"{kind}:1:4:{LM_STEPS}" for kind in kinds), devices=4)
-  one = run_worker("train", *(f"{kind}:1:1:{LM_STEPS}" for kind in kinds), devices=1)
+  four = testutil.run_worker(
+    WORKER, "train", *(f"{kind}:1:4:{LM_STEPS}" for kind in kinds), devices=4
+  )
+  one = testutil.run_worker(
+    WORKER, "train", *(f"{kind}:1:1:{LM_STEPS}" for kind in kinds), devices=1
+  )
   for kind in kinds:
     expected, got = one[f"{kind}:1:1:{LM_STEPS}"], four[f"{kind}:1:4:{LM_STEPS}"]
     assert len(got) == len(expected) == LM_STEPS, (kind, got, expected)

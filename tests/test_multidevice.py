@@ -2,32 +2,17 @@
 count is fixed when jax starts): the same training losses on 1 device and on
 data-parallel, FSDP and tensor-parallel meshes; Pallas kernels under shard_map."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import testutil
 
-WORKER = pathlib.Path(__file__).resolve().parent / "multidevice_worker.py"
+WORKER = "multidevice_worker.py"  # MESH STEPS | kernels
 STEPS = 5
-
-
-def _run(*args: str, devices: int = 8) -> dict:
-  env = testutil.fake_devices_env(devices)
-  proc = subprocess.run(
-    [sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=900
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
 def single_device_losses():
-  return _run("1,1,1", str(STEPS), devices=1)["losses"]
+  return testutil.run_worker(WORKER, "1,1,1", str(STEPS), devices=1)["losses"]
 
 
 @pytest.mark.parametrize(
@@ -35,7 +20,7 @@ def single_device_losses():
 )
 def test_sharded_training_matches_one_device(single_device_losses, mesh, shards_params):
   """data parallel (8), FSDP (data 2 x fsdp 4), data 4 x model 2: same losses."""
-  result = _run(mesh, str(STEPS))
+  result = testutil.run_worker(WORKER, mesh, str(STEPS), devices=8)
   assert (result["sharded_tensors"] > 0) == shards_params, result
   losses = result["losses"]
   assert len(losses) == len(single_device_losses) == STEPS
@@ -43,7 +28,7 @@ def test_sharded_training_matches_one_device(single_device_losses, mesh, shards_
 
 
 def test_pallas_kernels_under_shard_map_match_unsharded():
-  result = _run("kernels")
+  result = testutil.run_worker(WORKER, "kernels", devices=8)
   assert result["pallas_triton"] < 1e-4, result
   assert result["xla"] < 1e-4, result
   assert "data" in result["pallas_triton_sharded"], result

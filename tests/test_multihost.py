@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import testutil
 from context_parallel_worker import lm_overrides, train_losses
-from test_context_parallel import run_worker
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "lm_text.py"
 DATA_STEPS, CONTEXT_STEPS, CHECKPOINT_EVERY = 3, 12, 3
@@ -64,8 +63,12 @@ def _wait(procs) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
-  reference = run_worker(
-    "train", f"dense:4:1:{DATA_STEPS}", f"dense:1:4:{CONTEXT_STEPS}", devices=4
+  reference = testutil.run_worker(
+    "context_parallel_worker.py",
+    "train",
+    f"dense:4:1:{DATA_STEPS}",
+    f"dense:1:4:{CONTEXT_STEPS}",
+    devices=4,
   )
 
   data_parallel = tmp_path / "data"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import testutil
 
-from sparse_attention.ops import block_sparse_attention, masks
+from sparse_attention.ops import block_sparse_attention, masks, score_mods
 
 B, L, HQ, HKV, D = 2, 100, 4, 2, 16
 BLOCK_Q, BLOCK_KV = 32, 16
@@ -27,27 +27,9 @@ SEGMENTS = np.repeat(np.arange(4), 25)[None].repeat(B, 0)
 SEGMENTS[1, 60:] = 9  # row 1: documents of 25, 25, 10 and 40 tokens
 
 
-def softcap(score, b, h, q_idx, kv_idx):
-  return 20.0 * jnp.tanh(score / 20.0)
-
-
-def alibi(score, b, h, q_idx, kv_idx, slopes):
-  return score - slopes[h] * jnp.abs(q_idx - kv_idx)
-
-
-def t5_bucket(relative, num_buckets=16, max_distance=64):
-  """T5's bidirectional relative-position buckets (half per direction, log-spaced)."""
-  half = num_buckets // 2
-  bucket = jnp.where(relative > 0, half, 0)
-  n = jnp.abs(relative)
-  exact = half // 2
-  log_ratio = jnp.log(jnp.maximum(n, 1) / exact) / np.log(max_distance / exact)
-  large = exact + (log_ratio * (half - exact)).astype(jnp.int32)
-  return bucket + jnp.where(n < exact, n, jnp.minimum(large, half - 1))
-
-
-def t5_bias(score, b, h, q_idx, kv_idx, table):
-  return score + table[t5_bucket(kv_idx - q_idx), h]
+softcap = score_mods.Softcap(20.0)
+alibi = score_mods.alibi  # slopes [HQ]
+t5_bias = score_mods.T5Bias(num_buckets=16, max_distance=64)  # table [16, HQ]
 
 
 def window40(b, h, q_idx, kv_idx):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import testutil
 
-from sparse_attention.ops import block_sparse, block_sparse_attention, dispatch, masks
+from sparse_attention.ops import block_sparse, block_sparse_attention, dispatch, masks, score_mods
 from sparse_attention.pallas_kernels.block_sparse import common, tpu
 
 B, L, HQ, HKV, D = 2, 256, 2, 1, 128
@@ -26,12 +26,8 @@ GEO = dict(block_q=128, block_kv=128)
 PREFIX = jnp.array([10, 140])  # row 1's prefix ends inside the second block
 
 
-def softcap(score, b, h, q_idx, kv_idx):
-  return 20.0 * jnp.tanh(score / 20.0)
-
-
-def alibi(score, b, h, q_idx, kv_idx, slopes):
-  return score - slopes[h] * jnp.abs(q_idx - kv_idx)
+softcap = score_mods.Softcap(20.0)
+alibi = score_mods.alibi
 
 
 def temperature_and_shift(score, b, h, q_idx, kv_idx, p):

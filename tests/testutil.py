@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,8 @@ from ml_collections import config_flags
 
 from sparse_attention.ops import block_sparse_attention, masks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+TESTS = pathlib.Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 # Max |a - b| allowed, relative to max(1, max |reference|), per input dtype.
 # bf16 has an 8-bit mantissa (~4e-3 relative); scores and probabilities are
@@ -303,3 +307,20 @@ def fake_devices_env(devices: int, **extra: str) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")
   flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   return dict(os.environ, XLA_FLAGS=flags, **extra)
+
+
+def run_worker(script: str | os.PathLike, *args: str, devices: int) -> dict:
+  """Runs `python SCRIPT ARGS...` (a path relative to tests/) in a process of its own
+  with `devices` fake CPU devices (the count is fixed when jax starts) and returns the
+  JSON of the last `RESULT {...}` line it prints; it must exit 0 (the test fails with
+  the tails of its output)."""
+  proc = subprocess.run(
+    [sys.executable, str(TESTS / script), *args],
+    env=fake_devices_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT ") :])

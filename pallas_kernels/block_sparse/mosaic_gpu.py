@@ -339,8 +339,11 @@ def _tile_loops(full, count, step, carry):
   return lax.fori_loop(full, count, functools.partial(step, True), carry)
 
 
-def _kv_copies(cfg: _Config, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars):
-  """The producer's copies of the forward and dq kernels: kv tile t of item w."""
+def _kv_producer(
+  cfg: _Config, num_items: int, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars, consumed
+):  # fmt: skip
+  """The producer warpgroup of the forward and dq kernels: streams kv tile t of each
+  work item w (K, V and, when routed, the kv token routes) into the SMEM ring."""
   k_smem, v_smem, kr_smem = smem
   k_bar, v_bar, kr_bar = bars
 
@@ -352,7 +355,7 @@ def _kv_copies(cfg: _Config, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, ba
     if kr_ref is not None:
       plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem.at[slot], kr_bar.at[slot])
 
-  return copies
+  _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
 
 
 def _load_rows(cfg: _Config, q_ref, qr_ref, q_smem, qr_smem, q_bar, qr_bar, b, h, q0, wg):
@@ -467,17 +470,8 @@ def _forward_kernel(cfg: _Config, num_items: int, *refs):
 
   @pl.when(wg == cfg.wgs)
   def _producer():
-    copies = _kv_copies(
-      cfg,
-      meta_ref,
-      tiles_ref,
-      k_ref,
-      v_ref,
-      kr_ref,
-      (k_smem, v_smem, kr_smem),
-      (k_bar, v_bar, kr_bar),
-    )
-    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+    smem, bars = (k_smem, v_smem, kr_smem), (k_bar, v_bar, kr_bar)
+    _kv_producer(cfg, num_items, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars, consumed)
 
   @pl.when(wg < cfg.wgs)
   def _consumer():
@@ -545,17 +539,8 @@ def _dq_kernel(cfg: _Config, num_items: int, *refs):
 
   @pl.when(wg == cfg.wgs)
   def _producer():
-    copies = _kv_copies(
-      cfg,
-      meta_ref,
-      tiles_ref,
-      k_ref,
-      v_ref,
-      kr_ref,
-      (k_smem, v_smem, kr_smem),
-      (k_bar, v_bar, kr_bar),
-    )
-    _produce(cfg, num_items, 1, lambda w, h: meta_ref[w, h, 3], copies, consumed)
+    smem, bars = (k_smem, v_smem, kr_smem), (k_bar, v_bar, kr_bar)
+    _kv_producer(cfg, num_items, meta_ref, tiles_ref, k_ref, v_ref, kr_ref, smem, bars, consumed)
 
   @pl.when(wg < cfg.wgs)
   def _consumer():
