@@ -106,6 +106,7 @@ from sparse_attention.ops import (
   moba_attention,
   moba_decode_attention,
   nsa_attention,
+  score_mods,
   nsa_decode_attention,
   num_compressed_blocks,
 )
@@ -268,6 +269,12 @@ class LMConfig:
     cap = self.softcap
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
       raise LMConfigError("softcap", f"must be a number > 0, got {cap!r}.")
+    if self.t5_max_distance <= self.t5_buckets // 2:
+      raise LMConfigError(
+        "t5_max_distance",
+        f"({self.t5_max_distance}) must exceed the {self.t5_buckets // 2} exact buckets "
+        "(t5_buckets // 2).",
+      )
     if not isinstance(self.rope, bool):
       raise LMConfigError("rope", f"must be a bool, got {self.rope!r}.")
     if self.nsa_compress not in NSA_COMPRESS:
@@ -368,35 +375,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def t5_bucket(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
-  """T5's causal relative-position bucket of distance = i - j >= 0 (int32, same shape):
-  distances below num_buckets // 2 get their own bucket, the rest log-spaced buckets up
-  to max_distance (farther: the last bucket)."""
-  exact = num_buckets // 2
-  n = jnp.maximum(distance, 0)
-  log_ratio = jnp.log(jnp.maximum(n, 1) / exact) / np.log(max(max_distance, exact + 1) / exact)
-  far = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
-  return jnp.where(n < exact, n, jnp.minimum(far, num_buckets - 1))
-
-
-@functools.cache
-def _score_mod(kind: str | None, softcap: float, buckets: int, max_distance: int):
-  """The ops' score_mod of config.score_mod (cached: one identity per setting, so jitted
-  calls are not retraced); None without one."""
-  if kind == "softcap":
-    return lambda score, b, h, q_idx, kv_idx: softcap * jnp.tanh(score / softcap)
-  if kind == "alibi":
-    return lambda score, b, h, q_idx, kv_idx, slopes: score - slopes[h] * jnp.abs(q_idx - kv_idx)
-  if kind == "t5":
-    return lambda score, b, h, q_idx, kv_idx, table: score + table[
-      t5_bucket(q_idx - kv_idx, buckets, max_distance), h
-    ]
+def _score_mod(config: LMConfig):
+  """The ops' score_mod of config.score_mod (equal settings give equal, hashable mods:
+  jitted calls are not retraced); None without one."""
+  if config.score_mod == "softcap":
+    return score_mods.Softcap(float(config.softcap))
+  if config.score_mod == "alibi":
+    return score_mods.alibi
+  if config.score_mod == "t5":
+    return score_mods.T5Bias(config.t5_buckets, config.t5_max_distance, bidirectional=False)
   return None
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-  """ALiBi's geometric slopes 2 ** (-8 (h + 1) / H), float32 [H] (any H)."""
-  return (2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)).astype(np.float32)
 
 
 def segment_positions(segment_ids: jax.Array | None, length: int) -> jax.Array:
@@ -502,7 +490,7 @@ class Attention(nnx.Module):
     # The score_mod's parameters: ALiBi's slopes [Hq] or T5's bias table [buckets, Hq].
     params = None
     if c.score_mod == "alibi":
-      params = nnx.Param(jnp.asarray(alibi_slopes(c.num_heads), c.params_dtype))
+      params = nnx.Param(jnp.asarray(score_mods.alibi_slopes(c.num_heads), c.params_dtype))
     elif c.score_mod == "t5":
       params = nnx.Param(jnp.zeros((c.t5_buckets, c.num_heads), c.params_dtype))
     self.score_params = nnx.data(params)
@@ -522,7 +510,7 @@ class Attention(nnx.Module):
   def _score_mod(self) -> dict[str, Any]:
     """The ops' score_mod arguments (empty without one)."""
     c = self.config
-    mod = _score_mod(c.score_mod, float(c.softcap), c.t5_buckets, c.t5_max_distance)
+    mod = _score_mod(c)
     if mod is None:
       return {}
     params = None if self.score_params is None else self.score_params[...]

@@ -5,7 +5,7 @@ Every attention op takes `implementation=None | "reference" | "xla" | "pallas"`
 `jax.nn.dot_product_attention` does).
 """
 
-from sparse_attention.ops import masks
+from sparse_attention.ops import masks, score_mods
 from sparse_attention.ops.block_mask import BlockMask
 from sparse_attention.ops.block_sparse import IMPLEMENTATIONS as BLOCK_SPARSE_IMPLEMENTATIONS
 from sparse_attention.ops.block_sparse import block_sparse_attention
@@ -60,4 +60,5 @@ __all__ = [
   "num_compressed_blocks",
   "padded_grid",
   "reference_attention",
+  "score_mods",
 ]

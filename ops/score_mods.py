@@ -30,7 +30,7 @@ import numpy as np
 
 Array = Any  # jax.Array, or inside a kernel a tile of one (the mods use operators only)
 
-__all__ = ["Softcap", "T5Bias", "alibi", "t5_bucket"]
+__all__ = ["Softcap", "T5Bias", "alibi", "alibi_slopes", "t5_bucket"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,28 +56,41 @@ def alibi(score: Array, b: Array, h: Array, q_idx: Array, kv_idx: Array, slopes:
   return score - slopes[h] * jnp.abs(q_idx - kv_idx)
 
 
-def t5_bucket(relative: Array, num_buckets: int, max_distance: int) -> Array:
-  """T5's bidirectional relative-position buckets of `relative = kv_idx - q_idx`.
+def t5_bucket(
+  relative: Array, num_buckets: int, max_distance: int, bidirectional: bool = True
+) -> Array:
+  """T5's relative-position buckets of `relative = kv_idx - q_idx`.
 
-  Half of the buckets per direction (keys after the query: the upper half); in each
-  half the first quarter of the buckets are exact distances 0, 1, ..., the rest
-  log-spaced up to `max_distance`, beyond which all distances share the last bucket.
+  Bidirectional (T5's encoder): half of the buckets per direction (keys after the
+  query: the upper half). Causal (bidirectional=False, T5's decoder): all buckets for
+  the distance q_idx - kv_idx >= 0 (keys after the query share bucket 0). In each range
+  the first half of its buckets are exact distances 0, 1, ..., the rest log-spaced up to
+  `max_distance`, beyond which all distances share the range's last bucket.
 
   Args:
     relative: int32 relative positions, any shape.
     num_buckets: buckets in all (even; T5 uses 32).
     max_distance: the distance where the last bucket starts (T5 uses 128).
+    bidirectional: see above.
 
   Returns:
     int32 bucket ids in [0, num_buckets), relative's shape.
   """
-  half = num_buckets // 2
-  bucket = jnp.where(relative > 0, half, 0)
-  n = jnp.abs(relative)
-  exact = half // 2
+  if bidirectional:
+    span = num_buckets // 2
+    bucket = jnp.where(relative > 0, span, 0)
+    n = jnp.abs(relative)
+  else:
+    span, bucket, n = num_buckets, 0, jnp.maximum(-relative, 0)
+  exact = span // 2
   log_ratio = jnp.log(jnp.maximum(n, 1) / exact) / np.log(max_distance / exact)
-  large = exact + (log_ratio * (half - exact)).astype(jnp.int32)
-  return bucket + jnp.where(n < exact, n, jnp.minimum(large, half - 1))
+  large = exact + (log_ratio * (span - exact)).astype(jnp.int32)
+  return bucket + jnp.where(n < exact, n, jnp.minimum(large, span - 1))
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's geometric slopes 2^(-8 (h + 1) / num_heads), float32 `[num_heads]`."""
+  return (2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +103,11 @@ class T5Bias:
 
   num_buckets: int = 32
   max_distance: int = 128
+  bidirectional: bool = True
 
   def bucket(self, relative: Array) -> Array:
     """`t5_bucket` of `relative` (kv_idx - q_idx) with this bias's configuration."""
-    return t5_bucket(relative, self.num_buckets, self.max_distance)
+    return t5_bucket(relative, self.num_buckets, self.max_distance, self.bidirectional)
 
   def __call__(
     self, score: Array, b: Array, h: Array, q_idx: Array, kv_idx: Array, table: Any

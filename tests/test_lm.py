@@ -103,14 +103,6 @@ def test_score_mods_decode_as_they_train(attention, score_mod, rope):
   assert not np.allclose(plain, full, atol=1e-3)
 
 
-def test_t5_bucket_is_exact_then_log_spaced():
-  d = jnp.arange(200)
-  bucket = np.asarray(lm.t5_bucket(d, 32, 128))
-  np.testing.assert_array_equal(bucket[:16], np.arange(16))
-  assert np.all(np.diff(bucket) >= 0) and bucket[127] == 31 and np.all(bucket[128:] == 31)
-  assert len(np.unique(bucket)) == 32
-
-
 def test_decode_checks_the_cache_room():
   model = _model()
   cache = dataclasses.replace(model.init_cache(1, 8), length=jnp.int32(5))
@@ -206,6 +198,7 @@ def _forward_segments(graphdef, state, tokens, segments):
     ({"score_mod": "alibi", "attention": "moba"}, "score_mod"),
     ({"softcap": 0.0}, "softcap"),
     ({"t5_buckets": 2}, "t5_buckets"),
+    ({"t5_max_distance": 16}, "t5_max_distance"),
   ],
 )
 def test_lm_config_errors_name_the_field(overrides, field):

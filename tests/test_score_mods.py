@@ -75,3 +75,11 @@ def test_t5_bias_reads_the_table_at_bucket_and_head():
   expected = np.asarray(score) + np.moveaxis(np.asarray(table)[buckets], -1, 0)[None]
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert score_mods.T5Bias() == score_mods.T5Bias(32, 128)  # T5's configuration
+
+
+def test_causal_t5_buckets_are_exact_then_log_spaced():
+  d = jnp.arange(200)  # q_idx - kv_idx
+  bucket = np.asarray(score_mods.t5_bucket(-d, 32, 128, bidirectional=False))
+  np.testing.assert_array_equal(bucket[:16], np.arange(16))
+  assert np.all(np.diff(bucket) >= 0) and bucket[127] == 31 and np.all(bucket[128:] == 31)
+  assert len(np.unique(bucket)) == 32
