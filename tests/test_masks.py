@@ -235,6 +235,93 @@ def test_topk_blocks(q_len, kv_len, block_q, block_kv, k, keep_diagonal, causal,
   np.testing.assert_array_equal(dense_of(m), expected)
 
 
+def brute_topp(scores, p, q_len, kv_len, block_q, block_kv, min_blocks, cap, keep_diagonal, causal):
+  """ZipVL's rule row by row in float64: blocks by decreasing softmax mass (diagonal
+  first), kept while the mass before them is below p (at least min_blocks, at most cap)."""
+  scores = np.array(scores, np.float64)
+  q_hi = np.minimum(np.arange(scores.shape[-2]) * block_q + block_q, q_len) - 1
+  q_lo = np.arange(scores.shape[-2]) * block_q
+  k_lo = np.arange(scores.shape[-1]) * block_kv
+  k_hi = np.minimum(k_lo + block_kv, kv_len) - 1
+  if causal:
+    scores[..., k_lo[None, :] > q_hi[:, None]] = -np.inf
+  diag = (k_lo[None, :] <= q_hi[:, None]) & (q_lo[:, None] <= k_hi[None, :])
+  layout = np.zeros(scores.shape, bool)
+  for pos in np.ndindex(scores.shape[:-1]):
+    row = scores[pos]
+    finite = row > -np.inf
+    mass = np.zeros_like(row)
+    if finite.any():
+      mass[finite] = np.exp(row[finite] - row[finite].max())
+      mass /= mass.sum()
+    forced = diag[pos[-1]] if keep_diagonal else np.zeros_like(finite)
+    order = sorted(range(len(row)), key=lambda j: (not forced[j], not finite[j], -mass[j], j))
+    kept_mass = 0.0
+    for rank, j in enumerate(order[:cap]):
+      if forced[j] or (finite[j] and (kept_mass < p or rank < min_blocks)):
+        layout[pos + (j,)] = True
+        kept_mass += mass[j]
+  dense = testutil.brute_layout(layout, q_len, kv_len, block_q, block_kv)
+  if causal:
+    dense &= testutil.brute_band(q_len, kv_len, None, 0)
+  return dense
+
+
+@hypothesis.settings(SETTINGS, max_examples=12)
+@hypothesis.given(
+  q_len=lengths,
+  kv_len=lengths,
+  block=st.sampled_from([16, 32]),
+  p=st.sampled_from([0.3, 0.6, 0.9, 0.99, 1.0]),
+  min_blocks=st.integers(1, 3),
+  capped=st.booleans(),
+  keep_diagonal=st.booleans(),
+  causal=st.booleans(),
+  temperature=st.sampled_from([0.3, 1.0, 4.0]),
+  seed=st.integers(0, 99),
+)
+def test_topp_blocks(q_len, kv_len, block, p, min_blocks, capped, keep_diagonal, causal,
+                     temperature, seed):  # fmt: skip
+  qb, kb = -(-q_len // block), -(-kv_len // block)
+  cap = min(kb, 4) if capped else kb
+  hypothesis.assume(min_blocks <= cap and (not keep_diagonal or cap >= 2))
+  rng = np.random.default_rng(seed)
+  scores = (rng.standard_normal((2, 2, qb, kb)) * temperature).astype(np.float32)
+  geo = dict(block_q=block, block_kv=block, q_len=q_len, kv_len=kv_len)
+  m = masks.topp_blocks(
+    jnp.asarray(scores), p, min_blocks=min_blocks, max_blocks=cap if capped else None,
+    keep_diagonal=keep_diagonal, causal=causal, **geo,
+  )  # fmt: skip
+  testutil.check_invariants(m)
+  assert m.max_kv_blocks == cap
+  expected = brute_topp(scores, p, q_len, kv_len, block, block, min_blocks, cap, keep_diagonal, causal)
+  np.testing.assert_array_equal(dense_of(m), expected)
+
+
+def test_topp_adapts_the_tiles_to_how_peaked_a_row_is():
+  """A peaked row keeps one tile, a flat one most of them; p is traced (no retrace)."""
+  peaked = jnp.array([10.0] + [0.0] * 15)
+  flat = jnp.zeros(16)
+  scores = jnp.stack([peaked, flat])[None, None]  # [1, 1, 2, 16]
+  geo = dict(block_q=8, block_kv=8, q_len=16, kv_len=128)
+  build = jax.jit(lambda p: masks.topp_blocks(scores, p, **geo).kv_count)
+  np.testing.assert_array_equal(np.asarray(build(0.9))[0, 0], [1, 15])
+  np.testing.assert_array_equal(np.asarray(build(0.5))[0, 0], [1, 8])
+  assert build._cache_size() == 1
+
+
+def test_topp_errors_name_the_argument():
+  scores = jnp.zeros((1, 1, 2, 4))
+  geo = dict(block_q=8, block_kv=8, q_len=16, kv_len=32)
+  for kwargs, match in [
+    (dict(p=0.0), r"p must be in \(0, 1\]"),
+    (dict(p=0.5, max_blocks=5), "max_blocks=5 exceeds"),
+    (dict(p=0.5, min_blocks=3, max_blocks=2), "min_blocks=3 exceeds max_blocks=2"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      masks.topp_blocks(scores, **kwargs, **geo)
+
+
 def test_topk_drops_minus_inf_and_nan():
   scores = jnp.array([[[[1.0, -jnp.inf, jnp.nan, 2.0]]]])
   m = masks.topk_blocks(scores, 4, block_q=8, block_kv=8, q_len=8, kv_len=32)
