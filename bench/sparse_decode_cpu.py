@@ -64,7 +64,8 @@ def _variants(capacity: int):
   out = {
     "dense": (jax.jit(dense), (q, k, v)),
     "moba decode": (
-      jax.jit(lambda *a: moba_decode_attention(*a, **MOBA)), (q, k, v, k_gate, lengths)
+      jax.jit(lambda *a: moba_decode_attention(*a, **MOBA)),
+      (q, k, v, k_gate, lengths),
     ),
     "nsa decode": (
       jax.jit(lambda *a: nsa_decode_attention(*a, **NSA, implementation="xla")),

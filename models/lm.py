@@ -106,9 +106,9 @@ from sparse_attention.ops import (
   moba_attention,
   moba_decode_attention,
   nsa_attention,
-  score_mods,
   nsa_decode_attention,
   num_compressed_blocks,
+  score_mods,
 )
 from sparse_attention.ops import context_parallel as cp
 
@@ -259,7 +259,9 @@ class LMConfig:
     if self.attention not in ATTENTIONS:
       raise LMConfigError("attention", f"must be one of {ATTENTIONS}, got {self.attention!r}.")
     if self.score_mod is not None and self.score_mod not in SCORE_MODS:
-      raise LMConfigError("score_mod", f"must be None or one of {SCORE_MODS}, got {self.score_mod!r}.")
+      raise LMConfigError(
+        "score_mod", f"must be None or one of {SCORE_MODS}, got {self.score_mod!r}."
+      )
     if self.score_mod is not None and self.attention not in ("dense", "sliding"):
       raise LMConfigError(
         "score_mod",
@@ -672,7 +674,8 @@ class Attention(nnx.Module):
         q_all = jax.lax.dynamic_update_slice(jnp.zeros((b, s) + q.shape[2:], q.dtype), q, at)
         g_all = jnp.zeros((b, s) + gates.shape[2:], q.dtype)
         g_all = jax.lax.dynamic_update_slice(g_all, gates, at)
-        o = jax.lax.dynamic_slice_in_dim(self._nsa(q_all, k_c, v_c, kc_c, vc_c, g_all), length, n, 1)
+        o_all = self._nsa(q_all, k_c, v_c, kc_c, vc_c, g_all)
+        o = jax.lax.dynamic_slice_in_dim(o_all, length, n, axis=1)
     y = self.wo(o.reshape(b, n, c.num_heads * c.head_dim))
     return y, LayerCache(k=k_all, v=v_all, k_gate=k_gate, k_cmp=k_cmp, v_cmp=v_cmp)
 

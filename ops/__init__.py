@@ -23,12 +23,12 @@ from sparse_attention.ops.nsa import (
   num_compressed_blocks,
 )
 from sparse_attention.ops.reference import reference_attention
+from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.ops.sparse_decoding import (
   moba_decode_attention,
   moba_gate_keys,
   nsa_decode_attention,
 )
-from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.ops.tile_scores import estimate_tile_scores
 from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 

@@ -833,7 +833,18 @@ def nsa_attention(
 
 
 def _check_inputs(
-  q, k, v, k_cmp, v_cmp, gates, block_len, stride, select_len, num_select, window, scale,
+  q,
+  k,
+  v,
+  k_cmp,
+  v_cmp,
+  gates,
+  block_len,
+  stride,
+  select_len,
+  num_select,
+  window,
+  scale,
   op: str = _OP,
 ) -> _Config:
   shape = checks.check_qkv(q, k, v, op)

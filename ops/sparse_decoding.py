@@ -266,8 +266,14 @@ def nsa_decode_attention(
     q, k_cache, v_cache, positions, ids[:, 0], valid[:, 0], select_len, cfg.scale
   )
   o_win = decode_attention(
-    q, k_cache, v_cache, lengths, window=window - 1, scale=cfg.scale,
-    implementation=implementation, interpret=interpret,
+    q,
+    k_cache,
+    v_cache,
+    lengths,
+    window=window - 1,
+    scale=cfg.scale,
+    implementation=implementation,
+    interpret=interpret,
   )  # fmt: skip  keys t - window < j <= t
   branches = (o.astype(q.dtype) for o in (o_cmp, o_slc, o_win))  # as the op's tiled paths
   return _mix(q.dtype, gates, *branches)[0]

@@ -11,8 +11,8 @@ import pytest
 import testutil
 from flax import nnx
 
-from sparse_attention.models import lm
 from sparse_attention import train
+from sparse_attention.models import lm
 from sparse_attention.train import trainer
 
 # Tiny shapes where blocks complete while decoding 40 tokens: MoBA 5 chunks of 8 (top 2),

@@ -294,7 +294,8 @@ def test_topp_blocks(q_len, kv_len, block, p, min_blocks, capped, keep_diagonal,
   )  # fmt: skip
   testutil.check_invariants(m)
   assert m.max_kv_blocks == cap
-  expected = brute_topp(scores, p, q_len, kv_len, block, block, min_blocks, cap, keep_diagonal, causal)
+  args = (q_len, kv_len, block, block, min_blocks, cap, keep_diagonal, causal)
+  expected = brute_topp(scores, p, *args)
   np.testing.assert_array_equal(dense_of(m), expected)
 
 
