@@ -22,6 +22,7 @@ from sparse_attention.ops.nsa import (
   nsa_selection,
   num_compressed_blocks,
 )
+from sparse_attention.ops.permuted import PermutedLayout, permuted_attention, permuted_layout
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.ops.sparse_decoding import (
@@ -35,6 +36,7 @@ from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 __all__ = [
   "BLOCK_SPARSE_IMPLEMENTATIONS",
   "HILO_IMPLEMENTATIONS",
+  "PermutedLayout",
   "MOBA_IMPLEMENTATIONS",
   "NSA_IMPLEMENTATIONS",
   "BlockMask",
@@ -59,6 +61,8 @@ __all__ = [
   "num_chunks",
   "num_compressed_blocks",
   "padded_grid",
+  "permuted_attention",
+  "permuted_layout",
   "reference_attention",
   "score_mods",
 ]

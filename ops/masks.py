@@ -52,6 +52,7 @@ __all__ = [
   "prefix_lm",
   "sliding_window",
   "topk_blocks",
+  "top_p",
   "topp_blocks",
   "union",
   "window_with_anchors",
@@ -363,6 +364,45 @@ def topk_blocks(
   return mask
 
 
+def top_p(
+  logits: Any,  # float[..., N]
+  p: Any,
+  *,
+  min_count: int = 1,
+  max_count: int | None = None,
+  forced: Any = None,  # bool, broadcasting against logits
+) -> tuple[jax.Array, jax.Array]:
+  """Top-p (nucleus) selection along the last axis, on device: the fewest entries whose
+  softmax mass reaches p.
+
+  Entries are taken in decreasing mass, ties to the lower index, `forced` ones first
+  (their mass counts toward p); at least min_count (of those with mass), at most
+  max_count. -inf and NaN entries have no mass and are never taken (unless forced).
+
+  Returns:
+    (index int32 [..., max_count] in the order taken, keep bool [..., max_count]): the
+    kept entries are `index` where `keep`.
+  """
+  s = jnp.asarray(logits, jnp.float32)
+  s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+  n = s.shape[-1]
+  cap = n if max_count is None else max_count
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  mass = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  order_key = jnp.where(s > -jnp.inf, mass, -1.0)  # entries without mass last
+  if forced is not None:
+    order_key = jnp.where(forced, 2.0, order_key)  # first, whatever their mass
+  # lax.top_k orders equal keys lowest index first: ties go to the lower index.
+  key, index = jax.lax.top_k(order_key, cap)  # [..., cap] in the order taken
+  taken = jnp.take_along_axis(jnp.broadcast_to(mass, order_key.shape), index, axis=-1)
+  before = jnp.cumsum(taken, axis=-1) - taken  # mass kept before this entry
+  rank = jnp.arange(cap)
+  # p >= 1 keeps every entry with mass (a float32 cumsum may reach 1 before the last).
+  keep = (key >= 0) & ((before < p) | (p >= 1.0) | (rank < min_count) | (key > 1.0))
+  return index, keep
+
+
 def topp_blocks(
   scores: Any,  # float[B|1, H|1, Qb, Kb]
   p: float,
@@ -413,30 +453,21 @@ def topp_blocks(
   if min_blocks > cap:
     raise ValueError(f"min_blocks={min_blocks} exceeds max_blocks={cap}.")
   s = jnp.asarray(scores, jnp.float32)
-  s = jnp.where(jnp.isnan(s), -jnp.inf, s)
   if causal:
     q_lo, q_hi = block_bounds(q_len, block_q)
     k_lo, _ = block_bounds(kv_len, block_kv)
     s = jnp.where(k_lo[None, :] > q_hi[:, None], -jnp.inf, s)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-  mass = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  order_key = jnp.where(s > -jnp.inf, mass, -1.0)  # blocks without mass last
+  forced = None
   if keep_diagonal:
-    diag = jnp.asarray(diagonal_tiles(q_len, kv_len, block_q, block_kv))
-    need = int(np.asarray(diag).sum(-1).max(initial=0))
+    diag = diagonal_tiles(q_len, kv_len, block_q, block_kv)
+    need = int(diag.sum(-1).max(initial=0))
     if need > cap:
       raise ValueError(
         f"max_blocks={cap} is smaller than the {need} diagonal tiles keep_diagonal=True "
         f"must keep per q block (block_q={block_q}, block_kv={block_kv})."
       )
-    order_key = jnp.where(diag, 2.0, order_key)  # first, whatever their mass
-  # lax.top_k orders equal keys lowest index first: ties go to the lower block id.
-  key, index = jax.lax.top_k(order_key, cap)  # [..., cap] in decreasing mass
-  taken = jnp.take_along_axis(jnp.broadcast_to(mass, order_key.shape), index, axis=-1)
-  before = jnp.cumsum(taken, axis=-1) - taken  # mass kept before this block
-  rank = jnp.arange(cap)
-  keep = (key >= 0) & ((before < p) | (rank < min_blocks) | (key > 1.0))
+    forced = jnp.asarray(diag)
+  index, keep = top_p(s, p, min_count=min_blocks, max_count=cap, forced=forced)
   layout = scatter_columns(index, keep, kb)
   mask = from_block_layout(
     layout,

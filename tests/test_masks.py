@@ -258,7 +258,7 @@ def brute_topp(scores, p, q_len, kv_len, block_q, block_kv, min_blocks, cap, kee
     order = sorted(range(len(row)), key=lambda j: (not forced[j], not finite[j], -mass[j], j))
     kept_mass = 0.0
     for rank, j in enumerate(order[:cap]):
-      if forced[j] or (finite[j] and (kept_mass < p or rank < min_blocks)):
+      if forced[j] or (finite[j] and (kept_mass < p or p >= 1 or rank < min_blocks)):
         layout[pos + (j,)] = True
         kept_mass += mass[j]
   dense = testutil.brute_layout(layout, q_len, kv_len, block_q, block_kv)
