@@ -57,7 +57,8 @@ def test_equals_dense_attention_under_the_cluster_mask(implementation):
   ours = loss(lambda q, k, v: permuted_attention(
     q, k, v, implementation=implementation, interpret=interpret, **KW))  # fmt: skip
   dense = loss(lambda q, k, v: reference_attention(q, k, v, mask=visible))
-  for g, w in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
+  got, want = jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
 
 
