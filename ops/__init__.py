@@ -26,6 +26,7 @@ from sparse_attention.ops.permuted import PermutedLayout, permuted_attention, pe
 from sparse_attention.ops.reference import reference_attention
 from sparse_attention.ops.rettention import Calibration, calibrate_attention
 from sparse_attention.ops.sparse_decoding import (
+  block_topk_decode_attention,
   moba_decode_attention,
   moba_gate_keys,
   nsa_decode_attention,
@@ -43,6 +44,7 @@ __all__ = [
   "Calibration",
   "TokenRoutes",
   "block_sparse_attention",
+  "block_topk_decode_attention",
   "calibrate_attention",
   "check_values_in_range",
   "chunk_ids",

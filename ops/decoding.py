@@ -317,10 +317,18 @@ def decode_attention(
     return _finish(out, lse, return_lse)
   impl, rows = "xla", n
   if implementation != "xla" and (implementation is not None or interpret or not _on_cpu()):
-    impl, rows = _pick_kernel(
-      implementation, interpret, q, k_cache, v_cache, lengths, window, block_kv, op,
-      shifted, mod_params(),
-    )  # fmt: skip
+
+    def resolve_at(rows: int) -> str:
+      mask = decode_mask(  # two splits: the kernels see a sequence of several q blocks
+        lengths, n, capacity, num_splits=2, window=window, block_q=rows, block_kv=block_kv
+      )
+      padded = jnp.zeros((b, 2 * rows) + q.shape[2:], q.dtype)
+      return _resolve(
+        implementation, interpret, padded, k_cache, v_cache, mask, op, None, shifted(rows),
+        mod_params(),
+      )  # fmt: skip
+
+    impl, rows = pick_kernel(implementation, interpret, n, resolve_at)
   if impl == "xla":
     chunk = min(capacity, max(block_kv, _XLA_CHUNK))
     out, lse = _decode_xla(
@@ -358,22 +366,18 @@ def _finish(out, lse, return_lse: bool, dtype=None):
   return (out, lse) if return_lse else out
 
 
-def _pick_kernel(
-  implementation, interpret, q, k, v, lengths, window, block_kv, op, shifted, mod_params
-):
-  """(implementation, rows per split): the first split height a kernel takes (the new
-  tokens padded to 8, 16, 64 or 128 rows, the kernels' block sizes), else "xla"."""
-  n, capacity = q.shape[1], k.shape[1]
+def pick_kernel(
+  implementation: Any, interpret: bool, n: int, resolve_at: Callable[[int], str]
+) -> tuple[str, int]:
+  """(implementation, rows): the first query-block height a kernel takes for n new
+  tokens (padded to 8, 16, 64 or 128 rows, the kernels' block sizes), else ("xla", n).
+
+  `resolve_at(rows)` resolves the implementation for queries padded to `rows` (raising
+  ValueError when an explicitly named kernel refuses that height)."""
   heights = sorted({n, -(-n // 8) * 8, max(16, 1 << (n - 1).bit_length()), max(n, 64), max(n, 128)})
   for i, rows in enumerate(heights):
-    mask = decode_mask(  # two splits: the kernels see a sequence of several q blocks
-      lengths, n, capacity, num_splits=2, window=window, block_q=rows, block_kv=block_kv
-    )
-    padded = jnp.zeros((q.shape[0], 2 * rows) + q.shape[2:], q.dtype)
     try:
-      impl = _resolve(
-        implementation, interpret, padded, k, v, mask, op, None, shifted(rows), mod_params
-      )
+      impl = resolve_at(rows)
     except ValueError:  # an explicitly named kernel refused this height
       if i == len(heights) - 1:
         raise

@@ -24,14 +24,29 @@ new tokens), not prefill (a model prefills with the op itself).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from sparse_attention.ops import checks
-from sparse_attention.ops.decoding import _check_lengths, decode_attention
+from sparse_attention.ops import checks, element_masks
+from sparse_attention.ops.block_mask import (
+  BlockMask,
+  from_block_layout,
+  num_blocks,
+  scatter_columns,
+)
+from sparse_attention.ops.block_sparse import _resolve, block_sparse_attention
+from sparse_attention.ops.decoding import (
+  _check_lengths,
+  _on_cpu,
+  _visible,
+  decode_attention,
+  pick_kernel,
+)
 from sparse_attention.ops.nsa import _check_inputs, _mix, _select_chunk, _selection_config
+from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -108,6 +123,82 @@ def attend_blocks(
   return _ungrouped(out), lse.reshape(b, hq, n)
 
 
+def selected_blocks_mask(
+  block_ids: jax.Array,  # int32 [B, Hr, n, K]
+  valid: jax.Array,  # bool [B, Hr, n, K]
+  lengths: jax.Array,  # int32 [B]
+  *,
+  q_heads: int,
+  rows: int,
+  capacity: int,
+  block_len: int,
+) -> tuple[BlockMask, TokenRoutes]:
+  """The kernels' form of `attend_blocks`: (BlockMask, TokenRoutes) for the n new
+  tokens padded to `rows` query rows (one q block per (batch, head)).
+
+  The mask lists, per (batch, query head), the union of the blocks its new tokens kept
+  (kv tiles = the blocks); tiles holding keys at or after the first new token are
+  partial, under the fill-level predicate of `decode_attention`. The routes keep each
+  token to its own blocks: query routes = its kept ids (-1: none; padding rows see
+  nothing), key routes = j // block_len."""
+  b, hr, n, kept = block_ids.shape
+  nb = num_blocks(capacity, block_len)
+  ids = jnp.where(valid, block_ids, -1)
+  layout = scatter_columns(ids.reshape(b, hr, 1, n * kept), valid.reshape(b, hr, 1, -1), nb)
+  layout = jnp.repeat(layout, q_heads // hr, axis=1)  # [B, Hq, 1, nb]
+  last_key = jnp.minimum((jnp.arange(nb) + 1) * block_len, capacity) - 1
+  partial = (last_key[None, :] > lengths[:, None])[:, None, None, :]  # [B, 1, 1, nb]
+  mask = from_block_layout(
+    layout,
+    layout & ~partial,
+    block_q=rows,
+    block_kv=block_len,
+    q_len=rows,
+    kv_len=capacity,
+    mask_fn=element_masks.MaskMod(_visible(rows, None), has_params=True),
+    mask_params=(lengths,),
+    max_kv_blocks=min(nb, n * kept),
+    max_q_blocks=1,
+  )
+  query = jnp.pad(ids, ((0, 0), (0, 0), (0, rows - n), (0, 0)), constant_values=-1)
+  key = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32) // block_len, (b, capacity))
+  return mask, TokenRoutes(query=query, key=key)
+
+
+def _selected_decode(
+  q, k, v, positions, lengths, block_ids, valid, block_len, scale, implementation, interpret, op
+) -> tuple[jax.Array, jax.Array]:
+  """`attend_blocks` on the xla path (CPU default), or the kept blocks through
+  `block_sparse_attention` (a kernel, or "reference") with `selected_blocks_mask`:
+  (out float32 [B, n, Hq, Dv], lse [B, Hq, n])."""
+  b, n, hq, _ = q.shape
+  capacity = k.shape[1]
+  if implementation == "xla" or (implementation is None and not interpret and _on_cpu()):
+    return attend_blocks(q, k, v, positions, block_ids, valid, block_len, scale)
+  build = functools.partial(
+    selected_blocks_mask, block_ids, valid, lengths, q_heads=hq, capacity=capacity,
+    block_len=block_len,
+  )  # fmt: skip
+  pad = lambda rows: jnp.pad(q, ((0, 0), (0, rows - n), (0, 0), (0, 0)))
+  if implementation == "reference":
+    impl, rows = "reference", n
+  else:
+
+    def resolve_at(rows: int) -> str:
+      mask, routes = build(rows=rows)
+      return _resolve(implementation, interpret, pad(rows), k, v, mask, op, routes)
+
+    impl, rows = pick_kernel(implementation, interpret, n, resolve_at)
+    if impl == "xla":  # no kernel takes it
+      return attend_blocks(q, k, v, positions, block_ids, valid, block_len, scale)
+  mask, routes = build(rows=rows)
+  out, lse = block_sparse_attention(
+    pad(rows), k, v, mask, routes=routes, scale=scale, implementation=impl,
+    interpret=interpret, return_lse=True,
+  )  # fmt: skip
+  return out[:, :n].astype(jnp.float32), lse[..., :n]
+
+
 def _check_summary(op: str, name: str, x: Any, expected: tuple, dtype: Any, what: str) -> None:
   if not hasattr(x, "shape") or tuple(x.shape) != expected:
     raise ValueError(
@@ -141,6 +232,8 @@ def moba_decode_attention(
   chunk_size: int,
   topk: int,
   scale: float | None = None,
+  implementation: str | None = None,
+  interpret: bool = False,
   return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """MoBA for n new tokens against a left-aligned KV cache, at O(topk * chunk) per token.
@@ -158,6 +251,8 @@ def moba_decode_attention(
     lengths: int [batch] fill level before this step (traced is fine).
     chunk_size, topk: MoBA's chunk size and chunks kept per token (own one included).
     scale: softmax scale, default head_dim ** -0.5.
+    implementation, interpret: as `block_topk_decode_attention`'s (the kept chunks
+      through a kernel on GPU / TPU, gathered in XLA on CPU).
     return_lse: also return the logsumexp, float32 [batch, q_heads, n].
 
   Returns:
@@ -168,29 +263,108 @@ def moba_decode_attention(
   for name, x in (("chunk_size", chunk_size), ("topk", topk)):
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
       raise ValueError(f"{op}: {name} must be a Python int >= 1, got {x!r}.")
-  b, n, hq, capacity = shape.batch, shape.q_len, shape.q_heads, shape.kv_len
-  nb = -(-capacity // chunk_size)
-  expected = (b, nb, shape.kv_heads, shape.head_dim)
+  b, n, capacity = shape.batch, shape.q_len, shape.kv_len
+  expected = (b, num_blocks(capacity, chunk_size), shape.kv_heads, shape.head_dim)
   _check_summary(op, "k_gate", k_gate, expected, k_cache.dtype, "moba_gate_keys")
   if n > capacity:
     raise ValueError(f"{op}: {n} new tokens do not fit a cache of capacity {capacity}.")
   lengths = _check_lengths(lengths, b, n, capacity, op)
   scale = checks.check_scale(scale, shape, op)
   positions = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)  # [B, n]
-  own = jnp.broadcast_to((positions // chunk_size)[:, None, :, None], (b, hq, n, 1))
+  ids, valid = _gated_blocks(q, k_gate, positions, chunk_size, topk, force_first=False)
+  out, lse = _selected_decode(
+    q, k_cache, v_cache, positions, lengths, ids, valid, chunk_size, scale, implementation,
+    interpret, op,
+  )  # fmt: skip
+  out = out.astype(q.dtype)
+  return (out, lse) if return_lse else out
+
+
+def _gated_blocks(q, k_gate, positions, block_len, topk, *, force_first):
+  """The blocks each (query head, new token) keeps: its own block positions // block_len,
+  (force_first: block 0,) and the best of the complete blocks before its own by the gate
+  q . k_gate[j] (float32, ties toward the older block), topk in all.
+
+  Returns (ids, valid) int32 / bool [B, Hq, n, K], K = min(topk, blocks)."""
+  b, n, hq, _ = q.shape
+  nb, hkv = k_gate.shape[1], k_gate.shape[2]
+  own = jnp.broadcast_to((positions // block_len)[:, None, :, None], (b, hq, n, 1))
   ids, valid = own, jnp.ones_like(own, dtype=bool)
   past = min(topk - 1, nb - 1)
   if past > 0:
-    kbar = k_gate.astype(jnp.float32)
     gate = jnp.einsum(
-      "bhgnd,bjhd->bhgnj", _grouped(jax.lax.stop_gradient(q), shape.kv_heads), kbar,
-      precision=_HIGHEST,
+      "bhgnd,bjhd->bhgnj", _grouped(jax.lax.stop_gradient(q), hkv),
+      jax.lax.stop_gradient(k_gate).astype(jnp.float32), precision=_HIGHEST,
     ).reshape(b, hq, n, nb)  # fmt: skip
-    candidate = jnp.arange(nb, dtype=jnp.int32) < own  # complete chunks before the own
-    _, chosen = jax.lax.top_k(jnp.where(candidate, gate, -jnp.inf), past)  # ties: older
+    j = jnp.arange(nb, dtype=jnp.int32)
+    candidate = j < own  # complete blocks before the own
+    gate = jnp.where(candidate, gate, -jnp.inf)
+    if force_first:
+      gate = jnp.where(candidate & (j == 0), jnp.inf, gate)
+    _, chosen = jax.lax.top_k(gate, past)  # lax.top_k: ties toward the lower index
     ids = jnp.concatenate([chosen.astype(jnp.int32), own], axis=-1)
     valid = jnp.concatenate([chosen < own, valid], axis=-1)
-  out, lse = attend_blocks(q, k_cache, v_cache, positions, ids, valid, chunk_size, scale)
+  return ids, valid
+
+
+def block_topk_decode_attention(
+  q: jax.Array,  # [batch, n, q_heads, head_dim]: the new tokens' queries
+  k_cache: jax.Array,  # [batch, capacity, kv_heads, head_dim], position t at row t
+  v_cache: jax.Array,  # [batch, capacity, kv_heads, v_head_dim]
+  k_means: jax.Array,  # [batch, ceil(capacity / block_size), kv_heads, head_dim]
+  lengths: jax.Array,  # int[batch]: tokens in the cache before the new ones
+  *,
+  block_size: int,
+  topk: int,
+  scale: float | None = None,
+  implementation: str | None = None,
+  interpret: bool = False,
+  return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Kinetics-style block top-k decoding: each new token attends its topk best blocks.
+
+  For any trained model, no retraining: the cache is cut into blocks of block_size
+  keys; new token i of row b (position t = lengths[b] + i) keeps, per query head, its
+  own (newest) block (keys up to t), the first block (attention sinks) and the
+  topk - 2 complete blocks in between with the largest q_t . mean(k_block) (float32,
+  ties toward the older block): per-token cost O(topk * block_size + capacity /
+  block_size), flat in the cache length. With topk >= the number of blocks it is exact
+  full-cache attention.
+
+  Args:
+    q, k_cache, v_cache, lengths: as `decode_attention`'s.
+    k_means: the blocks' mean keys in the cache's dtype (`moba_gate_keys(k_cache,
+      chunk_size=block_size)`; a model keeps them in its cache and updates the blocks a
+      step completes).
+    block_size: keys per block (kernels: a power of two >= 16 is their tile).
+    topk: blocks per token, the own and the first included (>= 1; 1: own block only).
+    scale: softmax scale, default head_dim ** -0.5.
+    implementation, interpret: None (CPU: the kept blocks gathered in XLA; GPU / TPU:
+      the backend's kernel over the kept blocks, falling back to the gather), "xla",
+      "reference", or a kernel name as `block_sparse_attention`'s.
+    return_lse: also return the logsumexp, float32 [batch, q_heads, n].
+
+  Returns:
+    [batch, n, q_heads, v_head_dim] in q's dtype (and the lse).
+  """
+  op = "block_topk_decode_attention"
+  shape = checks.check_qkv(q, k_cache, v_cache, op)
+  for name, x in (("block_size", block_size), ("topk", topk)):
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+      raise ValueError(f"{op}: {name} must be a Python int >= 1, got {x!r}.")
+  b, n, capacity = shape.batch, shape.q_len, shape.kv_len
+  expected = (b, num_blocks(capacity, block_size), shape.kv_heads, shape.head_dim)
+  _check_summary(op, "k_means", k_means, expected, k_cache.dtype, "moba_gate_keys")
+  if n > capacity:
+    raise ValueError(f"{op}: {n} new tokens do not fit a cache of capacity {capacity}.")
+  lengths = _check_lengths(lengths, b, n, capacity, op)
+  scale = checks.check_scale(scale, shape, op)
+  positions = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)
+  ids, valid = _gated_blocks(q, k_means, positions, block_size, topk, force_first=True)
+  out, lse = _selected_decode(
+    q, k_cache, v_cache, positions, lengths, ids, valid, block_size, scale, implementation,
+    interpret, op,
+  )  # fmt: skip
   out = out.astype(q.dtype)
   return (out, lse) if return_lse else out
 
@@ -230,7 +404,8 @@ def nsa_decode_attention(
     gates: [batch, n, q_heads, 3], the (compression, selection, window) gates.
     lengths: int [batch] fill level before this step (traced is fine).
     block_len, stride, select_len, num_select, window, scale: as `nsa_attention`'s.
-    implementation, interpret: the window branch's, as `decode_attention`'s.
+    implementation, interpret: the selected and window branches', as
+      `block_topk_decode_attention`'s and `decode_attention`'s.
 
   Returns:
     [batch, n, q_heads, v_head_dim] in q's dtype.
@@ -262,9 +437,10 @@ def nsa_decode_attention(
   kc = jax.lax.stop_gradient(k_cmp).astype(jnp.float32)
   one_row = lambda q_b, t_b, kc_b: _select_chunk(select, q_b[None], t_b, kc_b[None], None)
   ids, valid = jax.vmap(one_row)(qg, positions, kc)  # [B, 1, Hkv, n, num_select]
-  o_slc, _ = attend_blocks(
-    q, k_cache, v_cache, positions, ids[:, 0], valid[:, 0], select_len, cfg.scale
-  )
+  o_slc, _ = _selected_decode(
+    q, k_cache, v_cache, positions, lengths, ids[:, 0], valid[:, 0], select_len, cfg.scale,
+    implementation, interpret, op,
+  )  # fmt: skip
   o_win = decode_attention(
     q,
     k_cache,
@@ -281,7 +457,9 @@ def nsa_decode_attention(
 
 __all__ = [
   "attend_blocks",
+  "block_topk_decode_attention",
   "moba_decode_attention",
   "moba_gate_keys",
   "nsa_decode_attention",
+  "selected_blocks_mask",
 ]

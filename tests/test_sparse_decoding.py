@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 
 from sparse_attention.ops import (
+  block_topk_decode_attention,
   compress_mean,
+  decode_attention,
   moba_attention,
   moba_decode_attention,
   moba_gate_keys,
   nsa_attention,
   nsa_decode_attention,
   num_compressed_blocks,
+  reference_attention,
 )
 
 CAPACITY = 96
@@ -158,3 +161,73 @@ def test_bad_nsa_arguments_are_named():
     nsa_decode_attention(q, k, v, cmp[:, :-1], cmp, gates, jnp.array(LENGTHS), **NSA)
   with pytest.raises(ValueError, match=r"nsa_decode_attention: gates must be"):
     nsa_decode_attention(q, k, v, cmp, cmp, gates[:, :1], jnp.array(LENGTHS), **NSA)
+
+
+def test_block_topk_with_every_block_equals_full_cache_decoding():
+  q, k, v = _inputs()
+  lengths = jnp.array(LENGTHS)
+  means = moba_gate_keys(k, chunk_size=16)
+  got = block_topk_decode_attention(q, k, v, means, lengths, block_size=16, topk=6)
+  want = decode_attention(q, k, v, lengths, implementation="reference")
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_block_topk_keeps_own_first_and_best_blocks():
+  """topk=3 of blocks of 8: the own block, block 0 and the best-gated one in between,
+  checked against a NumPy selection and masked dense attention."""
+  q, k, v = _inputs(n=1)
+  lengths = jnp.array(LENGTHS)
+  means = moba_gate_keys(k, chunk_size=8)
+  got = block_topk_decode_attention(q, k, v, means, lengths, block_size=8, topk=3)
+  qn, mn = np.asarray(q, np.float64), np.asarray(means, np.float64)
+  visible = np.zeros((len(LENGTHS), 4, 1, CAPACITY), bool)
+  for b, t in enumerate(LENGTHS):
+    own = t // 8
+    for h in range(4):
+      gate = mn[b, :own, h // 2] @ qn[b, 0, h]  # the complete blocks before the own
+      kept = {own, 0}
+      rest = [j for j in np.argsort(-gate, kind="stable") if j not in kept]
+      kept |= set(rest[: 3 - len(kept)])
+      for j in kept:
+        visible[b, h, 0, j * 8 : min(j * 8 + 8, t + 1)] = True
+  want = reference_attention(q, k, v, mask=jnp.asarray(visible))
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton", "pallas_tpu"])
+def test_kernels_take_the_kept_blocks(implementation):
+  """The kept blocks through block_sparse_attention (selected_blocks_mask + routes):
+  MoBA, block top-k and NSA decoding equal their xla paths (n = 3 new tokens)."""
+  q, k, v = _inputs()
+  b, n, hq, _ = q.shape
+  lengths = jnp.array(LENGTHS)
+  kw = dict(implementation=implementation, interpret=implementation != "reference")
+  means = moba_gate_keys(k, chunk_size=16)
+  for fn, extra in [
+    (moba_decode_attention, dict(chunk_size=16, topk=3)),
+    (block_topk_decode_attention, dict(block_size=16, topk=3)),
+  ]:
+    got = fn(q, k, v, means, lengths, **extra, **kw)
+    want = fn(q, k, v, means, lengths, **extra, implementation="xla")
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  nsa = {**NSA, "select_len": 16}
+  cmp = compress_mean(k, block_len=8, stride=4), compress_mean(v, block_len=8, stride=4)
+  gates = jax.nn.sigmoid(jax.random.normal(jax.random.key(1), (b, n, hq, 3)))
+  got = nsa_decode_attention(q, k, v, *cmp, gates, lengths, **nsa, **kw)
+  want = nsa_decode_attention(q, k, v, *cmp, gates, lengths, **nsa, implementation="xla")
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_mosaic_gpu_takes_the_kept_blocks():
+  """Mosaic GPU (interpreted; bf16, head_dim 64, 64-key blocks) equals the xla path."""
+  q, k, v = _inputs(dtype=jnp.bfloat16, dim=64)
+  lengths = jnp.array(LENGTHS)
+  means = moba_gate_keys(k, chunk_size=64)
+  kw = dict(block_size=64, topk=1)
+  got = block_topk_decode_attention(
+    q, k, v, means, lengths, implementation="pallas_mosaic_gpu", interpret=True, **kw
+  )
+  want = block_topk_decode_attention(q, k, v, means, lengths, implementation="xla", **kw)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2
+  )
