@@ -648,7 +648,10 @@ class Attention(nnx.Module):
       kw = dict(chunk_size=chunk, topk=c.moba_topk)
       if step:
         k_c, v_c = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        o = moba_decode_attention(q, k_c, v_c, k_gate.astype(q.dtype), lengths, **kw)
+        impl = "xla" if c.implementation == "xla_chunked" else c.implementation
+        o = moba_decode_attention(
+          q, k_c, v_c, k_gate.astype(q.dtype), lengths, implementation=impl, **kw
+        )
       else:
         k_f, written = _right_aligned(k_all, end, s)
         v_f, _ = _right_aligned(v_all, end, s)
