@@ -98,6 +98,7 @@ from sparse_attention.ops import (
   NSA_IMPLEMENTATIONS,
   TokenRoutes,
   block_sparse_attention,
+  block_topk_decode_attention,
   check_values_in_range,
   compress_mean,
   decode_attention,
@@ -621,10 +622,16 @@ class Attention(nnx.Module):
   # -- cached decoding
 
   def decode(
-    self, x: jax.Array, positions: jax.Array, cache: LayerCache, length: jax.Array
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: LayerCache,
+    length: jax.Array,
+    policy: DecodePolicy | None = None,
   ) -> tuple[jax.Array, LayerCache]:
     """x [B, n, dim] at positions length .. length + n - 1 -> ([B, n, dim], cache)."""
     c = self.config
+    policy = policy or DecodePolicy()
     b, n, _ = x.shape
     s = cache.k.shape[1]
     q, k, v = self._qkv(x, positions)
@@ -635,7 +642,19 @@ class Attention(nnx.Module):
     lengths = jnp.broadcast_to(length, (b,))
     step = n <= DECODE_MAX_NEW  # else prefill: the full op over the cache
     k_gate, k_cmp, v_cmp = cache.k_gate, cache.k_cmp, cache.v_cmp
-    if c.attention in ("dense", "sliding"):  # visits the filled tiles only
+    if policy.kind == "topk_blocks":  # dense attention over each token's best blocks
+      bs = policy.block_size
+      mean = lambda blocks: self._phi(blocks, None)
+      k_gate = self._update_blocks(k_gate, k_all, length, n, bs, bs, mean)
+      k_c, v_c = k_all.astype(q.dtype), v_all.astype(q.dtype)
+      if step:
+        o = block_topk_decode_attention(
+          q, k_c, v_c, k_gate.astype(q.dtype), lengths, block_size=bs, topk=policy.topk,
+          implementation=c.implementation,
+        )  # fmt: skip
+      else:
+        o = decode_attention(q, k_c, v_c, lengths, implementation=c.implementation)
+    elif c.attention in ("dense", "sliding"):  # visits the filled tiles only
       o = decode_attention(
         q, k_all.astype(q.dtype), v_all.astype(q.dtype), lengths,
         window=c.window if c.attention == "sliding" else None, block_kv=c.block_size,
@@ -736,13 +755,49 @@ class Block(nnx.Module):
     x = x + self.attn(self.norm1(x), positions, segment_ids, layout)
     return x + self.mlp(self.norm2(x))
 
-  def decode(self, x, positions, cache: LayerCache, length):
-    y, cache = self.attn.decode(self.norm1(x), positions, cache, length)
+  def decode(self, x, positions, cache: LayerCache, length, policy: DecodePolicy):
+    y, cache = self.attn.decode(self.norm1(x), positions, cache, length, policy)
     x = x + y
     return x + self.mlp(self.norm2(x)), cache
 
 
 # ---------------------------------------------------------------------------- cache
+
+
+DECODE_POLICIES = ("exact", "topk_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+  """How cached decoding attends (a static part of the `Cache`).
+
+  Attributes:
+    kind: "exact" (the model's own attention: decoding equals the full forward) or
+      "topk_blocks" (Kinetics-style block top-k, dense attention only, no retraining:
+      each new token attends, per head, its own block of block_size keys, the first
+      block and the topk - 2 blocks between with the largest q . mean(k_block);
+      `ops.block_topk_decode_attention`; steps of more than DECODE_MAX_NEW tokens
+      (prefill) stay exact). With topk >= the blocks of the cache it is exact.
+    block_size, topk: the blocks of "topk_blocks".
+  """
+
+  kind: str = "exact"
+  block_size: int = 64
+  topk: int = 8
+
+  def check(self, config: LMConfig) -> None:
+    """Raises ValueError naming the field if this policy does not fit the model."""
+    if self.kind not in DECODE_POLICIES:
+      raise ValueError(f"DecodePolicy.kind must be one of {DECODE_POLICIES}, got {self.kind!r}.")
+    for name in ("block_size", "topk"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"DecodePolicy.{name} must be an int >= 1, got {value!r}.")
+    if self.kind == "topk_blocks" and (config.attention != "dense" or config.score_mod):
+      raise ValueError(
+        "DecodePolicy.kind='topk_blocks' needs attention='dense' without a score_mod, got "
+        f"attention={config.attention!r}, score_mod={config.score_mod!r}."
+      )
 
 
 @functools.partial(
@@ -763,13 +818,15 @@ class LayerCache:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "length"],
-                   meta_fields=[])  # fmt: skip
+                   meta_fields=["policy"])  # fmt: skip
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """The decoding state: per-block `LayerCache`s and the tokens written, int32 []."""
+  """The decoding state: per-block `LayerCache`s, the tokens written (int32 []) and the
+  `DecodePolicy` (static)."""
 
   layers: tuple[LayerCache, ...]
   length: jax.Array
+  policy: DecodePolicy = DecodePolicy()
 
   @property
   def max_len(self) -> int:
@@ -884,10 +941,19 @@ class LM(nnx.Module):
       x = block(x, positions, None, layout)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> Cache:
+  def init_cache(
+    self,
+    batch: int,
+    max_len: int | None = None,
+    dtype: Any = None,
+    policy: DecodePolicy | None = None,
+  ) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` (default config.max_len)
-    tokens; dtype defaults to the compute dtype (else the parameters')."""
+    tokens; dtype defaults to the compute dtype (else the parameters'); `policy` (default
+    exact) says how decoding attends."""
     c = self.config
+    policy = policy or DecodePolicy()
+    policy.check(c)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
       raise ValueError(f"LM.init_cache: batch must be an int >= 1, got {batch!r}.")
     s = c.max_len if max_len is None else max_len
@@ -899,15 +965,17 @@ class LM(nnx.Module):
     nc = num_compressed_blocks(s, c.nsa_block_len, c.nsa_stride)
     cmp = jnp.zeros((batch, nc, c.num_kv_heads, c.head_dim), dtype)
     nsa_on = c.attention == "nsa"
-    gate = jnp.zeros((batch, -(-s // c.moba_chunk), c.num_kv_heads, c.head_dim), dtype)
+    topk_on = policy.kind == "topk_blocks"
+    block = policy.block_size if topk_on else c.moba_chunk  # MoBA's chunks or the blocks
+    gate = jnp.zeros((batch, -(-s // block), c.num_kv_heads, c.head_dim), dtype)
     layer = LayerCache(
       k=kv,
       v=kv,
-      k_gate=gate if c.attention == "moba" else None,
+      k_gate=gate if c.attention == "moba" or topk_on else None,
       k_cmp=cmp if nsa_on else None,
       v_cmp=cmp if nsa_on else None,
     )
-    return Cache(layers=(layer,) * c.depth, length=jnp.zeros((), jnp.int32))
+    return Cache(layers=(layer,) * c.depth, length=jnp.zeros((), jnp.int32), policy=policy)
 
   def decode(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     """Appends tokens int [B, n] to the cache; returns their logits [B, n, vocab] (float32).
@@ -937,9 +1005,9 @@ class LM(nnx.Module):
     x = self.embed(tokens)
     layers = []
     for block, layer in zip(self.blocks, cache.layers, strict=True):
-      x, layer = block.decode(x, positions, layer, cache.length)
+      x, layer = block.decode(x, positions, layer, cache.length, cache.policy)
       layers.append(layer)
-    return self._logits(x), Cache(layers=tuple(layers), length=cache.length + n)
+    return self._logits(x), Cache(tuple(layers), cache.length + n, cache.policy)
 
   def generate(
     self,
@@ -949,12 +1017,15 @@ class LM(nnx.Module):
     rng: jax.Array,
     temperature: float = 1.0,
     top_k: int | None = None,
+    policy: DecodePolicy | None = None,
   ) -> jax.Array:
     """Samples `steps` tokens after `prompt` int [B, P]; returns int32 [B, P + steps].
 
     One jitted program: prefill (the whole prompt in one `decode`), then `steps - 1`
     single-token steps in a `lax.scan`, with a cache of P + steps positions.
-    temperature 0 is greedy (argmax); top_k keeps the k most likely tokens.
+    temperature 0 is greedy (argmax); top_k keeps the k most likely tokens. `policy`
+    (default exact) says how the steps attend, e.g.
+    `DecodePolicy("topk_blocks", block_size=64, topk=8)` for block top-k decoding.
     """
     c = self.config
     _check_tokens("prompt", prompt, c.max_len, c.vocab_size)
@@ -970,11 +1041,13 @@ class LM(nnx.Module):
       isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= c.vocab_size
     ):
       raise ValueError(f"LM.generate: top_k must be None or in [1, {c.vocab_size}], got {top_k!r}.")
+    policy = policy or DecodePolicy()
+    policy.check(c)
     prompt = jnp.asarray(prompt, jnp.int32)
     if steps == 0:
       return prompt
     graphdef, state = nnx.split(self)
-    return _generate(graphdef, state, prompt, rng, int(steps), float(temperature), top_k)
+    return _generate(graphdef, state, prompt, rng, int(steps), float(temperature), top_k, policy)
 
 
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None):
@@ -988,11 +1061,13 @@ def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | 
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(graphdef, state, prompt, rng, steps: int, temperature: float, top_k: int | None):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(
+  graphdef, state, prompt, rng, steps: int, temperature: float, top_k: int | None, policy
+):
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
-  cache = model.init_cache(b, p + steps)
+  cache = model.init_cache(b, p + steps, policy=policy)
   logits, cache = model.decode(prompt, cache)  # prefill
   rng, key = jax.random.split(rng)
   first = _sample(logits[:, -1], key, temperature, top_k)

@@ -2,6 +2,7 @@
 generation, packed sequences, training through the trainer, config errors, lm_1b's size."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -50,11 +51,11 @@ def _forward(graphdef, state, tokens):
   return nnx.merge(graphdef, state)(tokens)
 
 
-@jax.jit
-def _prefill_then_steps(graphdef, state, prompt, rest):
+@functools.partial(jax.jit, static_argnums=4)
+def _prefill_then_steps(graphdef, state, prompt, rest, policy=None):
   """Logits of the prompt (one decode call) then of each of `rest`'s tokens, one by one."""
   model = nnx.merge(graphdef, state)
-  cache = model.init_cache(prompt.shape[0], prompt.shape[1] + rest.shape[1])
+  cache = model.init_cache(prompt.shape[0], prompt.shape[1] + rest.shape[1], policy=policy)
   first, cache = model.decode(prompt, cache)
 
   def step(cache, token):
@@ -101,6 +102,30 @@ def test_score_mods_decode_as_they_train(attention, score_mod, rope):
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
   plain = _forward(*nnx.split(_model(attention=attention, rope=rope)), tokens)
   assert not np.allclose(plain, full, atol=1e-3)
+
+
+def test_block_topk_decoding_is_exact_with_every_block_and_bounded_without():
+  model = _model(attention="dense")
+  tokens = jax.random.randint(jax.random.key(1), (2, SMALL.max_len), 0, SMALL.vocab_size)
+  graphdef, state = nnx.split(model)
+  full = _forward(graphdef, state, tokens)
+  every = lm.DecodePolicy("topk_blocks", block_size=8, topk=5)  # 40 positions: 5 blocks
+  cached, _ = _prefill_then_steps(graphdef, state, tokens[:, :5], tokens[:, 5:], every)
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
+  few = lm.DecodePolicy("topk_blocks", block_size=8, topk=2)  # own + first block only
+  cached, _ = _prefill_then_steps(graphdef, state, tokens[:, :5], tokens[:, 5:], few)
+  np.testing.assert_allclose(cached[:, :16], full[:, :16], atol=2e-5, rtol=2e-5)
+  assert np.all(np.isfinite(cached)) and not np.allclose(cached[:, 24:], full[:, 24:], atol=1e-3)
+  out = model.generate(tokens[:, :4], 8, rng=jax.random.key(0), temperature=0.0, policy=few)
+  assert out.shape == (2, 12)
+
+
+def test_decode_policy_errors_name_the_field():
+  with pytest.raises(ValueError, match="DecodePolicy.kind='topk_blocks' needs attention='dense'"):
+    _model(attention="moba").init_cache(1, 8, policy=lm.DecodePolicy("topk_blocks"))
+  with pytest.raises(ValueError, match="DecodePolicy.topk must be an int >= 1"):
+    _model().generate(jnp.zeros((1, 2), jnp.int32), 2, rng=jax.random.key(0),
+                      policy=lm.DecodePolicy("topk_blocks", topk=0))  # fmt: skip
 
 
 def test_decode_checks_the_cache_room():
