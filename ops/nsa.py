@@ -152,10 +152,16 @@ __all__ = [
 
 _OP = "nsa_attention"
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Work per loop step of the xla path (and of the selection), in float32 scores: 2**20
-# (4 MiB) keep a step's temporaries near the cache on CPU (measured at L=4096,
+# Work per loop step of the selection (`nsa_selection`), in float32 compression scores:
+# 2**20 (4 MiB) keep a step's temporaries near the cache on CPU (measured at L=4096,
 # 2**18..2**22 were within 2x, 2**20 the fastest).
 _CHUNK_ELEMENTS = 1 << 20
+# Scores per loop step of the xla path's engine calls (the `chunk` of
+# block_sparse_attention_xla, whose own default is 2**20): 2**18, 32 tiles of
+# [32 * G, 64] at G = 4. Measured on CPU at L=4096, G=4: against 2**20, fwd+bwd CPU time
+# -12% (selection branch), -13% (window), -28% (compression), forward within noise; the
+# backward's per-step temporaries (q, dO, s, p, dp, ds tiles) outgrow the cache first.
+_XLA_STEP_SCORES = 1 << 18
 # Queries per tile of the xla path (a selection tile is [bq * G, l'] scores; a query
 # block visits the union of its queries' selections). Measured on CPU at L=4096, G=4
 # (the former selection loop): 32 beat 4, 8, 16 and 64 (fwd and fwd+bwd).
@@ -451,7 +457,7 @@ class _Config:
   num_select: int
   window: int
   scale: float
-  chunk_elements: int  # xla path: work per loop step (float32 elements)
+  step_scores: int  # xla path: scores per engine loop step
   slc_block_q: int  # xla path: queries per selection tile
 
   @property
@@ -705,7 +711,7 @@ def _attend(plan: _KernelPlan, q, k, v, mask: BlockMask, routes: TokenRoutes | N
   cfg = plan.cfg
   if plan.kernel == "xla":  # the engine itself: the selection mask has Hkv heads
     group = q.shape[2] // k.shape[2]
-    chunk = max(1, cfg.chunk_elements // (group * mask.block_q * mask.block_kv))
+    chunk = max(1, cfg.step_scores // (group * mask.block_q * mask.block_kv))
     return block_sparse_attention_xla(q, k, v, mask, scale=cfg.scale, routes=routes, chunk=chunk)[0]
   return block_sparse_attention(
     q, k, v, mask, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret,
@@ -868,5 +874,5 @@ def _check_inputs(
     )
   scale = checks.check_scale(scale, shape, _OP)
   return _Config(
-    lq, lk, block_len, stride, select_len, num_select, window, scale, _CHUNK_ELEMENTS, _SLC_BLOCK_Q
+    lq, lk, block_len, stride, select_len, num_select, window, scale, _XLA_STEP_SCORES, _SLC_BLOCK_Q
   )
