@@ -26,7 +26,9 @@ GQA packing: when every query head of a GQA group visits the same tiles (the mas
 head dim is 1, or it divides the kv heads), a row holds the group's G query heads
 stacked, `G * block_q` query rows against one k / v tile: one gather of k and v per
 group instead of per head, and G-times taller matmuls (token routes shared by the
-group are matched once).
+group are matched once). When every kv tile of a step has one key route (NSA's selection
+blocks, MoBA's chunks), each query's routes are compared with it once per tile, not
+once per key.
 
 A `score_mod` runs on every chunk's scaled scores (with the chunk's batch rows, heads
 and positions as broadcasting index arrays); the backward applies its vjp per chunk
@@ -177,7 +179,21 @@ class _RouteTiles:
     shared = per_route % plan.pack == 0  # one route head for the row's heads
     heads = c.head[:, None] + jnp.arange(1 if shared else plan.pack)
     q_route = self.query[b[:, None], heads // per_route, c.i[:, None]]  # [C, P, bq, R]
-    return common.route_match(q_route, self.key[b, c.j][:, None])
+    k_route = self.key[b, c.j][:, None]  # [C, 1, bk]
+    first = k_route[..., :1]  # [C, 1, 1]
+
+    def one_route_per_tile(_):  # bq * R comparisons per tile instead of bq * bk * R
+      hit = jnp.any(q_route == first[..., None], axis=-1, keepdims=True)  # [C, P, bq, 1]
+      return jnp.broadcast_to(hit, q_route.shape[:3] + k_route.shape[-1:])
+
+    # Tiles whose keys share one route (NSA's selection blocks, MoBA's chunks: the usual
+    # case) match each query once; others compare every key.
+    return jax.lax.cond(
+      jnp.all(k_route == first),
+      one_route_per_tile,
+      lambda _: common.route_match(q_route, k_route),
+      None,
+    )
 
 
 def _route_tiles(plan: _Plan, routes: common.TokenRoutes | None) -> _RouteTiles | None:

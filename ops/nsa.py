@@ -1,127 +1,18 @@
 """`nsa_attention`: Native Sparse Attention (NSA, arXiv 2502.11089), given projected inputs.
 
-NSA attends each query through three causal branches, each with its own softmax
-(scale `head_dim ** -0.5` by default, the same in every branch), mixed by gates:
+Each query attends through three causal branches, each with its own softmax, mixed by
+per-head gates: compressed blocks (k_cmp, v_cmp: blocks [c*stride, c*stride + block_len)
+entirely in the past), the top-n selected blocks of select_len keys (chosen by
+`nsa_selection` from the compression probabilities, shared by a GQA group, the initial
+and two local blocks forced) and a sliding window of the last `window` keys. Layout
+`[batch, seq, heads, head_dim]`; the queries are the last q_len of the kv_len positions.
+Packed sequences (`segment_ids`) keep every branch inside the query's segment run.
 
-    out[t] = g_cmp[t] * Attn(q_t, K_cmp, V_cmp)      # compressed blocks
-           + g_slc[t] * Attn(q_t, K_slc(t), V_slc(t)) # selected blocks
-           + g_win[t] * Attn(q_t, K_win(t), V_win(t)) # sliding window
-
-Layout (`[batch, seq, heads, head_dim]` like `jax.nn.dot_product_attention`):
-
-* q `[B, Lq, Hq, D]`, k `[B, Lk, Hkv, D]`, v `[B, Lk, Hkv, Dv]`; q head h reads kv
-  head h // (Hq // Hkv) (GQA). Lq <= Lk and the queries are the LAST Lq positions:
-  query row i sits at absolute position t = Lk - Lq + i (training: Lq == Lk; decoding
-  with a KV cache: Lq new tokens).
-* k_cmp `[B, Nc, Hkv, D]`, v_cmp `[B, Nc, Hkv, Dv]`: the compressed keys/values, computed
-  by the model's learnable phi (an MLP with intra-block positions, or `compress_mean`).
-  Compressed block c covers key positions [c*d, c*d + l) (l = block_len, d = stride);
-  Nc = `num_compressed_blocks(Lk, l, d)` = max(0, (Lk - l) // d + 1), the blocks that lie
-  entirely inside Lk.
-* gates `[B, Lq, Hq, 3]` = (g_cmp, g_slc, g_win), already in [0, 1] (the model applies
-  the sigmoid). Output `[B, Lq, Hq, Dv]` in q's dtype.
-
-The branches, exactly (every choice below is ours where the paper leaves room):
-
-* Compression: query t sees compressed block c iff the block is entirely in its past,
-  c*d + l - 1 <= t. A query that sees no block (t < l - 1) gets 0 from this branch.
-* Selection (shared by the Hq // Hkv query heads of a GQA group; computed by
-  `nsa_selection`, the one place the rule lives):
-  1. p_cmp[h, t, c]: the compression branch's softmax probabilities per query head over
-     the visible compressed blocks (0 for the others; all 0 for a query that sees none).
-  2. Fractional-overlap mapping onto selection blocks of length l' (select_len; block j
-     covers [j*l', (j+1)*l'), Ns = ceil(Lk / l'), the last one possibly ragged):
-       p_slc[h, t, j] = sum_c p_cmp[h, t, c] * |[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / l.
-     Each compressed block spreads its probability over the selection blocks it overlaps,
-     in proportion to the overlap (l=32, d=16, l'=64: a block inside one selection block
-     gives it all, a block straddling two gives each half). Any positive l, d, l' work;
-     nothing needs to divide anything.
-  3. Group importance: score[g, t, j] = sum of p_slc[h, t, j] over the heads h of group g.
-  4. Eligible blocks: j*l' <= t (none from the future). Forced blocks, always kept and
-     counted toward n: block 0 (the initial block) and the two local blocks t // l' and
-     t // l' - 1 (when >= 0). The other n - #forced slots go to the eligible blocks with
-     the highest score, ties toward the lower block id (so a query that sees no
-     compressed block, whose scores are all 0, takes the lowest eligible ids). With n >=
-     the number of eligible blocks, all of them are kept.
-  K_slc(t) = the keys of the kept blocks at positions <= t.
-* Sliding window: the w most recent keys, t - w < j <= t.
-
-Packed sequences: `segment_ids` int `[B, Lk]` (the queries use the last Lq entries). A
-segment is a maximal run of equal consecutive ids; two runs of the same id separated by
-another are two segments. Let r = run_start(t), the first position of t's run: query t
-only ever sees keys in [r, t]. The block grids stay anchored at position 0 (k_cmp/v_cmp
-are the caller's, computed on the global grid, and shapes stay static), so:
-
-* Compression: block c is visible iff it is complete (c*d + l - 1 <= t) and lies
-  entirely in t's run (c*d >= r); blocks straddling a segment start are never visible.
-* Selection: p_cmp covers the visible blocks only (steps 1-3 as above); the eligible
-  blocks are those intersecting [r, t] (j*l' <= t and (j+1)*l' > r); the forced ones
-  are the block holding r (the segment's initial block) and the local blocks t // l',
-  t // l' - 1 when eligible; inside a kept block only keys in [r, t].
-* Sliding window: keys max(t - w + 1, r) .. t.
-
-Without segment_ids (None) r = 0 and everything is as above (same code paths). A
-segment whose start is a multiple of both d and l' behaves exactly as a separate
-sequence (with k_cmp of the segment's own blocks, e.g. `compress_mean` of the whole row).
-
-The top-n choice is discrete: no gradient flows through it (it is a function of q and
-k_cmp, treated as a constant). Everything else is differentiable in q, k, v, k_cmp,
-v_cmp and gates. Selection is computed in float32 from q and k_cmp upcast; ties are
-broken exactly as above, but two *different* compilations of the selection (e.g. under
-another `jit`) may round p_slc differently and so flip a near-tie.
-
-Implementations:
-
-* "reference": each branch as dense attention under a boolean mask `[B, Hq, Lq, L*]`
-  through `ops.reference_attention` (float32, O(Lq * Lk) memory). The oracle.
-* "xla" (the default on CPU): every branch is one call of the block-sparse XLA engine
-  (`block_sparse_attention`'s "xla" path) over the masks and routes the kernels get
-  (below), exact and memory-efficient (nothing is O(Lq * Lk)); its tiles are
-  `_SLC_BLOCK_Q` queries by select_len keys in the selection branch (one selection block
-  per tile) and `_SLC_BLOCK_Q` x `_XLA_BLOCK_KV` in the others, and each row stacks a GQA
-  group's query heads (the selection mask has one head per kv head), so a tile is a
-  dense `[bq * G, l']` matmul: ~n * l' keys per query when neighbouring queries select
-  alike (trained models), never more than block-causal attention. `nsa_selection` runs
-  in query chunks (memory O(chunk * Nc)). Each branch output is rounded to q's dtype
-  before the float32 mix, as in the kernels.
-* "pallas_triton" / "pallas_tpu" (and "pallas", the platform's one): every branch is one
-  `ops.block_sparse_attention` call on the project's routed block-sparse Pallas kernel
-  (Triton on GPU, Mosaic on TPU; either runs on CPU with interpret=True), forward and
-  backward (the kernels' custom_vjp): only NSA's masks are built here. The selection
-  (`nsa_selection`) and the gated mix stay in XLA. Per branch:
-  - selection: token routes `TokenRoutes(query=ids [B, Hkv, Lq, n] with -1 for invalid
-    slots, key=j // l' [B, Lk])`: route heads Hr = Hkv, so the Hq // Hkv query heads of a
-    group share one selection, as NSA requires; inside a visited tile, query t sees key j
-    iff j's selection block is one of t's. The visited tiles: a `[B, Hkv, Qb, Kb]` layout,
-    scattered on device from the selections (tile (i, kt) is kept iff some query of q
-    tile i selected a block overlapping kv tile kt; O(B * Hkv * Lq * n) updates, never
-    O(Lq * Lk)), repeated over each group's query heads (the mask is per query head) and
-    intersected with `masks.causal(offset=Lk - Lq)` (the own block holds future keys).
-    Tiles: 64 queries (a tile visits the union of its queries' blocks); kv tiles of the
-    largest power of two <= l' (at least 16, at most the cap below), so a power-of-two l'
-    up to the cap is one tile per block; any l' works (a block then spans several tiles
-    and the routes clip it);
-  - window: the static mask `Band(offset - w + 1, offset)` (keys t - w < j <= t), through
-    the same kernel without routes;
-  - compression: the kernel attends the Nc compressed keys under the static element mask
-    `element_masks.Strided` (compressed key c visible to query t iff c*d + l - 1 <= t:
-    monotone, so tiles classify exactly), the same math as the xla path with Nc ~ Lk / d
-    keys; a query that sees no block gets 0 (the kernels' empty-row rule), Nc = 0 skips it.
-  Tiles are powers of two in [16, cap] (the Triton kernel needs powers of two >= 16; the
-  TPU kernel multiples of 8, 128 filling its lanes), cap 64 for Triton and 128 for TPU,
-  shrunk to short sequences. A call the
-  kernel cannot take (Triton: head_dim > 256; TPU: a mask view too large for SMEM) raises
-  before anything is computed, or, with implementation=None, runs "xla".
-  Packed sequences become token routes (one route id per key, exact): selection: key
-  route max(block_start(j), run_start(j)) (block_start(j) = j // l' * l'), query route
-  for kept block b max(b * l', r): exactly the keys of block b in t's run; window: key
-  route run_start(j), query route [r], with the band mask; compression: compressed key
-  c's route is run_start(c*d) if the whole block lies in one run, else Lk + c (matched
-  by no query), query route [r], with the compressed element mask. Without segments no
-  routes are added where there were none.
-  Limits: the selection layout is O(B * Hq * Qb * Kb) bools and the tile bound Kmax is
-  the full Kb (the union of a tile's selections has no smaller static bound), so the TPU
-  kernel's SMEM prefetch (B * Hq * (1 + Kb) words per q-tile row) bounds B * Hq * Lk.
+Implementations: "reference" (dense masks, the float32 oracle), "xla" (every branch one
+call of the block-sparse XLA engine, the CPU default) and the Pallas kernels (every
+branch one routed `block_sparse_attention` call). The exact semantics (block geometry,
+overlap mapping, forced blocks, ties, packed sequences) and each implementation's masks,
+routes and tiles are specified in docs/nsa.md.
 """
 
 from __future__ import annotations
@@ -152,10 +43,16 @@ __all__ = [
 
 _OP = "nsa_attention"
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Work per loop step of the xla path (and of the selection), in float32 scores: 2**20
-# (4 MiB) keep a step's temporaries near the cache on CPU (measured at L=4096,
+# Work per loop step of the selection (`nsa_selection`), in float32 compression scores:
+# 2**20 (4 MiB) keep a step's temporaries near the cache on CPU (measured at L=4096,
 # 2**18..2**22 were within 2x, 2**20 the fastest).
 _CHUNK_ELEMENTS = 1 << 20
+# Scores per loop step of the xla path's engine calls (the `chunk` of
+# block_sparse_attention_xla, whose own default is 2**20): 2**18, 32 tiles of
+# [32 * G, 64] at G = 4. Measured on CPU at L=4096, G=4: against 2**20, fwd+bwd CPU time
+# -12% (selection branch), -13% (window), -28% (compression), forward within noise; the
+# backward's per-step temporaries (q, dO, s, p, dp, ds tiles) outgrow the cache first.
+_XLA_STEP_SCORES = 1 << 18
 # Queries per tile of the xla path (a selection tile is [bq * G, l'] scores; a query
 # block visits the union of its queries' selections). Measured on CPU at L=4096, G=4
 # (the former selection loop): 32 beat 4, 8, 16 and 64 (fwd and fwd+bwd).
@@ -354,7 +251,7 @@ def nsa_selection(
 ) -> tuple[jax.Array, jax.Array]:
   """The selected blocks of NSA's selection branch, shared by each GQA group.
 
-  See the module docstring for the exact rule (compression probabilities, fractional
+  See docs/nsa.md for the exact rule (compression probabilities, fractional
   overlap mapping, group sum, forced initial + 2 local blocks, top-n, ties toward the
   lower id; packed sequences). The queries are the last `q_len` of `lk` positions. No
   gradient: the result is integer.
@@ -451,7 +348,7 @@ class _Config:
   num_select: int
   window: int
   scale: float
-  chunk_elements: int  # xla path: work per loop step (float32 elements)
+  step_scores: int  # xla path: scores per engine loop step
   slc_block_q: int  # xla path: queries per selection tile
 
   @property
@@ -513,8 +410,8 @@ def _mix(dtype, gates, o_cmp, o_slc, o_win):
 
 # ---------------------------------------------------------------------- xla and pallas
 #
-# Every branch is one block-sparse attention over NSA's own masks (see the module
-# docstring): "xla" runs the block-sparse XLA engine, whose rows stack each GQA group's
+# Every branch is one block-sparse attention over NSA's own masks (see docs/nsa.md):
+# "xla" runs the block-sparse XLA engine, whose rows stack each GQA group's
 # query heads (the selection mask has one head per kv head, shared by the group); the
 # kernels run their forward and backward Pallas kernels. Kernel tiles are powers of two
 # in [16, cap]: the Triton kernel needs that, the TPU kernel needs multiples of 8 (128
@@ -705,7 +602,7 @@ def _attend(plan: _KernelPlan, q, k, v, mask: BlockMask, routes: TokenRoutes | N
   cfg = plan.cfg
   if plan.kernel == "xla":  # the engine itself: the selection mask has Hkv heads
     group = q.shape[2] // k.shape[2]
-    chunk = max(1, cfg.chunk_elements // (group * mask.block_q * mask.block_kv))
+    chunk = max(1, cfg.step_scores // (group * mask.block_q * mask.block_kv))
     return block_sparse_attention_xla(q, k, v, mask, scale=cfg.scale, routes=routes, chunk=chunk)[0]
   return block_sparse_attention(
     q, k, v, mask, scale=cfg.scale, implementation=plan.kernel, interpret=plan.interpret,
@@ -771,7 +668,7 @@ def nsa_attention(
   """Native Sparse Attention: gated compressed + selected + sliding-window attention.
 
   The exact semantics (block geometry, overlap mapping, forced blocks, ties, queries
-  that see no compressed block) are in the module docstring.
+  that see no compressed block) are in docs/nsa.md.
 
   Args:
     q: `[B, Lq, Hq, D]`, the queries at the last Lq of the Lk positions.
@@ -781,7 +678,7 @@ def nsa_attention(
       keys [c*stride, c*stride + block_len) (e.g. `compress_mean`).
     gates: `[B, Lq, Hq, 3]`, the (compression, selection, window) gates in [0, 1].
     segment_ids: optional integer `[B, Lk]` for packed sequences (the queries use the
-      last Lq entries): no branch crosses a segment run (module docstring). None: one
+      last Lq entries): no branch crosses a segment run (docs/nsa.md). None: one
       sequence per row.
     block_len, stride: l and d of the compressed blocks; 1 <= d <= l.
     select_len: l', the selection block length (any positive int).
@@ -880,5 +777,5 @@ def _check_inputs(
     )
   scale = checks.check_scale(scale, shape, op)
   return _Config(
-    lq, lk, block_len, stride, select_len, num_select, window, scale, _CHUNK_ELEMENTS, _SLC_BLOCK_Q
+    lq, lk, block_len, stride, select_len, num_select, window, scale, _XLA_STEP_SCORES, _SLC_BLOCK_Q
   )

@@ -205,7 +205,7 @@ def outputs_and_grads(arrays, implementation, geo, seed=1, interpret=False, segm
   """Output and the gradients of all six inputs of a random linear loss."""
   b, lq, hq = arrays[0].shape[:3]
   ct = jax.random.normal(jax.random.PRNGKey(seed), (b, lq, hq, arrays[2].shape[-1]))
-  tuning = (nsa._CHUNK_ELEMENTS, nsa._SLC_BLOCK_Q)
+  tuning = (nsa._CHUNK_ELEMENTS, nsa._XLA_STEP_SCORES, nsa._SLC_BLOCK_Q)
   statics = (implementation, tuple(sorted(geo.items())), interpret, tuning)
   grads, out = _loss_grads(tuple(arrays), ct, *statics, segment_ids)
   return out, grads
@@ -246,6 +246,7 @@ def test_xla_matches_reference_bf16():
 def test_xla_small_steps(monkeypatch):
   """Many chunks / row groups / slots per loop, ragged everywhere."""
   monkeypatch.setattr(nsa, "_CHUNK_ELEMENTS", 4096)
+  monkeypatch.setattr(nsa, "_XLA_STEP_SCORES", 4096)
   monkeypatch.setattr(nsa, "_SLC_BLOCK_Q", 3)
   geo = dict(GEO, window=13)
   assert_xla_matches_reference(make_inputs(2, 70, 77, 4, 2, 8, 8, geo=geo, seed=5), geo, "small")

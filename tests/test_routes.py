@@ -75,6 +75,22 @@ def test_routes_really_select():
   assert float(jnp.max(jnp.abs(a - b))) > 1e-2
 
 
+@pytest.mark.parametrize("block_kv", [16, 8, 32])
+def test_xla_routes_per_step(block_kv):
+  """The xla engine matches a step's tiles once per query when each tile's keys share a
+  route (kv tiles inside the chunks: 16, 8) and per key otherwise (32: two chunks per
+  tile; the ragged last tile's padding): one tile per step takes both within one call."""
+  from sparse_attention.ops.block_sparse_xla import block_sparse_attention_xla
+
+  q, k, v = testutil.qkv(2, L, L, 4, 2, 16, 8, seed=block_kv)
+  routes = _routes(2, 2, seed=block_kv)
+  mask = _union_mask(routes, 32, block_kv, 4)
+  attend = lambda q, k, v, mask: block_sparse_attention_xla(
+    q, k, v, mask, scale=16**-0.5, routes=routes, chunk=1
+  )
+  testutil.assert_matches_reference(q, k, v, mask, attend, f"bk={block_kv}", routes=routes)
+
+
 @pytest.mark.parametrize(
   "query_shape, key_shape, match",
   [
