@@ -166,6 +166,12 @@ def kmeans(
   impl = dispatch.resolve(
     implementation, interpret=interpret, op=op, implementations=IMPLEMENTATIONS, check=check
   )
+  return _kmeans(x, init, int(iterations), impl, interpret, block_n, block_k)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _kmeans(x, init, iterations: int, impl: str, interpret: bool, block_n, block_k):
+  """The validated call, jitted whole (one program, also when called eagerly)."""
   if impl == "reference":
     centroids, assignments = _lloyd(x, init, iterations, _assign_reference, _update_reference)
   elif impl == "xla":
@@ -330,7 +336,7 @@ def kmeans_plusplus_init(x: jax.Array, k: int, *, key: jax.Array) -> jax.Array:
     O(n) extra memory per centroid (distances in float32 from differences).
   """
   op = "kmeans_plusplus_init"
-  b, n, _ = _check_points(x, op)
+  _, n, _ = _check_points(x, op)
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"{op}: k must be a Python int in [1, n={n}], got {k!r}.")
   k = int(k)
@@ -341,7 +347,12 @@ def kmeans_plusplus_init(x: jax.Array, k: int, *, key: jax.Array) -> jax.Array:
       f"{op}: key must be a single jax.random key (jax.random.key(s) or PRNGKey(s)), got "
       f"{getattr(key, 'dtype', type(key).__name__)} {getattr(key, 'shape', '')}."
     )
-  return jax.vmap(functools.partial(_plusplus_one, k=k))(x, jax.random.split(key, b))
+  return _plusplus(x, key, k)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _plusplus(x, key, k: int):
+  return jax.vmap(functools.partial(_plusplus_one, k=k))(x, jax.random.split(key, x.shape[0]))
 
 
 def _plusplus_one(x, key, *, k: int):

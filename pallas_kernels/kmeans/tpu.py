@@ -23,7 +23,7 @@ block, so any d tiles. bfloat16 / float16 points are upcast in VMEM; centroids a
 
 Policy (`check_supported`, shapes alone): block_n a multiple of 128 (the lanes of the
 output rows), block_k a multiple of 8 (sublanes), and the double-buffered blocks plus
-the distance tile within VMEM_BUDGET (this bounds d: about 6k at the smallest tiles).
+the distance tile within VMEM_BUDGET (this bounds d: about 11k at the smallest tiles).
 """
 
 from __future__ import annotations
@@ -48,12 +48,15 @@ def _round_up(a: int, m: int) -> int:
 
 
 def default_blocks(n: int, k: int, d: int) -> tuple[int, int]:
-  """(block_n, block_k): 512 points x 256 centroids (a 512 KiB f32 distance tile), fewer
-  points for large d so that the blocks fit VMEM_BUDGET; small problems take one tile."""
-  block_n = min(512, _round_up(n, 128))
-  while block_n > 128 and _vmem_bytes(block_n, 256, d) > VMEM_BUDGET:
+  """(block_n, block_k): 512 points x 256 centroids (a 512 KiB f32 distance tile); for
+  large d fewer points, then fewer centroids, so that the blocks fit VMEM_BUDGET; small
+  problems take one tile."""
+  block_n, block_k = min(512, _round_up(n, 128)), min(256, _round_up(k, 8))
+  while block_n > 128 and _vmem_bytes(block_n, block_k, d) > VMEM_BUDGET:
     block_n //= 2
-  return block_n, min(256, _round_up(k, 8))
+  while block_k > 8 and _vmem_bytes(block_n, block_k, d) > VMEM_BUDGET:
+    block_k = max(8, _round_up(block_k // 2, 8))
+  return block_n, block_k
 
 
 def _vmem_bytes(block_n: int, block_k: int, d: int) -> int:
