@@ -45,7 +45,12 @@ Implementations:
                    on CPU).
 
 Not differentiable in a useful sense (assignments are piecewise constant); the kernels'
-inputs are wrapped in `stop_gradient`.
+inputs are wrapped in `stop_gradient`. The kernels run on the whole batch (no shard_map
+over a mesh, unlike the attention ops).
+
+`sparse_attention.ops` exports the function `kmeans` under this module's name, so
+`sparse_attention.ops.kmeans` is the function; the module (IMPLEMENTATIONS, the xla
+tiles) is `importlib.import_module("sparse_attention.ops.kmeans")`.
 """
 
 from __future__ import annotations
