@@ -13,6 +13,7 @@ from sparse_attention.ops.checks import check_values_in_range
 from sparse_attention.ops.decoding import decode_attention
 from sparse_attention.ops.hilo import IMPLEMENTATIONS as HILO_IMPLEMENTATIONS
 from sparse_attention.ops.hilo import hilo_attention, padded_grid
+from sparse_attention.ops.kmeans import kmeans, kmeans_inertia, kmeans_plusplus_init
 from sparse_attention.ops.moba import IMPLEMENTATIONS as MOBA_IMPLEMENTATIONS
 from sparse_attention.ops.moba import chunk_ids, moba_attention, moba_selection, num_chunks
 from sparse_attention.ops.nsa import IMPLEMENTATIONS as NSA_IMPLEMENTATIONS
@@ -52,6 +53,9 @@ __all__ = [
   "decode_attention",
   "estimate_tile_scores",
   "hilo_attention",
+  "kmeans",
+  "kmeans_inertia",
+  "kmeans_plusplus_init",
   "masks",
   "moba_attention",
   "moba_decode_attention",
