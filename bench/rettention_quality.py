@@ -328,7 +328,13 @@ def main(argv):
     + (f" --suffix={_SUFFIX.value}" if _SUFFIX.value else "")
     + "`.",
     "",
-    f"{num} samples per row from the same noise (seed {_SEED.value}) and labels (i mod 10), "
+    f"{num} samples per row"
+    + (
+      f" (fewer than the default {_NUM.default}, to fit the run on 2 shared cores)"
+      if num < _NUM.default
+      else ""
+    )
+    + f" from the same noise (seed {_SEED.value}) and labels (i mod 10), "
     f"flow-matching Euler, {steps} steps, CFG scale {cfg_scale:g}. Re-ttention schedule: "
     f"steps 0-{s.dense_steps - 1} dense, calibration every {s.recalibrate_every} "
     f"({', '.join(str(i) for i, m in enumerate(modes) if m == 'calibrate')}), the other "
