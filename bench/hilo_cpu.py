@@ -136,7 +136,7 @@ def torch_seconds(side: int, batch: int) -> dict[str, float] | None:
     kinds=list(TORCH_LAYERS),
   )
   # Passive OpenMP waits: on a shared, oversubscribed CPU, spinning threads at torch's
-  # barriers made its layers up to 10x slower (measured at load 10 on 2 cores).
+  # barriers made its layers several times slower (measured at load ~10 on 2 cores).
   env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
   run = subprocess.run(
     [_TORCH_PYTHON.value, os.path.join(HERE, "hilo_torch.py"), json.dumps(spec)],
