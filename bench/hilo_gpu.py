@@ -8,7 +8,7 @@ Per case (batch, grid, width, heads; bf16, alpha 0.9, window 2, projections incl
   - ours: `models.litv2.HiLo` with implementation "pallas" (the block-sparse kernels) and
     "xla" (the pure-JAX path), jitted; first checked against the reference op;
   - MSA: qkv Linear + `jax.nn.dot_product_attention(implementation="cudnn")` + proj;
-  - PyTorch HiLo: LITv2's layer written from the paper (explicit attention, eager), and
+  - PyTorch HiLo: LITv2's layer (bench/hilo_torch.py: explicit attention, eager), and
     the same under torch.compile.
 Then LITv2-S forward images/s at batch 64, 224x224 (bf16 parameters). The table is
 printed and written to --out_dir as hilo_gpu_<card>_<date>.md. Targets (issue): faster
@@ -66,59 +66,22 @@ def check_against_reference(layer: HiLo, x, height, width) -> float:
 
 
 def torch_hilo_seconds(batch, height, width, dim, heads, compiled: bool) -> float:
-  """PyTorch HiLo (from the LITv2 paper's layer) in bf16; CUDA events."""
+  """PyTorch HiLo (LITv2's layer, bench/hilo_torch.py) in bf16; CUDA events."""
+  import hilo_torch  # torch is imported only here: the rest of the bench runs without it
   import torch
-  from torch import nn
 
-  ws, alpha = _WS.value, _ALPHA.value
-
-  class TorchHiLo(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.hd = dim // heads
-      self.l_heads = heads if ws == 1 else int(heads * alpha)
-      self.h_heads = heads - self.l_heads
-      self.l_dim, self.h_dim = self.l_heads * self.hd, self.h_heads * self.hd
-      self.scale = self.hd**-0.5
-      if self.l_heads:
-        self.sr = nn.AvgPool2d(ws, ws) if ws > 1 else None
-        self.l_q = nn.Linear(dim, self.l_dim)
-        self.l_kv = nn.Linear(dim, 2 * self.l_dim)
-        self.l_proj = nn.Linear(self.l_dim, self.l_dim)
-      if self.h_heads:
-        self.h_qkv = nn.Linear(dim, 3 * self.h_dim)
-        self.h_proj = nn.Linear(self.h_dim, self.h_dim)
-
-    def hifi(self, x):  # [B, H, W, C]
-      b, h, w, _ = x.shape
-      hg, wg = h // ws, w // ws
-      x = x.reshape(b, hg, ws, wg, ws, -1).transpose(2, 3)
-      qkv = self.h_qkv(x).reshape(b, hg * wg, -1, 3, self.h_heads, self.hd)
-      q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)
-      attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-      x = (attn @ v).transpose(2, 3).reshape(b, hg, wg, ws, ws, self.h_dim)
-      return self.h_proj(x.transpose(2, 3).reshape(b, h, w, self.h_dim))
-
-    def lofi(self, x):  # [B, H, W, C]
-      b, h, w, c = x.shape
-      q = self.l_q(x).reshape(b, h * w, self.l_heads, self.hd).permute(0, 2, 1, 3)
-      if self.sr is not None:
-        x = self.sr(x.permute(0, 3, 1, 2)).reshape(b, c, -1).permute(0, 2, 1)
-      kv = self.l_kv(x).reshape(b, -1, 2, self.l_heads, self.hd).permute(2, 0, 3, 1, 4)
-      attn = ((q @ kv[0].transpose(-2, -1)) * self.scale).softmax(dim=-1)
-      return self.l_proj((attn @ kv[1]).transpose(1, 2).reshape(b, h, w, self.l_dim))
-
-    def forward(self, x):
-      b, n, c = x.shape
-      x = x.reshape(b, height, width, c)
-      outs = [
-        f(x) for f, n_heads in ((self.hifi, self.h_heads), (self.lofi, self.l_heads)) if n_heads
-      ]
-      return torch.cat(outs, dim=-1).reshape(b, n, c)
-
+  layer = hilo_torch.make_layer(
+    "hilo",
+    dim=dim,
+    heads=heads,
+    height=height,
+    width=width,
+    window_size=_WS.value,
+    alpha=_ALPHA.value,
+  )
   dev = _TORCH_DEVICE.value
   dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-  layer = TorchHiLo().to(dev, dtype).eval()
+  layer = layer.to(dev, dtype).eval()
   fn = torch.compile(layer) if compiled else layer
   x = torch.randn(batch, height * width, dim, device=dev, dtype=dtype)
   with torch.no_grad():

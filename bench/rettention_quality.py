@@ -18,20 +18,29 @@ sampler of train/diffusion.py in each attention mode:
   rettention         Re-ttention (the issue's (b)): dense warm-up, calibration every k
                      steps (r and Delta cached per layer), r * O^M + Delta on the others,
                      r += r_increment after every sparse step; also with r_increment 0
+  ratio_only         the control isolating the reshape: Re-ttention's schedule and r
+                     (with r_increment), no residual: r * O^M on the sparse steps
+  cache_only         the control isolating plain reuse: Re-ttention's schedule, and every
+                     sparse step reuses the last calibration step's attention output as is
 
 and reports, per mode, the MSE and PSNR of the samples against the dense samples (pixels
 mapped back to [0, 1] with the data's mean/std and clipped; PSNR = 10 log10(1 / MSE) of
 the whole set's MSE) and the class accuracy of the samples as judged by the classifier
 (the label each sample was conditioned on is the target).
 
-Masks: 16x16 digits at patch 2 are 64 tokens, so a density of 1/32 needs attention tiles
-of 2 tokens (32 kv tiles; the window is the query's own tile: its patch and its row
-neighbour). `--blocks=2,4,8` sweeps one-tile windows of 2, 4 and 8 tokens: densities
-1/32, 1/16 and 1/8. The tiles are small for a kernel (the GPU benchmark uses 128), but
-the mask's arithmetic is the same.
+Masks (`dit.local_window_mask`), per `--granularities`: "tiles", a one-tile window (the
+kernel-friendly variant), and "tokens", the authors' token band |i - j| <= int(density
+N) // 2 at the same nominal density. 16x16 digits at patch 2 are 64 tokens, so a density
+of 1/32 needs attention tiles of 2 tokens (32 kv tiles; the tile window is the query's
+own tile: its patch and its row neighbour; the band keeps |i - j| <= 1, 3 keys).
+`--blocks=2,4,8` sweeps densities 1/32, 1/16 and 1/8 (tiles of 2, 4 and 8 tokens). The
+tiles are small for a kernel (the GPU benchmark uses 128), but the mask's arithmetic is
+the same. The table gives both the share of keys each query keeps and the share of
+tiles the kernel visits.
 
-Writes `rettention_quality_cpu_<date>.md` (or `_<device>_`) and a PNG of sample grids
-under --out_dir (default bench/results).
+Writes `rettention_quality_cpu_<date>[_<suffix>].md` (or `_<device>_`) and a PNG of
+sample grids under --out_dir (default bench/results); the header gives the machine's load
+average (the run is single-process; the load only changes how long it takes).
 """
 
 from __future__ import annotations
@@ -60,6 +69,15 @@ _BLOCKS = flags.DEFINE_list(
   "blocks", ["2", "4", "8"], "Tile sizes; each gives a one-tile window (density block / N)."
 )
 _ANCHORS = flags.DEFINE_integer("num_anchors", -1, "Anchor tiles (< 0: config.sampling's).")
+_GRANULARITIES = flags.DEFINE_list(
+  "granularities", ["tiles", "tokens"], "Mask granularities (dit.local_window_mask)."
+)
+_VARIANTS = flags.DEFINE_list(
+  "variants",
+  ["sparse", "dense_then_sparse", "rettention", "rettention0", "ratio_only", "cache_only"],
+  "Sampling variants per mask (rettention0: Re-ttention with r_increment 0).",
+)
+_SUFFIX = flags.DEFINE_string("suffix", "", "Appended to the output file names (e.g. cfg1).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where to write (default bench/results).")
 flags.mark_flags_as_required(["dit_workdir", "classifier_workdir"])
 
@@ -88,6 +106,18 @@ def training_summary(workdir: str) -> str:
   except (OSError, KeyError, ValueError):
     pass
   return "; ".join(parts)
+
+
+_CACHED = ("any", "any", "cache_only")  # results' key of the mask-independent control
+
+
+def parameters(workdir: str) -> str:
+  """'<n> parameters' from a run's final_metrics.json (or 'parameters: no record')."""
+  try:
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+      return f"{json.load(f)['parameters']['total']:,} parameters"
+  except (OSError, KeyError, ValueError):
+    return "parameters: no record"
 
 
 def psnr(mse: float) -> float:
@@ -165,16 +195,31 @@ def main(argv):
     )
     return to_pixels(jax.device_get(x)), time.perf_counter() - t0
 
+  load_start = os.getloadavg()
   dense_px, dense_s = run("dense")
   dense_acc = accuracy(dense_px, labels)
   print(f"dense: accuracy {dense_acc:.3f} ({dense_s:.0f} s)", flush=True)
   modes = diffusion.step_modes(
     steps, "rettention", dense_steps=s.dense_steps, recalibrate_every=s.recalibrate_every
   )
-  dense_share = sum(m in ("dense", "calibrate") for m in modes) / steps
+  n_dense = sum(m in ("dense", "calibrate") for m in modes)
+  # name -> (sampler attention, r_increment, dense steps, row label)
+  variants = {
+    "sparse": ("sparse", 0.0, 0, "sparse"),
+    "dense_then_sparse": ("dense_then_sparse", 0.0, n_dense, "dense_then_sparse"),
+    "rettention": ("rettention", s.r_increment, n_dense, f"rettention ({s.r_increment:g})"),
+    "rettention0": ("rettention", 0.0, n_dense, "rettention, r_increment 0"),
+    "ratio_only": ("ratio_only", s.r_increment, n_dense, f"ratio_only ({s.r_increment:g})"),
+    "cache_only": ("cache_only", 0.0, n_dense, "cache_only"),
+  }
+  unknown = set(_VARIANTS.value) - set(variants)
+  if unknown:
+    raise ValueError(f"--variants: unknown {sorted(unknown)}; known {list(variants)}.")
   header = [
     "tile",
-    "density",
+    "mask",
+    "keys kept",
+    "tiles visited",
     "sampling",
     "dense steps",
     "MSE vs dense",
@@ -182,71 +227,92 @@ def main(argv):
     "accuracy",
     "acc - dense (pts)",
   ]
-  rows = [["-", "1", "dense", f"{steps}/{steps}", "0", "inf", f"{dense_acc:.3f}", "0.0"]]
-  results: dict[tuple[int, str], tuple[float, float]] = {}
+  dense_row = ["-", "dense", "1", "1", "dense", f"{steps}/{steps}", "0", "inf"]
+  rows = [dense_row + [f"{dense_acc:.3f}", "0.0"]]
+  results: dict[tuple[int | str, str, str], tuple[float, float]] = {}
   pictures = {"dense": dense_px}
+  first = int(_BLOCKS.value[0])
   for block in (int(b) for b in _BLOCKS.value):
     if n_tokens % block:
       print(f"skipping tile {block}: {n_tokens} tokens are not a multiple", flush=True)
       continue
     kb = n_tokens // block
-    mask = dit.local_window_mask(n_tokens, density=1 / kb, block=block, num_anchors=anchors)
-    density = float(jnp.mean(mask.block_layout()[0]))
-    variants = [
-      ("sparse", "sparse", 0.0, "0"),
-      ("dense_then_sparse", "dense_then_sparse", 0.0, f"{round(dense_share * steps)}"),
-      ("rettention", "rettention", s.r_increment, f"{round(dense_share * steps)}"),
-      ("rettention, r_increment 0", "rettention", 0.0, f"{round(dense_share * steps)}"),
-    ]
-    for name, attention, inc, dense_steps in variants:
-      px, secs = run(attention, mask, inc)
-      mse = float(np.mean((px - dense_px) ** 2))
-      acc = accuracy(px, labels)
-      results[block, name] = (psnr(mse), acc)
-      if block == int(_BLOCKS.value[0]) and name in ("sparse", "rettention"):
-        pictures[f"{name} (tile {block})"] = px
-      label = f"{name} ({inc:g})" if attention == "rettention" and inc else name
-      rows.append(
-        [
-          str(block),
-          f"1/{round(1 / density)}" if density > 0 else "0",
-          label,
-          f"{dense_steps}/{steps}",
-          f"{mse:.5f}",
-          f"{psnr(mse):.2f}",
-          f"{acc:.3f}",
-          f"{100 * (acc - dense_acc):+.1f}",
-        ]
+    for granularity in _GRANULARITIES.value:
+      mask = dit.local_window_mask(
+        n_tokens, density=1 / kb, block=block, num_anchors=anchors, granularity=granularity
       )
-      print(" | ".join(rows[-1]), f"({secs:.0f} s)", flush=True)
+      keys = float(jnp.mean(mask.to_dense()))  # the share of keys each query keeps
+      tiles = float(jnp.mean(mask.block_layout()[0]))  # the share of tiles visited
+      for name in _VARIANTS.value:
+        if name == "cache_only" and results.get(_CACHED):
+          continue  # r = 0: the mask's output is multiplied by 0, so one run serves all
+        attention, inc, dense_steps, label = variants[name]
+        px, secs = run(attention, mask, inc)
+        mse = float(np.mean((px - dense_px) ** 2))
+        acc = accuracy(px, labels)
+        results[_CACHED if name == "cache_only" else (block, granularity, name)] = (psnr(mse), acc)
+        if block == first and name in ("sparse", "rettention", "ratio_only", "cache_only"):
+          if granularity == "tiles" or name == "rettention":
+            pictures[f"{name} ({granularity}, tile {block})"] = px
+        mask_cells = [str(block), granularity, f"{keys:.4f}", f"{tiles:.4f}"]
+        if name == "cache_only":  # the same samples under any mask
+          mask_cells = ["any", "any", "-", "-"]
+        rows.append(
+          [
+            *mask_cells,
+            label,
+            f"{dense_steps}/{steps}",
+            f"{mse:.5f}",
+            f"{psnr(mse):.2f}",
+            f"{acc:.3f}",
+            f"{100 * (acc - dense_acc):+.1f}",
+          ]
+        )
+        print(" | ".join(rows[-1]), f"({secs:.0f} s)", flush=True)
+  load_end = os.getloadavg()
 
-  first = int(_BLOCKS.value[0])
   checks = []
-  if (first, "sparse") in results:
-    (p_sp, _), (p_re, a_re) = results[first, "sparse"], results[first, "rettention"]
-    checks = [
-      f"- Re-ttention's PSNR vs dense is clearly above plain sparse's at tile {first} "
-      f"(density 1/{n_tokens // first}): {p_re:.2f} dB vs {p_sp:.2f} dB "
-      f"({p_re - p_sp:+.2f} dB): {'met' if p_re - p_sp >= 3 else 'NOT met'} (we ask >= 3 dB).",
-      f"- Re-ttention's class accuracy within 2 points of dense: {100 * a_re:.1f}% vs "
-      f"{100 * dense_acc:.1f}% ({100 * (a_re - dense_acc):+.1f} pts): "
-      f"{'met' if abs(a_re - dense_acc) <= 0.02 else 'NOT met'}.",
-    ]
+  for granularity in _GRANULARITIES.value:
+    got = lambda name, g=granularity: results.get(
+      _CACHED if name == "cache_only" else (first, g, name)
+    )
+    where = f"{granularity}, tile {first} (density 1/{n_tokens // first})"
+    if got("sparse") and got("rettention"):
+      (p_sp, _), (p_re, a_re) = got("sparse"), got("rettention")
+      checks += [
+        f"- {where}: Re-ttention's PSNR vs dense is clearly above plain sparse's: "
+        f"{p_re:.2f} dB vs {p_sp:.2f} dB ({p_re - p_sp:+.2f} dB): "
+        f"{'met' if p_re - p_sp >= 3 else 'NOT met'} (we ask >= 3 dB).",
+        f"- {where}: Re-ttention's class accuracy within 2 points of dense: "
+        f"{100 * a_re:.1f}% vs {100 * dense_acc:.1f}% ({100 * (a_re - dense_acc):+.1f} pts): "
+        f"{'met' if abs(a_re - dense_acc) <= 0.02 else 'NOT met'}.",
+      ]
+    for control in ("ratio_only", "cache_only"):
+      if got(control) and got("rettention"):
+        (p_c, a_c), (p_re, _) = got(control), got("rettention")
+        checks.append(
+          f"- {where}: Re-ttention vs the {control} control: {p_re:.2f} vs {p_c:.2f} dB "
+          f"({p_re - p_c:+.2f} dB), accuracy {100 * a_c:.1f}% for the control."
+        )
   device = jax.devices()[0]
   where = "cpu" if device.platform == "cpu" else device.device_kind.replace(" ", "_")
   out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   os.makedirs(out_dir, exist_ok=True)
   stem = f"rettention_quality_{where}_{benchutil.today()}"
+  stem += f"_{_SUFFIX.value}" if _SUFFIX.value else ""
   picture_names = list(pictures)
   png = grid([pictures[k][:20, ..., 0] for k in picture_names])
   Image.fromarray(png).save(os.path.join(out_dir, f"{stem}.png"))
+  loads = lambda la: "/".join(f"{v:.1f}" for v in la)
   lines = [
     "# Re-ttention sample quality: digits DiT, dense vs block-sparse vs Re-ttention",
     "",
-    f"{benchutil.machine()}; {benchutil.today()}",
+    f"{benchutil.machine()}; {benchutil.today()}; load average (1/5/15 min) "
+    f"{loads(load_start)} at the start, {loads(load_end)} at the end (shared machine; "
+    "the numbers below do not depend on it, only the run time).",
     "",
-    f"DiT: configs/dit_digits.py (`{dcfg.model.name}`, {dit_shape[0]}x"
-    f"{dit_shape[1]}x{dit_shape[2]}, patch {model.config.patch_size}: "
+    f"DiT: configs/dit_digits.py (`{dcfg.model.name}`, {parameters(_DIT_WORKDIR.value)}, "
+    f"{dit_shape[0]}x{dit_shape[1]}x{dit_shape[2]}, patch {model.config.patch_size}: "
     f"{n_tokens} tokens, width {model.config.hidden_size}, depth {model.config.depth}, "
     f"{model.config.num_heads} heads), trained {dit_step} steps "
     f"({training_summary(_DIT_WORKDIR.value) or 'no logs'}). Classifier: "
@@ -257,23 +323,37 @@ def main(argv):
     "Reproduce: `python -m sparse_attention.train.main --config=dit_digits "
     "--workdir=DIT`, `python -m sparse_attention.train.main "
     "--config=litv2_digits --workdir=CLS`, `python bench/rettention_quality.py "
-    "--dit_workdir=DIT --classifier_workdir=CLS`.",
+    f"--dit_workdir=DIT --classifier_workdir=CLS --num_samples={num}"
+    + (f" --cfg_scale={cfg_scale:g}" if _CFG.value >= 0 else "")
+    + (f" --suffix={_SUFFIX.value}" if _SUFFIX.value else "")
+    + "`.",
     "",
-    f"{num} samples per row from the same noise (seed {_SEED.value}) and labels (i mod 10), "
+    f"{num} samples per row"
+    + (
+      f" (fewer than the default {_NUM.default}, to fit the run on 2 shared cores)"
+      if num < _NUM.default
+      else ""
+    )
+    + f" from the same noise (seed {_SEED.value}) and labels (i mod 10), "
     f"flow-matching Euler, {steps} steps, CFG scale {cfg_scale:g}. Re-ttention schedule: "
     f"steps 0-{s.dense_steps - 1} dense, calibration every {s.recalibrate_every} "
     f"({', '.join(str(i) for i, m in enumerate(modes) if m == 'calibrate')}), the other "
     f"{modes.count('rettention')} steps sparse with r and Delta; r += r_increment after "
     "every sparse step. dense_then_sparse: the same steps dense, plain sparse on the others "
-    "(no r, no Delta). Mask: a local window of one tile per query tile "
-    f"(`dit.local_window_mask`, {anchors} anchors); density = kept tiles / all tiles. "
-    "MSE/PSNR: pixels in [0, 1] (clipped), against the dense samples; PSNR = "
-    "10 log10(1 / MSE) over the whole set. Accuracy: the classifier's argmax equals the "
-    "conditioning label.",
+    "(no r, no Delta). ratio_only: Re-ttention without Delta (r * O^M, r += r_increment). "
+    "cache_only: every sparse step reuses the last calibration step's attention output "
+    "(r = 0, Delta = W_o O; it does not depend on the mask: one row). Masks "
+    "(`dit.local_window_mask` at density 1/Kb, Kb = "
+    f"{n_tokens} / tile, {anchors} anchors): tiles = one tile per query tile (the "
+    "kernel-friendly variant), tokens = the authors' band |i - j| <= int(N / Kb) // 2. "
+    "keys kept: the share of (query, key) pairs the mask keeps; tiles visited: the "
+    "share of tiles the kernel runs. MSE/PSNR: pixels in [0, 1] (clipped), against the "
+    "dense samples; PSNR = 10 log10(1 / MSE) over the whole set. Accuracy: the "
+    "classifier's argmax equals the conditioning label.",
     "",
     benchutil.format_table(header, rows),
     "",
-    "Targets (issue 5):",
+    "Targets (issue 5) and the controls:",
     "",
     *checks,
     "",

@@ -37,13 +37,21 @@ Attention mode, chosen per call at SAMPLING time (the same weights serve them al
                 the block then adds it to its input x (through adaLN-Zero's gate_msa,
                 as every attention output), which is the issue's Y = W_o O + b + x + Delta
 
+Two controls change only what "calibrate" caches (`calibration=`, the sparse step is the
+same "rettention" mode): "ratio_only" caches r and Delta = 0 (the reshape r * O^M alone),
+"cache_only" caches r = 0 and Delta = W_o O (the calibration step's dense output, reused
+as is at every sparse step; the kernel still runs, with row_scale 0).
+
 `DiT.forward(x, t, y, mode=..., mask=..., cache=...) -> (out, cache)` runs one mode; the
 cache is an explicit pytree (`RettentionCache`: one `LayerCache(ratio, residual)` per
 block) that "calibrate" creates, "rettention" reads, and the caller passes from step to
 step. Nothing about it lives in the module, so a sampler is a pure function of (weights,
 noise, labels, schedule). `bump_ratio(cache, inc)` adds the authors' per-step increment
 to r; the schedule (dense warm-up, recalibration every k steps) is the sampler's
-(train/diffusion.py `sample`). `local_window_mask` builds the local-window mask.
+(train/diffusion.py `sample`). `local_window_mask` builds the local-window mask: the
+authors' token band |i - j| <= int(density N) // 2 (granularity="tokens"), or its
+kernel-friendly variant, a window of whole tiles at exactly that tile density
+(granularity="tiles", the default).
 
 Presets: `dit_tiny` (trains on the 16x16 digits of configs/dit_digits.py on a CPU in
 minutes) and `dit_xl_2` (DiT-XL/2:
@@ -72,6 +80,9 @@ from sparse_attention.ops import (
 )
 
 MODES = ("dense", "sparse", "calibrate", "rettention")
+# What a "calibrate" step caches: Re-ttention's (r, Delta), or one of its two controls.
+CALIBRATIONS = ("rettention", "ratio_only", "cache_only")
+GRANULARITIES = ("tiles", "tokens")
 _LN_EPS = 1e-6  # DiT's LayerNorm epsilon
 _xavier = nnx.initializers.xavier_uniform()
 _normal = nnx.initializers.normal(stddev=0.02)
@@ -222,6 +233,12 @@ def bump_ratio(cache: RettentionCache, increment: float) -> RettentionCache:
 # ---------------------------------------------------------------------------- masks
 
 
+def band_half_width(num_tokens: int, density: float) -> int:
+  """w of the authors' token band |i - j| <= w: int(density * N) // 2 (their code builds
+  a window of int(N * sparsity) tokens centred on the query; N / 64 at density 1/32)."""
+  return int(density * num_tokens) // 2
+
+
 def local_window_mask(
   num_tokens: int,
   *,
@@ -240,15 +257,28 @@ def local_window_mask(
     num_anchors: kv tiles every query also sees, spread evenly and rotated by
       `anchor_offset` (`masks.window_with_anchors`' LVSA pattern).
     anchor_offset: int or traced int32 scalar (e.g. the step index).
-    granularity: "tiles" (default): each query tile keeps the n = max(1, round(density *
-      Kb)) kv tiles around its own, so the kernel's work is exactly that density (1/32 of
-      32 tiles: the diagonal tile). "tokens": the authors' element-wise band, query i
-      sees keys i - w .. i + w with w = int(density * N) // 2 (`masks.sliding_window` /
-      `masks.window_with_anchors`; its tiles cover a bit more than the density).
+    granularity: "tokens": the authors' token band, query i sees keys j with
+      |i - j| <= w, w = `band_half_width(N, density)` (N / 64 at 1/32), a
+      `masks.sliding_window` (element mask on the partial tiles; with anchors
+      `masks.window_with_anchors`); its tiles cover more than the density (at 128-token
+      tiles and N = 4096: 94 of 1024 tiles, 2.9x the 32 of "tiles"). "tiles" (default):
+      a kernel-friendly variant of that band, each query tile keeps the n = max(1,
+      round(density * Kb)) kv tiles around its own, so the kernel's work is exactly that
+      density (1/32 of 32 tiles: the diagonal tile).
+
+  Returns:
+    A BlockMask [1, 1] over (num_tokens, num_tokens), tiles block x block.
+
+  Raises:
+    ValueError: on a density outside (0, 1] or an unknown granularity.
   """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+  if not 0.0 < density <= 1.0:
+    raise ValueError(f"density must lie in (0, 1], got {density!r}.")
   kb = -(-num_tokens // block)
   if granularity == "tokens":
-    half = int(density * num_tokens) // 2
+    half = band_half_width(num_tokens, density)
     if num_anchors:
       return masks.window_with_anchors(
         num_tokens,
@@ -260,10 +290,6 @@ def local_window_mask(
         block_kv=block,
       )
     return masks.sliding_window(num_tokens, num_tokens, window=half, block_q=block, block_kv=block)
-  if granularity != "tiles":
-    raise ValueError(f"granularity must be 'tiles' or 'tokens', got {granularity!r}.")
-  if not 0.0 < density <= 1.0:
-    raise ValueError(f"density must lie in (0, 1], got {density!r}.")
   width = min(kb, max(1, round(density * kb)))
   lo = np.clip(np.arange(kb) - width // 2, 0, kb - width)  # a full window at the edges
   cols = np.arange(kb)
@@ -365,6 +391,7 @@ class Attention(nnx.Module):
     mode: str = "dense",
     mask: BlockMask | None = None,
     cache: LayerCache | None = None,
+    calibration: str = "rettention",
   ) -> tuple[jax.Array, LayerCache | None]:
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
@@ -378,13 +405,23 @@ class Attention(nnx.Module):
       o = block_sparse_attention(q, k, v, mask, implementation=self.implementation)
       return self.proj(o.reshape(b, n, d)), cache
     if mode == "calibrate":
+      if calibration not in CALIBRATIONS:
+        raise ValueError(
+          f"Attention: calibration must be one of {CALIBRATIONS}, got {calibration!r}."
+        )
       cal = calibrate_attention(q, k, v, mask, implementation=self.implementation)
       ratio = cal.mass_ratio  # f32 [B, H, N]
+      out = self.proj(cal.out.reshape(b, n, d))  # [B, N, D]: the dense output
+      if calibration == "ratio_only":  # the reshape r * O^M alone
+        return out, LayerCache(ratio, jnp.zeros_like(x))
+      kernel = self.proj.kernel[...].astype(jnp.float32)  # [D, D]
+      if calibration == "cache_only":  # r = 0: W_o O (no bias) stands in for every step
+        kept = cal.out.astype(jnp.float32).reshape(b, n, d) @ kernel
+        return out, LayerCache(jnp.zeros_like(ratio), kept.astype(x.dtype))
       r_rows = jnp.swapaxes(ratio, 1, 2)[..., None]  # [B, N, H, 1]
       missing = cal.out.astype(jnp.float32) - r_rows * cal.out_masked.astype(jnp.float32)
-      kernel = self.proj.kernel[...].astype(jnp.float32)  # [D, D]
       residual = (missing.reshape(b, n, d) @ kernel).astype(x.dtype)  # W_o (O - r O^M)
-      return self.proj(cal.out.reshape(b, n, d)), LayerCache(ratio, residual)
+      return out, LayerCache(ratio, residual)
     if mode == "rettention":
       if cache is None:
         raise ValueError("Attention: mode 'rettention' needs the cache of a calibration step.")
@@ -432,11 +469,16 @@ class DiTBlock(nnx.Module):
     mode: str = "dense",
     mask: BlockMask | None = None,
     cache: LayerCache | None = None,
+    calibration: str = "rettention",
   ) -> tuple[jax.Array, LayerCache | None]:
     mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h, cache = self.attn(
-      modulate(self.norm1(x), shift_msa, scale_msa), mode=mode, mask=mask, cache=cache
+      modulate(self.norm1(x), shift_msa, scale_msa),
+      mode=mode,
+      mask=mask,
+      cache=cache,
+      calibration=calibration,
     )
     x = x + gate_msa[:, None] * h
     x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -548,6 +590,7 @@ class DiT(nnx.Module):
     mode: str = "dense",
     mask: BlockMask | None = None,
     cache: RettentionCache | None = None,
+    calibration: str = "rettention",
   ) -> tuple[jax.Array, RettentionCache | None]:
     """The output [B, H, W, C_out] and the Re-ttention cache after this call.
 
@@ -555,7 +598,9 @@ class DiT(nnx.Module):
     [0, 1]; y: int labels `[B]` in [0, num_classes], num_classes being the null class
     (see the class docstring). mode "dense" / "sparse" pass `cache` through untouched;
     "calibrate" returns a fresh cache (one LayerCache per block); "rettention" needs the
-    cache and returns it as is (the sampler bumps r with `bump_ratio`).
+    cache and returns it as is (the sampler bumps r with `bump_ratio`). `calibration`
+    ("rettention", or the controls "ratio_only" / "cache_only" of the module docstring)
+    picks what "calibrate" caches.
 
     Raises:
       ValueError: naming the argument, on a bad shape or dtype, or (concrete inputs
@@ -564,6 +609,8 @@ class DiT(nnx.Module):
     c = self.config
     if mode not in MODES:
       raise ValueError(f"DiT: mode must be one of {MODES}, got {mode!r}.")
+    if calibration not in CALIBRATIONS:
+      raise ValueError(f"DiT: calibration must be one of {CALIBRATIONS}, got {calibration!r}.")
     self._check_inputs(x, t, y)
     if mode == "rettention" and (cache is None or len(cache) != c.depth):
       raise ValueError("DiT: mode 'rettention' needs the cache of a 'calibrate' step.")
@@ -573,7 +620,9 @@ class DiT(nnx.Module):
     new_cache = []
     for i, block in enumerate(self.blocks):
       layer_cache = cache[i] if mode == "rettention" else None
-      h, layer_cache = block(h, cond, mode=mode, mask=mask, cache=layer_cache)
+      h, layer_cache = block(
+        h, cond, mode=mode, mask=mask, cache=layer_cache, calibration=calibration
+      )
       new_cache.append(layer_cache)
     out = self.unpatchify(self.final_layer(h, cond))
     if mode in ("calibrate", "rettention"):

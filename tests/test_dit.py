@@ -167,6 +167,68 @@ def test_local_window_mask_density():
   band = dit.local_window_mask(256, density=1 / 32, granularity="tokens")
   dense = np.asarray(band.to_dense())[0, 0]
   assert dense[100, 96] and dense[100, 104] and not dense[100, 105]  # |i - j| <= 4
+  with pytest.raises(ValueError, match="granularity"):
+    dit.local_window_mask(256, granularity="token")
+  with pytest.raises(ValueError, match="density"):
+    dit.local_window_mask(256, density=0.0, granularity="tokens")
+
+
+def numpy_token_band(n: int, density: float, block: int, anchors: tuple[int, ...] = ()):
+  """bool [n, n]: the authors' window, brute force. Their code keeps, for a window of
+  int(n * density) tokens, the keys j with i - half <= j <= i + half, half = window // 2;
+  anchor kv tiles are kept whole for every query."""
+  half = int(n * density) // 2
+  i, j = np.arange(n)[:, None], np.arange(n)[None]
+  keep = np.abs(i - j) <= half
+  for a in anchors:
+    keep[:, a * block : (a + 1) * block] = True
+  return keep
+
+
+@pytest.mark.parametrize(
+  "n, density, block",
+  [
+    (64, 1 / 32, 2),  # the digits DiT: |i - j| <= 1
+    (256, 1 / 32, 8),  # |i - j| <= 4 inside 8-token tiles: partial tiles on both sides
+    (200, 1 / 16, 16),  # n not a multiple of the tile: a ragged last tile
+    (4096, 1 / 32, 128),  # the GPU bench's tile at 4k tokens: |i - j| <= 64
+    (96, 0.3, 32),  # a band wider than a tile
+  ],
+)
+def test_token_band_is_the_authors_window(n, density, block):
+  band = dit.local_window_mask(n, density=density, block=block, granularity="tokens")
+  np.testing.assert_array_equal(
+    np.asarray(band.to_dense())[0, 0], numpy_token_band(n, density, block)
+  )
+  assert dit.band_half_width(n, density) == int(n * density) // 2
+  # The tiles it visits cover the band, and no tile is visited without a kept key.
+  visited = np.asarray(band.block_layout()[0])[0, 0]
+  kb = -(-n // block)
+  want = numpy_token_band(n, density, block)
+  tiles = np.pad(want, ((0, kb * block - n),) * 2).reshape(kb, block, kb, block).any((1, 3))
+  np.testing.assert_array_equal(visited, tiles)
+  tiled = dit.local_window_mask(n, density=density, block=block)
+  assert np.asarray(tiled.block_layout()[0]).sum() <= visited.sum()
+
+
+def test_token_band_with_anchors_is_the_band_plus_anchor_tiles():
+  band = dit.local_window_mask(
+    128, density=1 / 16, block=8, granularity="tokens", num_anchors=2, anchor_offset=3
+  )
+  anchors = tuple(int(a) for a in masks.anchor_blocks(16, 2, 3))  # tiles 3 and 11
+  assert anchors == (3, 11)
+  np.testing.assert_array_equal(
+    np.asarray(band.to_dense())[0, 0], numpy_token_band(128, 1 / 16, 8, anchors)
+  )
+
+
+def test_token_band_costs_2_9x_the_tiles_at_128_token_tiles():
+  # The issue's count: at N = 4096 and 128-token tiles the band |i - j| <= 64 visits 94
+  # of the 1024 tiles (3 per query tile, 2 at the ends), the tile window 32.
+  band = dit.local_window_mask(4096, density=1 / 32, block=128, granularity="tokens")
+  tiled = dit.local_window_mask(4096, density=1 / 32, block=128)
+  assert int(band.block_layout()[0].sum()) == 94
+  assert int(tiled.block_layout()[0].sum()) == 32
 
 
 # ---------------------------------------------------------------------------- attention modes
@@ -233,6 +295,31 @@ def test_model_calibration_is_dense_and_next_step_beats_sparse():
     model(x, t, y, mode="calibrate")
 
 
+def test_controls_cache_the_dense_output_or_the_ratio_alone():
+  attn = dit.Attention(32, 2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, N, 32))
+  x_next = x + 0.1 * jax.random.normal(jax.random.key(1), x.shape)
+  dense, _ = attn(x, mode="dense")
+  _, full = attn(x, mode="calibrate", mask=WINDOW)
+  # cache_only: every later sparse step returns the calibration step's output as is.
+  out, cache = attn(x, mode="calibrate", mask=WINDOW, calibration="cache_only")
+  np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(cache.ratio, 0.0)
+  reused, _ = attn(x_next, mode="rettention", mask=WINDOW, cache=cache)
+  np.testing.assert_allclose(reused, dense, rtol=1e-5, atol=1e-5)
+  # ratio_only: Re-ttention's r, no residual: W_o (r O^M) + b at the new step.
+  out, cache = attn(x, mode="calibrate", mask=WINDOW, calibration="ratio_only")
+  np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(cache.ratio, full.ratio)
+  np.testing.assert_array_equal(cache.residual, 0.0)
+  got, _ = attn(x_next, mode="rettention", mask=WINDOW, cache=cache)
+  rett, _ = attn(x_next, mode="rettention", mask=WINDOW, cache=full)
+  np.testing.assert_allclose(got, rett - full.residual, rtol=1e-5, atol=1e-5)
+  assert rel_err(got, rett) > 1e-3  # Delta is not negligible here, so the rows differ
+  with pytest.raises(ValueError, match="calibration"):
+    attn(x, mode="calibrate", mask=WINDOW, calibration="residual_only")
+
+
 # ---------------------------------------------------------------------------- the sampler
 
 
@@ -252,6 +339,8 @@ def test_step_modes_follow_the_paper_schedule():
   )
   control = diffusion.step_modes(20, "dense_then_sparse", dense_steps=5, recalibrate_every=5)
   assert control == ["sparse" if m == "rettention" else "dense" for m in modes]
+  for attention in ("ratio_only", "cache_only"):  # Re-ttention's schedule
+    assert diffusion.step_modes(20, attention, dense_steps=5, recalibrate_every=5) == modes
   with pytest.raises(ValueError, match="attention"):
     diffusion.step_modes(3, "calibrate")
 
@@ -275,9 +364,41 @@ def test_sampler_is_deterministic_and_modes_compare():
   kw["mask"] = full
   same = diffusion.sample(model, labels, attention="rettention", r_increment=0.0, **kw)
   np.testing.assert_allclose(same, dense, rtol=1e-4, atol=1e-4)
+  # The controls: cache_only keeps r = 0 (no increment), so it differs from
+  # ratio_only and Re-ttention; ratio_only with an all-kept mask (r = 1) is dense too.
+  kw["mask"] = WINDOW
+  cache_only = diffusion.sample(model, labels, attention="cache_only", **kw)
+  ratio_only = diffusion.sample(model, labels, attention="ratio_only", **kw)
+  for other in (cache_only, ratio_only):
+    assert np.isfinite(np.asarray(other)).all() and rel_err(other, rett) > 1e-4
+  assert rel_err(cache_only, ratio_only) > 1e-4
+  np.testing.assert_array_equal(
+    diffusion.sample(model, labels, attention="cache_only", r_increment=0.5, **kw), cache_only
+  )
+  kw["mask"] = full
+  same = diffusion.sample(model, labels, attention="ratio_only", r_increment=0.0, **kw)
+  np.testing.assert_allclose(same, dense, rtol=1e-4, atol=1e-4)
   # rng instead of noise: the same key gives the same noise.
   a = diffusion.sample(model, labels, steps=2, rng=jax.random.key(1))
   np.testing.assert_array_equal(a, diffusion.sample(model, labels, steps=2, rng=jax.random.key(1)))
+
+
+def test_sampler_runs_rettention_over_the_token_band():
+  model = small_model(perturb=0.2)
+  labels = jnp.array([1, 4])
+  noise = jax.random.normal(jax.random.key(6), (2, 16, 16, 1))
+  kw = dict(steps=6, noise=noise, dense_steps=1, recalibrate_every=3, attention="rettention")
+  # The default mask at 64 tokens: tiles of 2, density 1/32 (|i - j| <= 1 for "tokens").
+  tokens = diffusion.sample(model, labels, granularity="tokens", **kw)
+  band = dit.local_window_mask(N, density=1 / 32, block=2, granularity="tokens")
+  np.testing.assert_array_equal(diffusion.sample(model, labels, mask=band, **kw), tokens)
+  tiles = diffusion.sample(model, labels, **kw)
+  assert np.isfinite(np.asarray(tokens)).all() and rel_err(tokens, tiles) > 1e-5
+  dense = diffusion.sample(model, labels, **{**kw, "attention": "dense"})
+  sparse = diffusion.sample(model, labels, granularity="tokens", **{**kw, "attention": "sparse"})
+  assert rel_err(tokens, dense) < rel_err(sparse, dense)
+  with pytest.raises(ValueError, match="granularity"):
+    diffusion.sample(model, labels, granularity="pixels", **kw)
 
 
 # ---------------------------------------------------------------------------- training

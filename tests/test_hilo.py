@@ -1,6 +1,8 @@
 """hilo_attention: xla vs reference (outputs, gradients), the reference vs NumPy, errors."""
 
 import functools
+import importlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -293,3 +295,74 @@ def test_layer_bad_input_raises():
   layer = HiLo(32, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"x must be \[batch, H\*W = 20, dim = 32\]"):
     layer(jnp.zeros((1, 21, 32)), 4, 5)
+
+
+# ---------------------------------------------------------------------- the CPU bench's baselines
+
+
+def _bench_hilo_cpu():
+  """bench/hilo_cpu.py as a module (its flags are defined, not parsed)."""
+  bench = str(testutil.ROOT / "bench")
+  if bench not in sys.path:
+    sys.path.insert(0, bench)
+  return importlib.import_module("hilo_cpu")
+
+
+def _numpy_attention(q, k, v, scale):  # [B, N, h, D] x [B, M, h, D] -> [B, N, h, D]
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def _np_linear(layer, x):
+  return x @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...], np.float64)
+
+
+def test_bench_sra_baseline_is_pvt_spatial_reduction_attention():
+  # PVT's SRA, brute force: keys/values from each sr x sr patch (a conv with kernel =
+  # stride = sr), LayerNorm, kv Linear; every query sees every reduced token.
+  hilo_cpu = _bench_hilo_cpu()
+  b, hgt, wid, dim, heads, sr = 2, 4, 6, 16, 2, 2
+  layer = hilo_cpu.SRA(dim, heads, sr_ratio=sr, rngs=nnx.Rngs(3))
+  ln = layer.norm
+  ln.scale[...] = jnp.linspace(0.5, 1.5, dim)  # a LayerNorm that is not the identity
+  x = np.asarray(jax.random.normal(jax.random.key(0), (b, hgt * wid, dim)), np.float64)
+  grid = x.reshape(b, hgt, wid, dim)
+  patches = np.stack(
+    [
+      grid[:, i * sr : (i + 1) * sr, j * sr : (j + 1) * sr].reshape(b, -1)
+      for i in range(hgt // sr)
+      for j in range(wid // sr)
+    ],
+    axis=1,
+  )  # [B, M, sr*sr*dim], each patch (row, col, channel)
+  red = _np_linear(layer.sr, patches)
+  mu, var = red.mean(-1, keepdims=True), red.var(-1, keepdims=True)
+  red = (red - mu) / np.sqrt(var + ln.epsilon) * np.asarray(ln.scale[...])
+  red = red + np.asarray(ln.bias[...])
+  hd = dim // heads
+  q = _np_linear(layer.q, x).reshape(b, -1, heads, hd)
+  kv = _np_linear(layer.kv, red).reshape(b, -1, 2, heads, hd)
+  o = _numpy_attention(q, kv[:, :, 0], kv[:, :, 1], hd**-0.5).reshape(b, -1, dim)
+  want = _np_linear(layer.proj, o)
+  got = layer(jnp.asarray(x, jnp.float32), hgt, wid)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_window_baseline_is_local_window_attention():
+  # HiLo(alpha=0): every head attends inside its ws x ws window (W-MSA, no bias).
+  b, side, dim, heads, ws = 2, 6, 16, 2, 3
+  layer = HiLo(dim, heads, window_size=ws, alpha=0.0, rngs=nnx.Rngs(4))
+  assert (layer.h_heads, layer.l_heads) == (heads, 0)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (b, side * side, dim)), np.float64)
+  hd = dim // heads
+  qkv = _np_linear(layer.h_qkv, x).reshape(b, side, side, 3, heads, hd)
+  out = np.zeros((b, side, side, heads, hd))
+  for i in range(0, side, ws):
+    for j in range(0, side, ws):
+      w = qkv[:, i : i + ws, j : j + ws].reshape(b, ws * ws, 3, heads, hd)
+      o = _numpy_attention(w[:, :, 0], w[:, :, 1], w[:, :, 2], hd**-0.5)
+      out[:, i : i + ws, j : j + ws] = o.reshape(b, ws, ws, heads, hd)
+  want = _np_linear(layer.h_proj, out.reshape(b, -1, dim))
+  got = layer(jnp.asarray(x, jnp.float32), side, side)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)

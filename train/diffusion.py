@@ -33,6 +33,13 @@ attention mode is chosen at sampling time:
                 dense, calibration at 5, 10, 15.
   "dense_then_sparse"  the control for "rettention": the same steps dense (warm-up and
                 calibration steps), plain block-sparse on the others (no r, no Delta)
+  "ratio_only"  the control isolating the reshape: Re-ttention's schedule and r (with
+                r_increment), no residual: r * O^M on the sparse steps
+  "cache_only"  the control isolating plain reuse: Re-ttention's schedule, every sparse
+                step reuses the last calibration step's attention output as is
+
+The default mask is `dit.local_window_mask` at density 1/32 (`granularity`: "tiles",
+the kernel-friendly tile window, or "tokens", the authors' token band).
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ from sparse_attention.models import dit
 from sparse_attention.ops.block_mask import BlockMask
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-ATTENTION_MODES = ("dense", "sparse", "rettention", "dense_then_sparse")
+ATTENTION_MODES = ("dense", "sparse", "rettention", "dense_then_sparse", "ratio_only", "cache_only")
+# attention -> the DiT's `calibration` on its calibration steps (Re-ttention's schedule)
+_CALIBRATION = {"rettention": "rettention", "ratio_only": "ratio_only", "cache_only": "cache_only"}
 
 
 # ---------------------------------------------------------------------------- the task
@@ -203,18 +212,19 @@ def step_modes(
     )
   if attention in ("dense", "sparse"):
     return [attention] * steps
+  cached = attention in _CALIBRATION  # Re-ttention or one of its controls
   modes = []
   for i in range(steps):
     if i < dense_steps:
       modes.append("dense")
     elif (i - dense_steps) % recalibrate_every == 0:
-      modes.append("calibrate" if attention == "rettention" else "dense")
+      modes.append("calibrate" if cached else "dense")
     else:
-      modes.append("rettention" if attention == "rettention" else "sparse")
+      modes.append("rettention" if cached else "sparse")
   return modes
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cfg_scale"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cfg_scale", "calibration"))
 def _euler_step(
   graphdef: nnx.GraphDef,
   state: nnx.State,
@@ -227,6 +237,7 @@ def _euler_step(
   *,
   mode: str,
   cfg_scale: float,
+  calibration: str = "rettention",
 ) -> tuple[jax.Array, dit.RettentionCache | None]:
   model = nnx.merge(graphdef, state)
   b, c = x.shape[0], x.shape[-1]
@@ -236,7 +247,9 @@ def _euler_step(
   else:
     x_in, y_in = x, labels
   tt = jnp.full((x_in.shape[0],), t, jnp.float32)
-  out, cache = model.forward(x_in.astype(x.dtype), tt, y_in, mode=mode, mask=mask, cache=cache)
+  out, cache = model.forward(
+    x_in.astype(x.dtype), tt, y_in, mode=mode, mask=mask, cache=cache, calibration=calibration
+  )
   v = out[..., :c].astype(jnp.float32)
   if cfg_scale != 1.0:
     v = v[b:] + cfg_scale * (v[:b] - v[b:])
@@ -257,6 +270,7 @@ def sample(
   recalibrate_every: int = 5,
   r_increment: float = 0.04,
   cfg_scale: float = 1.0,
+  granularity: str = "tiles",
 ) -> jax.Array:
   """Images [B, H, W, C] (the model's normalised data space) from noise, by Euler steps.
 
@@ -267,15 +281,18 @@ def sample(
     rng: a PRNG key for the initial noise (ignored when `noise` is given).
     noise: the initial x at t = 1; the same noise and labels make samples of the
       different attention modes comparable.
-    attention: "dense", "sparse", "rettention" or "dense_then_sparse" (module
-      docstring).
+    attention: "dense", "sparse", "rettention", "dense_then_sparse", "ratio_only" or
+      "cache_only" (module docstring).
     mask: the BlockMask of the sparse modes; default `dit.local_window_mask` at density
-      1/32 with tiles of min(128, max(1, N // 32)) tokens.
+      1/32 with tiles of min(128, max(1, N // 32)) tokens and `granularity`.
     dense_steps, recalibrate_every: the Re-ttention schedule (see `step_modes`), also
-      that of "dense_then_sparse".
-    r_increment: added to every layer's r after every Re-ttention sparse step (the
-      authors use 0.04; 0 keeps r as calibrated).
+      that of "dense_then_sparse" and the controls.
+    r_increment: added to every layer's r after every sparse step of "rettention" and
+      "ratio_only" (the authors use 0.04; 0 keeps r as calibrated); "cache_only" keeps
+      r = 0.
     cfg_scale: classifier-free guidance scale (1: none; the model needs a null class).
+    granularity: the default mask's, "tiles" or "tokens" (`dit.local_window_mask`);
+      ignored when `mask` is given.
 
   Returns:
     x at t = 0, float32 [B, H, W, C].
@@ -294,7 +311,8 @@ def sample(
   modes = step_modes(steps, attention, dense_steps=dense_steps, recalibrate_every=recalibrate_every)
   if mask is None and attention != "dense":
     n = cfg.num_tokens
-    mask = dit.local_window_mask(n, density=1 / 32, block=min(128, max(1, n // 32)))
+    block = min(128, max(1, n // 32))
+    mask = dit.local_window_mask(n, density=1 / 32, block=block, granularity=granularity)
   graphdef, state = nnx.split(model)
   x = jnp.asarray(noise, jnp.float32)
   cache = None
@@ -311,7 +329,8 @@ def sample(
       None if mode == "dense" else mask,
       mode=mode,
       cfg_scale=float(cfg_scale),
+      calibration=_CALIBRATION.get(attention, "rettention"),
     )
-    if mode == "rettention":
+    if mode == "rettention" and attention != "cache_only":
       cache = dit.bump_ratio(cache, r_increment)
   return x
