@@ -309,9 +309,11 @@ def sweep(layers, *, causal: bool, block: int, windows, topk, clusters, grid: in
   return results
 
 
-def summarise(results):
-  """[(method, knob, density, recall, error)] averaged over layers, in sweep order."""
-  return [(m, kn, *np.mean(np.asarray(v), axis=0)) for (m, kn), v in results.items()]
+def summarise(results, layer: int | None = None):
+  """[(method, knob, density, recall, error)] averaged over layers (or of one layer), in
+  sweep order."""
+  pick = lambda v: np.mean(np.asarray(v), axis=0) if layer is None else np.asarray(v[layer])
+  return [(m, kn, *pick(v)) for (m, kn), v in results.items()]
 
 
 def at_density(rows, method: str, target: float) -> tuple[float, float]:
@@ -374,6 +376,18 @@ def table(rows) -> str:
   return benchutil.format_table(header, body)
 
 
+def per_layer_table(results, targets=(0.1, 0.3)) -> str:
+  """Recall per layer at equal density (each layer's own curve interpolated)."""
+  layers = len(next(iter(results.values())))
+  per = [summarise(results, li) for li in range(layers)]
+  header = ["method"] + [f"L{li} @ {t:g}" for t in targets for li in range(layers)]
+  body = []
+  for method in methods_of(per[0]):
+    cells = [at_density(per[li], method, t)[0] for t in targets for li in range(layers)]
+    body.append([method] + ["-" if np.isnan(x) else f"{x:.3f}" for x in cells])
+  return benchutil.format_table(header, body)
+
+
 def equal_density_table(rows) -> str:
   header = (
     ["method"] + [f"recall @ {t:g}" for t in AT_DENSITY] + [f"error @ {t:g}" for t in AT_DENSITY]
@@ -415,13 +429,11 @@ def main(argv):
     check = float(jnp.max(jnp.abs(got - want)))
     print(f"LM: {seq} tokens, {n} held-out windows; capture check {check:.1e}", flush=True)
     block = _LM_BLOCK.value
-    rows = summarise(
-      sweep(
-        layers, causal=True, block=block, windows=(8, 16, 32, 64, 128, 256, 512),
-        topk=(1, 2, 3, 4, 6, 8, 12, 16),
-        clusters=((16, 32), (32, 64), (64, 128)),
-      )
+    results = sweep(
+      layers, causal=True, block=block, windows=(8, 16, 32, 64, 128, 256, 512),
+      topk=(1, 2, 3, 4, 6, 8, 12, 16), clusters=((16, 32), (32, 64), (64, 128)),
     )  # fmt: skip
+    rows = summarise(results)
     title = (
       f"LM (lm_tiny, bytes, {seq} tokens, causal):\n{cfg.depth} layers x {cfg.num_heads} heads "
       f"x {n} inputs; tile {block}"
@@ -437,7 +449,7 @@ def main(argv):
         f"split (held out). Dense baseline: causal attention; tile {block} "
         f"({seq // block} x {seq // block} tiles). The captured post-RoPE q/k/v, attended "
         f"densely and fed on through the blocks, reproduce the model's logits to {check:.1e}.",
-        rows,
+        results,
       )
     )
 
@@ -461,13 +473,12 @@ def main(argv):
     tokens_n = cfg.num_tokens
     print(f"DiT: {tokens_n} tokens, {n} held-out digits; capture check {check:.1e}", flush=True)
     block = _DIT_BLOCK.value
-    rows = summarise(
-      sweep(
-        layers, causal=False, block=block, windows=(1, 2, 3, 4, 5, 6, 8),
-        topk=(1, 2, 3, 4, 6, 8, 12), clusters=((8, 16), (16, 32), (32, 64)),
-        grid=cfg.grid_size,
-      )
+    results = sweep(
+      layers, causal=False, block=block, windows=(1, 2, 3, 4, 5, 6, 8),
+      topk=(1, 2, 3, 4, 6, 8, 12), clusters=((8, 16), (16, 32), (32, 64)),
+      grid=cfg.grid_size,
     )  # fmt: skip
+    rows = summarise(results)
     title = (
       f"DiT (dit_tiny, digits {cfg.image_size}px patch {cfg.patch_size}: {tokens_n} tokens, "
       f"t={_DIT_TIME.value:g}):\n{cfg.depth} layers x {cfg.num_heads} heads x {n} inputs; "
@@ -486,7 +497,7 @@ def main(argv):
         f"their own labels. Dense baseline: full attention; tile {block} (one tile = one "
         f"row of the token grid, {tokens_n // block} x {tokens_n // block} tiles). "
         f"The captured q/k/v reproduce the model's output to {check:.1e}.",
-        rows,
+        results,
       )
     )
 
@@ -524,7 +535,8 @@ def main(argv):
     "(from the given init, `iterations` steps, empty clusters keep their centroid).",
     "",
   ]
-  for name, text, rows in sections:
+  for name, text, results in sections:
+    rows = summarise(results)
     lines += [
       f"## {name}",
       "",
@@ -534,6 +546,10 @@ def main(argv):
       "sweep's points; '-' outside a method's range):",
       "",
       equal_density_table(rows),
+      "",
+      "Recall per layer (L0 = the first block) at equal density, each layer's own curve:",
+      "",
+      per_layer_table(results),
       "",
       "All points (mean over layers, heads, inputs):",
       "",
