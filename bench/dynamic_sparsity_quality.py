@@ -309,6 +309,39 @@ def sweep(layers, *, causal: bool, block: int, windows, topk, clusters, grid: in
   return results
 
 
+def diagnostics(layers, *, causal: bool, block: int, clusters, grid: int = 0) -> list[str]:
+  """Per layer: how spread the dense attention is, and (LM) how much of the permuted
+  selection the causal mask throws away."""
+  lines = []
+  for li, (q, k, _v) in enumerate(layers):
+    s = q.shape[1]
+    base = jnp.asarray(np.tril(np.ones((s, s), bool)) if causal else np.ones((s, s), bool))
+    probs = dense_probs(q, k, base)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1)
+    keys = np.asarray(jnp.exp(entropy).mean((0, 2)))  # effective keys per query, per head
+    if causal:
+      i = np.arange(s)
+      near, what = jnp.asarray(i[:, None] - i[None] <= block), f"keys within {block} back"
+    else:
+      near, what = jnp.asarray(grid_window(grid, 1)), "the 3 x 3 patch neighbourhood"
+    local = np.asarray(jnp.where(near, probs, 0.0).sum(-1).mean((0, 2)))
+    line = (
+      f"- layer {li}: effective keys per query exp(entropy) per head "
+      f"{', '.join(f'{x:.0f}' for x in keys)}; mass on {what} "
+      f"{', '.join(f'{x:.2f}' for x in local)}"
+    )
+    if causal:
+      cq, ck = clusters[-1]
+      keep = _permuted_dense(q, k, 0.9, cq, ck, _ITERATIONS.value, block)
+      share = float((keep & base).sum() / keep.sum())
+      line += (
+        f"; permuted {cq}/{ck} at p=0.9 keeps {float(keep.mean()):.2f} of ALL pairs, of "
+        f"which {share:.2f} are causal (the rest, selected, is cut by the causal mask)"
+      )
+    lines.append(line)
+  return lines
+
+
 def summarise(results, layer: int | None = None):
   """[(method, knob, density, recall, error)] averaged over layers (or of one layer), in
   sweep order."""
@@ -434,6 +467,7 @@ def main(argv):
       topk=(1, 2, 3, 4, 6, 8, 12, 16), clusters=((16, 32), (32, 64), (64, 128)),
     )  # fmt: skip
     rows = summarise(results)
+    notes = diagnostics(layers, causal=True, block=block, clusters=((64, 128),))
     title = (
       f"LM (lm_tiny, bytes, {seq} tokens, causal):\n{cfg.depth} layers x {cfg.num_heads} heads "
       f"x {n} inputs; tile {block}"
@@ -450,6 +484,7 @@ def main(argv):
         f"({seq // block} x {seq // block} tiles). The captured post-RoPE q/k/v, attended "
         f"densely and fed on through the blocks, reproduce the model's logits to {check:.1e}.",
         results,
+        notes,
       )
     )
 
@@ -479,6 +514,7 @@ def main(argv):
       grid=cfg.grid_size,
     )  # fmt: skip
     rows = summarise(results)
+    notes = diagnostics(layers, causal=False, block=block, clusters=(), grid=cfg.grid_size)
     title = (
       f"DiT (dit_tiny, digits {cfg.image_size}px patch {cfg.patch_size}: {tokens_n} tokens, "
       f"t={_DIT_TIME.value:g}):\n{cfg.depth} layers x {cfg.num_heads} heads x {n} inputs; "
@@ -498,6 +534,7 @@ def main(argv):
         f"row of the token grid, {tokens_n // block} x {tokens_n // block} tiles). "
         f"The captured q/k/v reproduce the model's output to {check:.1e}.",
         results,
+        notes,
       )
     )
 
@@ -535,12 +572,16 @@ def main(argv):
     "(from the given init, `iterations` steps, empty clusters keep their centroid).",
     "",
   ]
-  for name, text, results in sections:
+  for name, text, results, notes in sections:
     rows = summarise(results)
     lines += [
       f"## {name}",
       "",
       text,
+      "",
+      "The dense attention, per layer (means over inputs and query rows):",
+      "",
+      *notes,
       "",
       "Recall and error interpolated at equal density (linear in density between the "
       "sweep's points; '-' outside a method's range):",
