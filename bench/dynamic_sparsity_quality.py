@@ -137,6 +137,12 @@ def trained(model: str, workdir: str, steps: int):
   return net, config, seconds
 
 
+def provenance(workdir: str, seconds: float) -> str:
+  if seconds:
+    return f"trained by this run into {workdir}"
+  return f"loaded from {workdir}"
+
+
 def training_log(workdir: str) -> str:
   """'train loss a (step s0) -> b (step s1); eval ..., test ...' from metrics.jsonl."""
   try:
@@ -421,6 +427,24 @@ def per_layer_table(results, targets=(0.1, 0.3)) -> str:
   return benchutil.format_table(header, body)
 
 
+def ranking(rows, targets=(0.1, 0.2, 0.3, 0.5)) -> list[str]:
+  """Per target density: the methods by interpolated recall (the best permuted setting
+  stands for permuted; the oracle in brackets)."""
+  lines = []
+  for t in targets:
+    recall = {m: at_density(rows, m, t)[0] for m in methods_of(rows)}
+    perm = [m for m in recall if m.startswith("permuted") and not np.isnan(recall[m])]
+    keep = [m for m in ("window", "top-k", "top-p") if not np.isnan(recall[m])]
+    if perm:
+      keep.append(max(perm, key=recall.get))
+    if len(keep) < 2:
+      continue
+    order = " > ".join(f"{m} {recall[m]:.3f}" for m in sorted(keep, key=recall.get, reverse=True))
+    oracle = "" if np.isnan(recall["oracle"]) else f" (oracle tiles {recall['oracle']:.3f})"
+    lines.append(f"- density {t:g}: {order}{oracle}")
+  return lines
+
+
 def equal_density_table(rows) -> str:
   header = (
     ["method"] + [f"recall @ {t:g}" for t in AT_DENSITY] + [f"error @ {t:g}" for t in AT_DENSITY]
@@ -479,7 +503,8 @@ def main(argv):
         f"configs/lm_text.py, `{config.model.name}` ({cfg.depth} blocks, dim {cfg.dim}, "
         f"{cfg.num_heads} query / {cfg.num_kv_heads} kv heads of {cfg.head_dim}, RoPE), "
         f"seq_len {seq}, batch {config.batch_size}, trained {config.restored_step} steps "
-        f"({training_log(lm_dir)}). Inputs: the first {n} {seq}-byte windows of the test "
+        f"({training_log(lm_dir)}; {provenance(lm_dir, lm_trained_s)}). "
+        f"Inputs: the first {n} {seq}-byte windows of the test "
         f"split (held out). Dense baseline: causal attention; tile {block} "
         f"({seq // block} x {seq // block} tiles). The captured post-RoPE q/k/v, attended "
         f"densely and fed on through the blocks, reproduce the model's logits to {check:.1e}.",
@@ -528,7 +553,8 @@ def main(argv):
         f"{cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}), digits at "
         f"{cfg.image_size} px, patch {cfg.patch_size}: {tokens_n} tokens "
         f"({cfg.grid_size} x {cfg.grid_size}), batch {config.batch_size}, trained "
-        f"{config.restored_step} steps ({training_log(dit_dir)}). Inputs: the first {n} test "
+        f"{config.restored_step} steps ({training_log(dit_dir)}; "
+        f"{provenance(dit_dir, dit_trained_s)}). Inputs: the first {n} test "
         f"digits (held out), noised to t = {_DIT_TIME.value:g} (x_t = (1 - t) x_0 + t e), "
         f"their own labels. Dense baseline: full attention; tile {block} (one tile = one "
         f"row of the token grid, {tokens_n // block} x {tokens_n // block} tiles). "
@@ -583,6 +609,11 @@ def main(argv):
       "",
       *notes,
       "",
+      "Recall at equal density, best first (interpolated; methods whose sweep does not "
+      "reach a density are left out):",
+      "",
+      *ranking(rows),
+      "",
       "Recall and error interpolated at equal density (linear in density between the "
       "sweep's points; '-' outside a method's range):",
       "",
@@ -598,7 +629,12 @@ def main(argv):
       "",
     ]
   lines += [
-    f"Run time {time.perf_counter() - start:.0f} s ({trained_s:.0f} s of it training here).",
+    f"Run time {time.perf_counter() - start:.0f} s"
+    + (
+      f" ({trained_s:.0f} s of it training)."
+      if trained_s
+      else " (analysis only: the models were loaded; their training is described above)."
+    ),
   ]
   text = "\n".join(lines) + "\n"
   path = os.path.join(out_dir, f"{stem}.md")
