@@ -65,6 +65,11 @@ plus one int32 length; shapes never change, so a jitted step compiles once. Per 
   a zero [B, max_len, Hq, *] array: every branch is causal in the query's position,
   so rows not yet written are never seen.
 
+Bounded caches (`DecodePolicy("sinks" | "hierarchical")`, dense attention): a fixed-size
+memory of anchors (+ pooled blocks) + a recent window with RoPE positions taken in the
+cache's layout, so decoding goes on past max_len at a constant cost per token
+(`models/kv_memory.py`).
+
 Context parallelism (`LM(tokens, layout=SequenceLayout)`, what the trainer does on a mesh
 with a `context` axis): the sequence is stored in the layout's order, zig-zag over the
 devices (ops/context_parallel.py). The tokens are permuted once at the input, RoPE
