@@ -13,8 +13,9 @@ token 100 and at token 100,000 and the model can decode past `config.max_len`:
   slot sizes are powers of two blocks that never decrease with age, so old context is
   kept ever coarser and the memory covers any length); with no equal pair (once about
   2^compressed_blocks blocks were pooled), the two oldest slots. Each compressed slot's
-  score gets + log(tokens pooled) when `pooled_bias` (one key standing for m tokens of
-  about equal score weighs as m).
+  score gets + log(tokens pooled) with `pooled_bias` (one key standing for m tokens of
+  about equal score weighs as m; off by default: on the study's byte LM it over-weighs
+  the pooled past, bench/results/long_generation_cpu_*.md).
 
 Attention runs over [anchors | compressed | window] with one softmax. Positions are
 those of the layout, as Echo-Forcing (and StreamingLLM) assign them: keys are cached

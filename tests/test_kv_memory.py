@@ -121,10 +121,10 @@ def _simulate(q, k, v, policy, theta):
     lm.DecodePolicy("sinks", anchors=3, window=8),
     lm.DecodePolicy("hierarchical", anchors=2, compressed_blocks=3, window=6, block_size=2),
     lm.DecodePolicy(
-      "hierarchical", anchors=0, compressed_blocks=1, window=5, block_size=3, pooled_bias=False
+      "hierarchical", anchors=0, compressed_blocks=1, window=5, block_size=3, pooled_bias=True
     ),
   ],
-  ids=["sinks", "hierarchical", "one-slot-no-bias"],
+  ids=["sinks", "hierarchical", "one-slot-size-bias"],
 )
 def test_one_layer_equals_a_python_simulation_of_the_memory(policy):
   model = _model()
