@@ -230,7 +230,9 @@ def write(args, pols, curves, seconds, costs, lengths, trained_len, config, coun
     "",
     f"`PYTHONPATH=.:bench python bench/long_generation_cpu.py --length={args.length} "
     f"--rows={args.rows} --block={args.block} --slots={args.slots}"
-    f"{' --ablation' if args.ablation else ''}`. Model: "
+    f"{' --ablation' if args.ablation else ''}"
+    f"{f' --skip={args.skip!r}' if args.skip else ''}{f' --tag={args.tag}' if args.tag else ''}`. "
+    "Model: "
     f"configs/lm_text_long.py (lm_tiny shapes: dim 128, 2 blocks, 4 q / 2 kv heads of 32, "
     f"dense, RoPE), trained on {trained_len}-byte sequences for {config.steps} steps "
     f"(test loss on 1024-byte sequences: {test_loss}). Data: "
