@@ -65,6 +65,11 @@ plus one int32 length; shapes never change, so a jitted step compiles once. Per 
   a zero [B, max_len, Hq, *] array: every branch is causal in the query's position,
   so rows not yet written are never seen.
 
+Bounded caches (`DecodePolicy("sinks" | "hierarchical")`, dense attention): a fixed-size
+memory of anchors (+ pooled blocks) + a recent window with RoPE positions taken in the
+cache's layout, so decoding goes on past max_len at a constant cost per token
+(`models/kv_memory.py`).
+
 Context parallelism (`LM(tokens, layout=SequenceLayout)`, what the trainer does on a mesh
 with a `context` axis): the sequence is stored in the layout's order, zig-zag over the
 devices (ops/context_parallel.py). The tokens are permuted once at the input, RoPE
@@ -632,6 +637,10 @@ class Attention(nnx.Module):
     """x [B, n, dim] at positions length .. length + n - 1 -> ([B, n, dim], cache)."""
     c = self.config
     policy = policy or DecodePolicy()
+    if policy.bounded:  # positions from the cache layout (models/kv_memory.py)
+      from sparse_attention.models import kv_memory
+
+      return kv_memory.decode(self, x, cache, length, policy)
     b, n, _ = x.shape
     s = cache.k.shape[1]
     q, k, v = self._qkv(x, positions)
@@ -764,7 +773,7 @@ class Block(nnx.Module):
 # ---------------------------------------------------------------------------- cache
 
 
-DECODE_POLICIES = ("exact", "topk_blocks")
+DECODE_POLICIES = ("exact", "topk_blocks", "sinks", "hierarchical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -778,12 +787,31 @@ class DecodePolicy:
       block and the topk - 2 blocks between with the largest q . mean(k_block);
       `ops.block_topk_decode_attention`; steps of more than DECODE_MAX_NEW tokens
       (prefill) stay exact). With topk >= the blocks of the cache it is exact.
-    block_size, topk: the blocks of "topk_blocks".
+      "sinks" (StreamingLLM) and "hierarchical" (a bounded KV memory; `models/kv_memory.py`,
+      dense attention): the first `anchors` tokens, (hierarchical) `compressed_blocks`
+      mean-pooled blocks of `block_size` tokens that left the window, merged pairwise
+      when full, and the `window` most recent tokens, with RoPE positions taken in that
+      layout: a fixed-size cache, decoding past config.max_len. Equal to "exact" while
+      the length is <= anchors + window.
+    block_size, topk: the blocks of "topk_blocks"; block_size is also the tokens pooled
+      per compressed block of "hierarchical".
+    anchors, window, compressed_blocks, pooled_bias: "sinks" / "hierarchical"
+      (pooled_bias: a compressed slot's score + log(its tokens); off by default, it
+      cost 0.01 nats in bench/results/long_generation_cpu_*.md).
   """
 
   kind: str = "exact"
   block_size: int = 64
   topk: int = 8
+  anchors: int = 4
+  window: int = 256
+  compressed_blocks: int = 16
+  pooled_bias: bool = False
+
+  @property
+  def bounded(self) -> bool:
+    """A cache of fixed size whatever the length ("sinks", "hierarchical")."""
+    return self.kind in ("sinks", "hierarchical")
 
   def check(self, config: LMConfig) -> None:
     """Raises ValueError naming the field if this policy does not fit the model."""
@@ -798,23 +826,30 @@ class DecodePolicy:
         "DecodePolicy.kind='topk_blocks' needs attention='dense' without a score_mod, got "
         f"attention={config.attention!r}, score_mod={config.score_mod!r}."
       )
+    if self.bounded:
+      from sparse_attention.models import kv_memory
+
+      kv_memory.check(self, config)
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["k", "v", "k_gate", "k_cmp", "v_cmp"],
+  jax.tree_util.register_dataclass, data_fields=["k", "v", "k_gate", "k_cmp", "v_cmp", "counts"],
   meta_fields=[],
 )  # fmt: skip
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
   """One block's cache: k, v [B, S, Hkv, D] (position t at row t); MoBA also keeps its
   chunks' mean keys k_gate [B, ceil(S / moba_chunk), Hkv, D] and NSA the compressed
-  k_cmp, v_cmp [B, Nc(S), Hkv, D] (a block's row valid once the block is complete)."""
+  k_cmp, v_cmp [B, Nc(S), Hkv, D] (a block's row valid once the block is complete).
+  A bounded policy ("sinks", "hierarchical") keeps its own layout in k, v (unrotated)
+  and the tokens of each compressed slot in counts (`models/kv_memory.py`)."""
 
   k: jax.Array
   v: jax.Array
   k_gate: jax.Array | None = None
   k_cmp: jax.Array | None = None
   v_cmp: jax.Array | None = None
+  counts: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "length"],
@@ -834,6 +869,9 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------- model
+
+
+_UNBOUNDED = 2**31 - 1  # token-count limit of a bounded cache policy
 
 
 def _concrete_int(x: Any) -> int | None:
@@ -956,11 +994,16 @@ class LM(nnx.Module):
     policy.check(c)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
       raise ValueError(f"LM.init_cache: batch must be an int >= 1, got {batch!r}.")
+    if dtype is None:
+      dtype = c.compute_dtype or c.params_dtype
+    if policy.bounded:  # a fixed size whatever max_len (models/kv_memory.py)
+      from sparse_attention.models import kv_memory
+
+      layer = LayerCache(**kv_memory.init_layer(batch, policy, c, dtype))
+      return Cache(layers=(layer,) * c.depth, length=jnp.zeros((), jnp.int32), policy=policy)
     s = c.max_len if max_len is None else max_len
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= s <= c.max_len:
       raise ValueError(f"LM.init_cache: max_len must be an int in [1, {c.max_len}], got {s!r}.")
-    if dtype is None:
-      dtype = c.compute_dtype or c.params_dtype
     kv = jnp.zeros((batch, s, c.num_kv_heads, c.head_dim), dtype)
     nc = num_compressed_blocks(s, c.nsa_block_len, c.nsa_stride)
     cmp = jnp.zeros((batch, nc, c.num_kv_heads, c.head_dim), dtype)
@@ -982,15 +1025,17 @@ class LM(nnx.Module):
 
     The logits equal the full forward's at positions cache.length .. + n - 1 (up to
     float32 round-off). Needs cache.length + n <= cache.max_len (checked when the
-    length is concrete; under jit the caller keeps to it).
+    length is concrete; under jit the caller keeps to it), except with a bounded policy
+    ("sinks", "hierarchical": any length; the n tokens run one by one).
     """
     c = self.config
-    _check_tokens("tokens", tokens, cache.max_len, c.vocab_size)
+    bounded = cache.policy.bounded  # any length: the cache keeps a bounded memory
+    _check_tokens("tokens", tokens, _UNBOUNDED if bounded else cache.max_len, c.vocab_size)
     n = tokens.shape[1]
     length = _concrete_int(cache.length)
     if length is not None and length < 0:
       raise ValueError(f"LM.decode: cache.length must be >= 0, got {length}.")
-    if length is not None and length + n > cache.max_len:
+    if not bounded and length is not None and length + n > cache.max_len:
       raise ValueError(
         f"LM.decode: {n} tokens do not fit the cache ({length} of {cache.max_len} used)."
       )
@@ -1025,13 +1070,16 @@ class LM(nnx.Module):
     single-token steps in a `lax.scan`, with a cache of P + steps positions.
     temperature 0 is greedy (argmax); top_k keeps the k most likely tokens. `policy`
     (default exact) says how the steps attend, e.g.
-    `DecodePolicy("topk_blocks", block_size=64, topk=8)` for block top-k decoding.
+    `DecodePolicy("topk_blocks", block_size=64, topk=8)` for block top-k decoding, or
+    `DecodePolicy("hierarchical", anchors=4, compressed_blocks=16, window=256)` for a
+    bounded memory (then P + steps may exceed config.max_len).
     """
     c = self.config
-    _check_tokens("prompt", prompt, c.max_len, c.vocab_size)
+    policy = policy or DecodePolicy()
+    _check_tokens("prompt", prompt, _UNBOUNDED if policy.bounded else c.max_len, c.vocab_size)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
       raise ValueError(f"LM.generate: steps must be an int >= 0, got {steps!r}.")
-    if prompt.shape[1] + steps > c.max_len:
+    if not policy.bounded and prompt.shape[1] + steps > c.max_len:
       raise ValueError(
         f"LM.generate: prompt length {prompt.shape[1]} + steps {steps} exceeds max_len {c.max_len}."
       )
@@ -1041,7 +1089,6 @@ class LM(nnx.Module):
       isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= c.vocab_size
     ):
       raise ValueError(f"LM.generate: top_k must be None or in [1, {c.vocab_size}], got {top_k!r}.")
-    policy = policy or DecodePolicy()
     policy.check(c)
     prompt = jnp.asarray(prompt, jnp.int32)
     if steps == 0:
