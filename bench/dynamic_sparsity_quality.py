@@ -593,10 +593,6 @@ def main(argv):
     "sparse. The models are tiny (0.5M parameters) and briefly trained: their attention "
     "is what a few hundred steps learn, not a production model's.",
     "",
-    "Caveat on the clustering: `ops.kmeans` was not yet merged when this ran; the run "
-    "used a plain batched Lloyd's k-means stand-in with the same signature "
-    "(from the given init, `iterations` steps, empty clusters keep their centroid).",
-    "",
   ]
   for name, text, results, notes in sections:
     rows = summarise(results)
