@@ -699,9 +699,10 @@ def _packed_compressed(cfg: _Config, rs: jax.Array) -> tuple[jax.Array, jax.Arra
   c*stride + block_len - 1 <= t - r % stride: the unsegmented Strided mask at position
   t - r % stride. So each query that sees a block (t - r >= block_len - 1) is attended
   from that "virtual" position (row t - r % stride - offset + pad of a q of Lq + pad
-  rows, `_compressed_mask(pad)`); the rows are distinct: within a run a shift, and the
-  queries of the next run (start r' >= the last query + 1) that see a block sit at
-  t - r' % stride >= r' + block_len - stride >= r'. Routes keep each row in its run.
+  rows, `_compressed_mask(pad)`); the rows are distinct: within a run a shift, the
+  queries of earlier runs sit before the run start r (at most at their own positions),
+  and the run's queries that see a block at t - r % stride >= r + block_len - stride
+  >= r. Routes keep each row in its run.
 
   Returns:
     `(row [B, Lq], sees [B, Lq], routes)`: each query's row (Lq + pad where it sees
