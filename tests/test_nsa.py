@@ -339,10 +339,11 @@ def test_packed_reference_matches_numpy_oracle(lq):
   testutil.assert_close(out, e_out, jnp.float32, "out", "packed out")
 
 
-def test_packed_xla_matches_reference():
-  arrays = make_inputs(2, 80, 80, 4, 2, 8, 8, geo=PACKED_GEO, seed=6)
+@pytest.mark.parametrize("lq", [80, 23])  # 23: the compressed branch's rows get a pad
+def test_packed_xla_matches_reference(lq):
+  arrays = make_inputs(2, lq, 80, 4, 2, 8, 8, geo=PACKED_GEO, seed=6)
   seg = packed_ids(80, *PACKED_ROWS)
-  assert_xla_matches_reference(arrays, PACKED_GEO, "packed", segment_ids=seg)
+  assert_xla_matches_reference(arrays, PACKED_GEO, f"packed lq={lq}", segment_ids=seg)
 
 
 def oracle_slots(segment_ids, lk, block_len, stride):
