@@ -36,11 +36,11 @@ parameters) and the embedding keeps its own initialisation scale.
 
 Packed sequences: `segment_ids` (non-negative ints, a segment = a maximal run of equal
 ids) keep attention inside each segment and restart the RoPE positions at each
-segment start (MoBA's chunks restart there too). NSA passes them to `nsa_attention`,
-whose block grids stay anchored at position 0 (phi compresses the global grid): a query
-sees only the compressed blocks lying entirely in its segment and the selection blocks
-and window keys of its segment, so a segment whose start is a multiple of nsa_stride
-and nsa_select_len behaves exactly as a separate sequence.
+segment start (MoBA's chunks restart there too). NSA restarts its block grids there as
+well: phi compresses each segment's own blocks (`ops.nsa.compressed_blocks` /
+`compress_mean` with segment_ids, in `ops.nsa.compressed_slots`' layout) and
+`nsa_attention` gets the segment_ids, so every segment, wherever it starts, behaves
+exactly as a separate sequence.
 
 KV-cached decoding (`init_cache`, `decode`, `generate`): the cache holds, per layer,
 fixed-size k/v arrays [B, max_len, Hkv, D] written left-aligned (position t at row t)
@@ -106,6 +106,7 @@ from sparse_attention.ops import (
   block_topk_decode_attention,
   check_values_in_range,
   compress_mean,
+  compressed_blocks,
   decode_attention,
   element_masks,
   masks,
@@ -534,15 +535,21 @@ class Attention(nnx.Module):
       return jnp.mean(blocks.astype(jnp.float32), axis=2).astype(blocks.dtype)
     return compressor(blocks)
 
-  def _compress(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """All complete compressed blocks of k, v [B, L, Hkv, D] -> [B, Nc(L), Hkv, D]."""
+  def _compress(
+    self, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """All complete compressed blocks of k, v [B, L, Hkv, D] -> [B, Nc(L), Hkv, D]; with
+    segment_ids, each segment's own blocks in `ops.nsa.compressed_slots`' layout (the
+    grid restarts at each segment start; empty slots 0)."""
     c = self.config
+    kw = dict(block_len=c.nsa_block_len, stride=c.nsa_stride, segment_ids=segment_ids)
     if self.k_compress is None:
-      kw = dict(block_len=c.nsa_block_len, stride=c.nsa_stride)
       return compress_mean(k, **kw), compress_mean(v, **kw)
-    nc = num_compressed_blocks(k.shape[1], c.nsa_block_len, c.nsa_stride)
-    rows = np.arange(nc)[:, None] * c.nsa_stride + np.arange(c.nsa_block_len)  # [Nc, l]
-    return self.k_compress(k[:, rows]), self.v_compress(v[:, rows])
+    (k_blocks, valid), (v_blocks, _) = compressed_blocks(k, **kw), compressed_blocks(v, **kw)
+    if segment_ids is None:  # every slot holds a block
+      return self.k_compress(k_blocks), self.v_compress(v_blocks)
+    keep = lambda x: jnp.where(valid[:, :, None, None], x, 0).astype(x.dtype)
+    return keep(self.k_compress(k_blocks)), keep(self.v_compress(v_blocks))
 
   def _nsa(self, q, k, v, k_cmp, v_cmp, gates, segment_ids=None):
     c = self.config
@@ -601,7 +608,7 @@ class Attention(nnx.Module):
         implementation=c.implementation,
       )
     else:
-      k_cmp, v_cmp = self._compress(k, v)
+      k_cmp, v_cmp = self._compress(k, v, segment_ids)
       o = self._nsa(q, k, v, k_cmp, v_cmp, self._gates(x), segment_ids)
     return self.wo(o.reshape(b, l, c.num_heads * c.head_dim))
 

@@ -18,7 +18,10 @@ from sparse_attention.ops.moba import IMPLEMENTATIONS as MOBA_IMPLEMENTATIONS
 from sparse_attention.ops.moba import chunk_ids, moba_attention, moba_selection, num_chunks
 from sparse_attention.ops.nsa import IMPLEMENTATIONS as NSA_IMPLEMENTATIONS
 from sparse_attention.ops.nsa import (
+  CompressedSlots,
   compress_mean,
+  compressed_blocks,
+  compressed_slots,
   nsa_attention,
   nsa_selection,
   num_compressed_blocks,
@@ -43,6 +46,7 @@ __all__ = [
   "NSA_IMPLEMENTATIONS",
   "BlockMask",
   "Calibration",
+  "CompressedSlots",
   "TokenRoutes",
   "block_sparse_attention",
   "block_topk_decode_attention",
@@ -50,6 +54,8 @@ __all__ = [
   "check_values_in_range",
   "chunk_ids",
   "compress_mean",
+  "compressed_blocks",
+  "compressed_slots",
   "decode_attention",
   "estimate_tile_scores",
   "hilo_attention",

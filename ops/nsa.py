@@ -6,7 +6,10 @@ entirely in the past), the top-n selected blocks of select_len keys (chosen by
 `nsa_selection` from the compression probabilities, shared by a GQA group, the initial
 and two local blocks forced) and a sliding window of the last `window` keys. Layout
 `[batch, seq, heads, head_dim]`; the queries are the last q_len of the kv_len positions.
-Packed sequences (`segment_ids`) keep every branch inside the query's segment run.
+Packed sequences (`segment_ids`) keep every branch inside the query's segment run and
+restart both block grids at each run start (k_cmp / v_cmp laid out by
+`compressed_slots`, made by `compressed_blocks` + phi or `compress_mean`), so a packed
+segment computes exactly what it computes alone.
 
 Implementations: "reference" (dense masks, the float32 oracle), "xla" (every branch one
 call of the block-sparse XLA engine, the CPU default) and the Pallas kernels (every
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,10 @@ from sparse_attention.pallas_kernels.block_sparse.common import TokenRoutes, Uns
 
 __all__ = [
   "IMPLEMENTATIONS",
+  "CompressedSlots",
   "compress_mean",
+  "compressed_blocks",
+  "compressed_slots",
   "nsa_attention",
   "nsa_selection",
   "num_compressed_blocks",
@@ -175,15 +181,23 @@ def _select_chunk(
   k_cmp: jax.Array,  # f32 [B, Nc, Hkv, D]
   r: jax.Array | None,  # int32 [B, C], the queries' run starts (None: no segments)
 ) -> tuple[jax.Array, jax.Array]:
-  """Block ids and validity int32/bool [B, Hkv, C, n] for one chunk of queries."""
+  """Block ids and validity int32/bool [B, Hkv, C, n] for one chunk of queries.
+
+  Everything is relative to the query's run start r (0 without segments): compressed
+  block j (slot r // stride + j, `compressed_slots`) and selection block m of the run.
+  """
   b, c, hkv, _, _ = q_c.shape
   nc, ns, n, lsel = cfg.num_compressed, cfg.num_selection_blocks, cfg.num_select, cfg.select_len
+  t_rel = t if r is None else t - r  # [C] | [B, C]: positions in the query's run
   if nc > 0:
     s = jnp.einsum("bchgd,bnhd->bhgcn", q_c, k_cmp, precision=_HIGHEST) * cfg.scale
+    if r is not None:  # slot order -> the run's block order: [B, Hkv, G, C, Nc]
+      slot = jnp.minimum(r[..., None] // cfg.stride + jnp.arange(nc), nc - 1)  # [B, C, Nc]
+      s = jnp.take_along_axis(s, slot[:, None, None], axis=-1)
     c_start = jnp.arange(nc) * cfg.stride
-    visible = (c_start + cfg.block_len - 1)[None, :] <= t[:, None]  # [C, Nc]
-    if r is not None:  # and inside the query's run: [B, 1, 1, C, Nc]
-      visible = (visible & (c_start[None, None, :] >= r[:, :, None]))[:, None, None]
+    visible = c_start + cfg.block_len - 1 <= t_rel[..., None]  # [C, Nc] | [B, C, Nc]
+    if r is not None:  # (past blocks of the run fit in Nc: the gather's clip never shows)
+      visible = visible[:, None, None]
     s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, G, C, Nc]
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -193,14 +207,11 @@ def _select_chunk(
     score = jnp.einsum("bhgcn,nj->bhcj", p_cmp, overlap, precision=_HIGHEST)
   else:
     score = jnp.zeros((b, hkv, c, ns), jnp.float32)
-  j = jnp.arange(ns)[None, :]
-  own = (t // lsel)[:, None]
-  eligible = j * lsel <= t[:, None]  # [C, Ns]
-  if r is None:
-    forced = eligible & ((j == 0) | (j == own) | (j == own - 1))
-  else:  # blocks intersecting [r, t]; the run's initial block is forced: [B, 1, C, Ns]
-    eligible = eligible & ((j + 1) * lsel > r[..., None])
-    forced = eligible & ((j == r[..., None] // lsel) | (j == own) | (j == own - 1))
+  j = jnp.arange(ns)
+  own = (t_rel // lsel)[..., None]
+  eligible = j * lsel <= t_rel[..., None]  # [C, Ns] | [B, C, Ns]
+  forced = eligible & ((j == 0) | (j == own) | (j == own - 1))
+  if r is not None:  # [B, 1, C, Ns]
     eligible, forced = eligible[:, None], forced[:, None]
   prio = jnp.where(forced, jnp.inf, jnp.where(eligible, score, -jnp.inf))
   if ns < n:  # fewer blocks than slots: the extra slots stay invalid
@@ -265,8 +276,9 @@ def nsa_selection(
     num_select: n >= 3, the blocks kept per (group, query), forced ones included.
     scale: the compression softmax scale, default `head_dim ** -0.5`.
     segment_ids: optional integer `[B, lk]` for packed sequences (see `nsa_attention`):
-      a query only weighs the compressed blocks inside its segment run and only selects
-      blocks intersecting it, the run's initial block forced.
+      both block grids restart at each segment run's start r, k_cmp is laid out as
+      `compressed_slots` says, and block id m is the selection block [r + m*l',
+      r + (m+1)*l') of the query's run (clipped to it).
 
   Returns:
     `(block_ids, valid)`: int32 and bool `[B, Hkv, Lq, n]`. The ids ascend; slots past
@@ -318,19 +330,126 @@ def _selection_config(
   return _SelectionConfig(lk, block_len, stride, select_len, num_select, scale, chunk)
 
 
-def compress_mean(k: jax.Array, *, block_len: int, stride: int) -> jax.Array:
+class CompressedSlots(NamedTuple):
+  """Where each compressed slot's block lies (`compressed_slots`), arrays `[B|1, Nc]`.
+
+  start: int32, the block's first key (keys start .. start + block_len - 1).
+  run_start: int32, the first position of the block's segment run.
+  valid: bool, whether the slot holds a block (packed rows leave some slots empty;
+    an empty slot's start is slot * stride, its run_start that position's).
+  """
+
+  start: jax.Array
+  run_start: jax.Array
+  valid: jax.Array
+
+
+def _slots(rs: jax.Array | None, lk: int, block_len: int, stride: int) -> CompressedSlots:
+  """`compressed_slots` from the run starts rs int32 [B, Lk] (None: one run per row)."""
+  nc = max(0, (lk - block_len) // stride + 1)
+  grid = jnp.arange(nc, dtype=jnp.int32) * stride  # [Nc]
+  if rs is None:
+    zero = jnp.zeros((1, nc), jnp.int32)
+    return CompressedSlots(grid[None], zero, jnp.ones((1, nc), bool))
+  b = rs.shape[0]
+  pos = jnp.arange(nc * stride, dtype=jnp.int32)  # Nc * stride <= lk (stride <= block_len)
+  end = pos + block_len - 1  # the last key of a block starting at pos
+  # pos starts a block iff it lies j * stride after its run start and the block ends
+  # inside lk and inside that run: [B, Nc * stride], at most one per slot window.
+  head = (pos - rs[:, : nc * stride]) % stride == 0
+  whole = (end < lk) & (rs[:, jnp.minimum(end, lk - 1)] == rs[:, : nc * stride])
+  window = (head & whole).reshape(b, nc, stride)  # slot c: positions [c*d, (c+1)*d)
+  valid = jnp.any(window, axis=-1)  # [B, Nc]
+  start = grid + jnp.argmax(window, axis=-1).astype(jnp.int32)  # grid where empty
+  return CompressedSlots(start, jnp.take_along_axis(rs, start, axis=1), valid)
+
+
+def compressed_slots(
+  kv_len: int,
+  *,
+  block_len: int,
+  stride: int,
+  segment_ids: jax.Array | None = None,  # int [batch, kv_len]
+) -> CompressedSlots:
+  """The compressed-key layout `nsa_attention` expects: where each slot's block lies.
+
+  There are Nc = num_compressed_blocks(kv_len, block_len, stride) slots. Without
+  segments slot c holds the block [c*stride, c*stride + block_len). With segment_ids
+  the block grid restarts at each segment run's start s: the run's complete blocks
+  [s + j*stride, s + j*stride + block_len) (j = 0, 1, ...; inside the run) sit in slots
+  s // stride + j, i.e. slot c holds the block that starts in [c*stride, (c+1)*stride),
+  if any (at most one does; the slots of a run are consecutive and all fit in Nc).
+
+  Returns:
+    `CompressedSlots(start, run_start, valid)`, each `[1, Nc]` without segments,
+    `[B, Nc]` with.
+  """
+  op = "compressed_slots"
+  kv_len = _check_int(op, "kv_len", kv_len, 0)
+  block_len, stride = _check_compression(op, block_len, stride)
+  if segment_ids is not None:
+    _check_segment_ids(op, segment_ids, getattr(segment_ids, "shape", (0,))[0], kv_len)
+  return _slots(_run_starts(segment_ids), kv_len, block_len, stride)
+
+
+def compressed_blocks(
+  x: jax.Array,  # [batch, kv_len, heads, dim]
+  *,
+  block_len: int,
+  stride: int,
+  segment_ids: jax.Array | None = None,  # int [batch, kv_len]
+) -> tuple[jax.Array, jax.Array]:
+  """The keys (or values) of every compressed slot's block, the input of a phi.
+
+  Args:
+    x: `[B, Lk, H, D]`.
+    block_len, stride: the compressed blocks' l and d.
+    segment_ids: optional int `[B, Lk]`: blocks per segment run (`compressed_slots`).
+
+  Returns:
+    `(blocks [B, Nc, block_len, H, D], valid bool [B|1, Nc])` in x's dtype; the rows
+    of empty slots (valid False) are zeros.
+  """
+  op = "compressed_blocks"
+  if not hasattr(x, "ndim") or x.ndim != 4:
+    got = getattr(x, "shape", type(x).__name__)
+    raise ValueError(f"{op}: x must be an array [batch, seq, heads, head_dim], got {got}.")
+  b, lk = x.shape[:2]
+  block_len, stride = _check_compression(op, block_len, stride)
+  _check_segment_ids(op, segment_ids, b, lk)
+  if segment_ids is None:
+    nc = num_compressed_blocks(lk, block_len, stride)
+    rows = np.arange(nc)[:, None] * stride + np.arange(block_len)[None, :]  # [Nc, l]
+    return x[:, rows], jnp.ones((1, nc), bool)
+  slots = _slots(_run_starts(segment_ids), lk, block_len, stride)
+  nc = slots.start.shape[1]
+  rows = slots.start[:, :, None] + jnp.arange(block_len, dtype=jnp.int32)  # [B, Nc, l]
+  blocks = jnp.take_along_axis(x, rows.reshape(b, nc * block_len, 1, 1), axis=1)
+  blocks = blocks.reshape(b, nc, block_len, *x.shape[2:])
+  return jnp.where(slots.valid[:, :, None, None, None], blocks, 0), slots.valid
+
+
+def compress_mean(
+  k: jax.Array,
+  *,
+  block_len: int,
+  stride: int,
+  segment_ids: jax.Array | None = None,
+) -> jax.Array:
   """Mean pooling as NSA's compression phi: `[B, Lk, H, D] -> [B, Nc, H, D]`.
 
   Compressed row c is the mean of rows [c*stride, c*stride + block_len); Nc =
-  num_compressed_blocks(Lk, block_len, stride) (0 when Lk < block_len). Accumulated in
-  float32, returned in k's dtype. Works for keys and values alike.
+  num_compressed_blocks(Lk, block_len, stride) (0 when Lk < block_len). With
+  segment_ids (int `[B, Lk]`), the mean of each slot's block of its segment run
+  (`compressed_slots`: the grid restarts at each run start), zeros in empty slots.
+  Accumulated in float32, returned in k's dtype. Works for keys and values alike.
   """
   op = "compress_mean"
   _check_array(op, "k", k, 4, "[batch, seq, heads, head_dim]")
-  nc = num_compressed_blocks(k.shape[1], block_len, stride)
-  rows = np.arange(nc)[:, None] * stride + np.arange(block_len)[None, :]  # [Nc, l]
-  pooled = jnp.mean(k.astype(jnp.float32)[:, rows], axis=2)  # [B, Nc, H, D]
-  return pooled.astype(k.dtype)
+  blocks, _ = compressed_blocks(
+    k.astype(jnp.float32), block_len=block_len, stride=stride, segment_ids=segment_ids
+  )
+  return jnp.mean(blocks, axis=2).astype(k.dtype)  # [B, Nc, H, D]
 
 
 # -------------------------------------------------------------------------- reference
@@ -382,18 +501,25 @@ def _nsa_reference(cfg: _Config, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
   f32 = lambda x: x.astype(jnp.float32)
   t = _positions(cfg)[:, None]  # [Lq, 1]
   key = jnp.arange(cfg.kv_len)[None, :]  # [1, Lk]
-  # Packed sequences: bool [B, 1, Lq, 1] -> keys at or after the query's run start.
-  after = (lambda x: True) if rs is None else (lambda x: x >= rs[:, None, cfg.offset :, None])
+  # Packed sequences: r [B, 1, Lq, 1], the queries' run starts; keys at or after them.
+  r = None if rs is None else rs[:, None, cfg.offset :, None]
+  after = (lambda x: True) if rs is None else (lambda x: x >= r)
   attend = functools.partial(reference_attention, f32(q), scale=cfg.scale)
   nc = cfg.num_compressed
   if nc > 0:
-    cmp_start = jnp.arange(nc)[None, :] * cfg.stride
-    visible = (cmp_start + cfg.block_len - 1 <= t)[None, None] & after(cmp_start)
+    slots = _slots(rs, cfg.kv_len, cfg.block_len, cfg.stride)  # [B|1, Nc] each
+    cmp_start, ok = slots.start[:, None, None, :], slots.valid[:, None, None, :]
+    visible = ok & (cmp_start + cfg.block_len - 1 <= t) & after(cmp_start)  # [B|1,1,Lq,Nc]
     o_cmp = attend(f32(k_cmp), f32(v_cmp), mask=visible)
   else:
     o_cmp = jnp.zeros((b, lq, hq, dv), jnp.float32)
   blocks = _selected_block_mask(cfg, ids, valid)  # [B, Hkv, Lq, Ns]
-  slc = blocks[..., key[0] // cfg.select_len] & (key <= t) & after(key)  # [B, Hkv, Lq, Lk]
+  if rs is None:
+    slc = blocks[..., key[0] // cfg.select_len]  # [B, Hkv, Lq, Lk]
+  else:  # key j lies in block (j - r) // l' of the query's run
+    m = jnp.clip((key - r) // cfg.select_len, 0, cfg.num_selection_blocks - 1)  # [B,1,Lq,Lk]
+    slc = jnp.take_along_axis(blocks, m, axis=-1)
+  slc = slc & (key <= t) & after(key)  # [B, Hkv, Lq, Lk]
   slc = jnp.broadcast_to(slc[:, :, None], (b, hkv, hq // hkv, lq, cfg.kv_len))
   o_slc = attend(f32(k), f32(v), mask=slc.reshape(b, hq, lq, cfg.kv_len))
   win = ((key <= t) & (key > t - cfg.window))[None, None] & after(key)
@@ -477,12 +603,13 @@ def _kernel_plan(cfg: _Config, kernel: str, interpret: bool) -> _KernelPlan:
   )
 
 
-def _compressed_mask(plan: _KernelPlan) -> BlockMask:
+def _compressed_mask(plan: _KernelPlan, pad: int = 0) -> BlockMask:
+  """Compressed key c is visible to query row i iff c*stride + block_len - 1 <= t, t =
+  offset - pad + i (pad: rows before the first query, `_packed_compressed`)."""
   cfg = plan.cfg
-  # compressed key c is visible to query row i iff c*stride + block_len - 1 <= offset + i
-  fn = element_masks.Strided(cfg.stride, cfg.block_len - 1 - cfg.offset)
+  fn = element_masks.Strided(cfg.stride, cfg.block_len - 1 - cfg.offset + pad)
   return masks.from_element_mask(
-    fn, cfg.q_len, cfg.num_compressed, block_q=plan.block_q, block_kv=plan.cmp_kv
+    fn, cfg.q_len + pad, cfg.num_compressed, block_q=plan.block_q, block_kv=plan.cmp_kv
   )
 
 
@@ -510,17 +637,19 @@ def _selection_mask(
   kernels (the xla engine reads one head per group) and intersected with causal. Routes:
   query routes = the selected ids (-1 where invalid), Hr = Hkv, so a group shares them;
   key j's route is its block, j // select_len (`[B, Lk]`: the query routes have a batch
-  dim, so the key routes must too). With
-  segments (rs, the run starts), key j's route is max(block start, run_start(j)) and
-  query t's route for block b is max(b * select_len, run_start(t)): exactly the keys of
-  block b in t's run (the causal mask drops the later runs' keys).
+  dim, so the key routes must too). With segments (rs, the run starts), the blocks
+  start at r + m * select_len (r the query's run start, m the id) and a route is a
+  block's first position: key j's is r_j + (j - r_j) // select_len * select_len (r_j =
+  run_start(j)), query t's for block m is r + m * select_len: exactly the keys of
+  block m of t's run (the causal mask drops the later runs' keys).
   """
   cfg = plan.cfg
   b, hkv, lq, _ = ids.shape
   bq, bk, lsel = plan.slc_block_q, plan.slc_kv, cfg.select_len
   qb, kb = -(-lq // bq), -(-cfg.kv_len // bk)
-  first = ids * lsel // bk  # [B, Hkv, Lq, n]: the first and last kv tile of each block
-  last = (jnp.minimum((ids + 1) * lsel, cfg.kv_len) - 1) // bk
+  start = ids * lsel if rs is None else rs[:, None, cfg.offset :, None] + ids * lsel
+  first = start // bk  # [B, Hkv, Lq, n]: the first and last kv tile of each block
+  last = (jnp.minimum(start + lsel, cfg.kv_len) - 1) // bk
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(hkv)[None, :, None, None]
   qi = (jnp.arange(lq) // bq)[None, None, :, None]
@@ -542,32 +671,68 @@ def _selection_mask(
       jnp.broadcast_to(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel, (b, cfg.kv_len)),
     )
   else:
-    r = rs[:, None, cfg.offset :, None]  # [B, 1, Lq, 1]
+    j = jnp.arange(cfg.kv_len, dtype=jnp.int32)
     routes = TokenRoutes(
-      jnp.where(valid, jnp.maximum(ids * lsel, r), -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
-      jnp.maximum(jnp.arange(cfg.kv_len, dtype=jnp.int32) // lsel * lsel, rs),  # [B, Lk]
+      jnp.where(valid, start, -1).astype(jnp.int32),  # [B, Hkv, Lq, n]
+      rs + (j - rs) // lsel * lsel,  # [B, Lk]
     )
   return mask, routes
 
 
-def _segment_routes(
-  cfg: _Config, rs: jax.Array | None
-) -> tuple[TokenRoutes | None, TokenRoutes | None]:
-  """(window, compressed) token routes of packed sequences (None, None without).
+def _window_routes(cfg: _Config, rs: jax.Array | None) -> TokenRoutes | None:
+  """The window's token routes of packed sequences (None without): query t's one route
+  is run_start(t), key j's run_start(j)."""
+  return None if rs is None else TokenRoutes(rs[:, None, cfg.offset :, None], rs)
 
-  Query t's one route is run_start(t). Window: key j's route is run_start(j).
-  Compressed: block c's route is run_start(c*stride) if the whole block lies in that run,
-  else Lk + c, which no query route equals (a block straddling a segment start is never
-  visible).
+
+def _compressed_pad(cfg: _Config) -> int:
+  """Rows `_packed_compressed` adds before the first query: a query moves up to
+  stride - 1 rows back, never before position 0."""
+  return min(cfg.stride - 1, cfg.offset)
+
+
+def _packed_compressed(cfg: _Config, rs: jax.Array) -> tuple[jax.Array, jax.Array, TokenRoutes]:
+  """How the tiled paths run the compression branch of packed sequences.
+
+  Query t of run r sees slot c (`compressed_slots`: block j of the run in slot
+  r // stride + j, starting at c*stride + r % stride) iff the slot is its run's and
+  c*stride + block_len - 1 <= t - r % stride: the unsegmented Strided mask at position
+  t - r % stride. So each query that sees a block (t - r >= block_len - 1) is attended
+  from that "virtual" position (row t - r % stride - offset + pad of a q of Lq + pad
+  rows, `_compressed_mask(pad)`); the rows are distinct: within a run a shift, the
+  queries of earlier runs sit before the run start r (at most at their own positions),
+  and the run's queries that see a block at t - r % stride >= r + block_len - stride
+  >= r. Routes keep each row in its run.
+
+  Returns:
+    `(row [B, Lq], sees [B, Lq], routes)`: each query's row (Lq + pad where it sees
+    nothing), whether it sees a block, and the routes: query row -> [r] (-1 on rows no
+    query uses), slot c -> its run start if it holds a block, else Lk + c (no match).
   """
+  b, pad = rs.shape[0], _compressed_pad(cfg)
+  r = rs[:, cfg.offset :]  # [B, Lq]
+  sees = _positions(cfg) - r >= cfg.block_len - 1
+  i = jnp.arange(cfg.q_len, dtype=jnp.int32)
+  row = jnp.where(sees, i + pad - r % cfg.stride, cfg.q_len + pad)
+  bi = jnp.arange(b)[:, None]
+  query = jnp.full((b, cfg.q_len + pad), -1, jnp.int32).at[bi, row].set(r, mode="drop")
+  slots = _slots(rs, cfg.kv_len, cfg.block_len, cfg.stride)
+  key = jnp.where(slots.valid, slots.run_start, cfg.kv_len + jnp.arange(cfg.num_compressed))
+  return row, sees, TokenRoutes(query[:, None, :, None], key.astype(jnp.int32))
+
+
+def _compressed_branch(plan: _KernelPlan, q, k_cmp, v_cmp, rs: jax.Array | None) -> jax.Array:
+  """The compression branch through the engine or kernel: `[B, Lq, Hq, Dv]`."""
   if rs is None:
-    return None, None
-  query = rs[:, None, cfg.offset :, None]  # [B, 1, Lq, 1]
-  start = np.arange(cfg.num_compressed) * cfg.stride
-  end = start + cfg.block_len - 1
-  whole = rs[:, end] <= start  # [B, Nc]: no run starts inside (start, end]
-  cmp_key = jnp.where(whole, rs[:, start], cfg.kv_len + jnp.arange(cfg.num_compressed))
-  return TokenRoutes(query, rs), TokenRoutes(query, cmp_key.astype(jnp.int32))
+    return _attend(plan, q, k_cmp, v_cmp, _compressed_mask(plan), None)
+  cfg, pad = plan.cfg, _compressed_pad(plan.cfg)
+  b, lq = q.shape[:2]
+  row, sees, routes = _packed_compressed(cfg, rs)
+  bi = jnp.arange(b)[:, None]
+  q_rows = jnp.zeros((b, lq + pad, *q.shape[2:]), q.dtype).at[bi, row].set(q, mode="drop")
+  out = _attend(plan, q_rows, k_cmp, v_cmp, _compressed_mask(plan, pad), routes)
+  out = jnp.take_along_axis(out, jnp.minimum(row, lq + pad - 1)[:, :, None, None], axis=1)
+  return jnp.where(sees[:, :, None, None], out, 0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -582,16 +747,21 @@ def _kernel_problem(
   sel = (sds((b, hkv, cfg.q_len, cfg.num_select), jnp.int32),) * 2
   rs = sds((b, cfg.kv_len), jnp.int32) if segmented else None
   slc_mask, routes = jax.eval_shape(lambda i, ok, r: _selection_mask(plan, i, ok, hq, r), *sel, rs)
-  win_routes, cmp_routes = jax.eval_shape(lambda r: _segment_routes(cfg, r), rs)
+  win_routes = jax.eval_shape(lambda r: _window_routes(cfg, r), rs)
   calls = [
-    (*kv(cfg.kv_len), slc_mask, routes),
-    (*kv(cfg.kv_len), _window_mask(plan), win_routes),
+    (q, *kv(cfg.kv_len), slc_mask, routes),
+    (q, *kv(cfg.kv_len), _window_mask(plan), win_routes),
   ]
   if cfg.num_compressed > 0:
-    calls.append((*kv(cfg.num_compressed), _compressed_mask(plan), cmp_routes))
-  for k, v, mask, rt in calls:
+    pad, cmp_routes = 0, None
+    if segmented:
+      pad = _compressed_pad(cfg)
+      cmp_routes = jax.eval_shape(lambda r: _packed_compressed(cfg, r)[2], rs)
+    q_cmp = sds((b, cfg.q_len + pad, hq, d), dtype)
+    calls.append((q_cmp, *kv(cfg.num_compressed), _compressed_mask(plan, pad), cmp_routes))
+  for q_, k, v, mask, rt in calls:
     try:
-      check(q, k, v, mask, rt)
+      check(q_, k, v, mask, rt)
     except Unsupported as e:
       return str(e)
   return ""
@@ -615,13 +785,12 @@ def _nsa_tiled(plan: _KernelPlan, q, k, v, k_cmp, v_cmp, gates, ids, valid, rs):
   """NSA as three block-sparse attentions ("xla" or a kernel): (out, branches)."""
   cfg = plan.cfg
   b, lq, hq, _ = q.shape
-  win_routes, cmp_routes = _segment_routes(cfg, rs)  # None, None without segments
   if cfg.num_compressed > 0:
-    o_cmp = _attend(plan, q, k_cmp, v_cmp, _compressed_mask(plan), cmp_routes)
+    o_cmp = _compressed_branch(plan, q, k_cmp, v_cmp, rs)
   else:
     o_cmp = jnp.zeros((b, lq, hq, v.shape[3]), q.dtype)
   o_slc = _attend(plan, q, k, v, *_selection_mask(plan, ids, valid, hq, rs))
-  o_win = _attend(plan, q, k, v, _window_mask(plan), win_routes)
+  o_win = _attend(plan, q, k, v, _window_mask(plan), _window_routes(cfg, rs))
   return _mix(q.dtype, gates, o_cmp, o_slc, o_win)
 
 
@@ -675,11 +844,15 @@ def nsa_attention(
     k, v: `[B, Lk, Hkv, D]`, `[B, Lk, Hkv, Dv]`; Hkv divides Hq (GQA), Lq <= Lk.
     k_cmp, v_cmp: the compressed keys/values `[B, Nc, Hkv, D]`, `[B, Nc, Hkv, Dv]`,
       Nc = num_compressed_blocks(Lk, block_len, stride); compressed block c summarizes
-      keys [c*stride, c*stride + block_len) (e.g. `compress_mean`).
+      keys [c*stride, c*stride + block_len) (e.g. `compress_mean`). With segment_ids,
+      the blocks of each segment run, anchored at its start s ([s + j*stride, s +
+      j*stride + block_len), complete blocks inside the run), in slots s // stride + j
+      (`compressed_slots`; `compress_mean(..., segment_ids=)` makes them).
     gates: `[B, Lq, Hq, 3]`, the (compression, selection, window) gates in [0, 1].
     segment_ids: optional integer `[B, Lk]` for packed sequences (the queries use the
-      last Lq entries): no branch crosses a segment run (docs/nsa.md). None: one
-      sequence per row.
+      last Lq entries): no branch crosses a segment run, and the compressed and
+      selection block grids restart at each run start, so a segment gives what it gives
+      alone (docs/nsa.md). None: one sequence per row.
     block_len, stride: l and d of the compressed blocks; 1 <= d <= l.
     select_len: l', the selection block length (any positive int).
     num_select: n >= 3, the selection blocks kept per (group, query), including the

@@ -187,16 +187,22 @@ def test_sampling_keeps_the_top_k():
   assert len(set(np.asarray(out[:, 1]).tolist())) > 1  # it samples
 
 
-@pytest.mark.parametrize("kind", ["dense", "moba", "nsa"])
-def test_packed_segments_are_independent_sequences(kind):
-  graphdef, state = nnx.split(_model(attention=kind, depth=1))
-  # NSA's block grids stay anchored at 0: its second segment starts on them (16).
-  n = 16 if kind == "nsa" else 15
-  tokens = jax.random.randint(jax.random.key(4), (2, n), 0, SMALL.vocab_size)
-  segments = jnp.asarray([[3] * n + [5] * n], jnp.int32)
-  packed = _forward_segments(graphdef, state, tokens.reshape(1, 2 * n), segments)
-  alone = _forward(graphdef, state, tokens)  # [2, 15, V]
-  np.testing.assert_allclose(packed.reshape(alone.shape), alone, atol=2e-5, rtol=2e-5)
+@pytest.mark.parametrize(
+  "kind, overrides",
+  [("dense", {}), ("moba", {}), ("nsa", {}), ("nsa", {"nsa_compress": "mean"})],
+)
+def test_packed_segments_are_independent_sequences(kind, overrides):
+  """Each packed segment gives the logits it gives alone. Starts 13 and 40 lie on no
+  block grid (MoBA chunks 8; NSA stride 4, selection blocks 8): the grids restart at
+  each segment start. The 27-token segment has 4 NSA selection blocks (a real top-3)."""
+  graphdef, state = nnx.split(_model(attention=kind, depth=1, max_len=64, **overrides))
+  lengths = (13, 27, 20)
+  tokens = jax.random.randint(jax.random.key(4), (1, sum(lengths)), 0, SMALL.vocab_size)
+  segments = jnp.asarray([np.repeat([3, 5, 7], lengths)], jnp.int32)
+  packed = _forward_segments(graphdef, state, tokens, segments)
+  for start, n in zip(np.cumsum((0,) + lengths[:-1]), lengths, strict=True):
+    alone = _forward(graphdef, state, tokens[:, start : start + n])  # [1, n, V]
+    np.testing.assert_allclose(packed[:, start : start + n], alone, atol=2e-5, rtol=2e-5)
 
 
 @jax.jit

@@ -77,8 +77,10 @@ def numpy_nsa(
   """Returns (out, (o_cmp, o_slc, o_win), kept) with kept[b, h, i] the sorted block ids.
 
   Packed sequences (segment_ids): query t sees only keys of its own run [r, t] (r the
-  run's start): compressed blocks entirely inside it, selection blocks intersecting it
-  (its initial block forced), window keys max(t - w + 1, r) .. t."""
+  run's start) and both block grids restart at r: compressed block j of the run covers
+  [r + j*stride, r + j*stride + block_len) and sits in slot r // stride + j of k_cmp,
+  selection block m covers [r + m*select_len, r + (m+1)*select_len) and the ids are
+  the m; window keys max(t - w + 1, r) .. t."""
   q, k, v, k_cmp, v_cmp, gates = (np.asarray(x, np.float64) for x in (q, k, v, k_cmp, v_cmp, gates))
   b_, lq, hq, d = q.shape
   lk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -93,8 +95,10 @@ def numpy_nsa(
       for i in range(lq):
         t = lk - lq + i
         r = starts[b, t]
-        seen = [c for c in range(nc) if r <= c * stride and c * stride + block_len - 1 <= t]
-        # Importance of selection block j, summed over the group's query heads.
+        tr = t - r  # the position in the run: the grids are the run's
+        blocks = [j for j in range(nc) if j * stride + block_len - 1 <= tr]
+        seen = [r // stride + j for j in blocks]  # their slots in k_cmp
+        # Importance of selection block m, summed over the group's query heads.
         score = np.zeros(ns)
         for g in range(g_):
           if not seen:
@@ -102,19 +106,19 @@ def numpy_nsa(
           s = k_cmp[b, seen, h] @ q[b, i, h * g_ + g] * scale
           p = np.exp(s - s.max())
           p /= p.sum()
-          for c, pc in zip(seen, p, strict=True):
-            for j in range(ns):
-              lo = max(c * stride, j * select_len)
-              hi = min(c * stride + block_len, (j + 1) * select_len)
-              score[j] += pc * max(0, hi - lo) / block_len
-        eligible = [j for j in range(ns) if j * select_len <= t and (j + 1) * select_len > r]
-        own = t // select_len
-        forced = sorted({r // select_len, own} | ({own - 1} if own - 1 in eligible else set()))
-        others = sorted((j for j in eligible if j not in forced), key=lambda j: (-score[j], j))
+          for j, pc in zip(blocks, p, strict=True):
+            for m in range(ns):
+              lo = max(j * stride, m * select_len)
+              hi = min(j * stride + block_len, (m + 1) * select_len)
+              score[m] += pc * max(0, hi - lo) / block_len
+        eligible = [m for m in range(ns) if m * select_len <= tr]
+        own = tr // select_len
+        forced = sorted({0, own} | ({own - 1} if own - 1 in eligible else set()))
+        others = sorted((m for m in eligible if m not in forced), key=lambda m: (-score[m], m))
         chosen = sorted(forced + others[: num_select - len(forced)])
         kept[b, h, i] = chosen
         slc = [
-          p for j in chosen for p in range(j * select_len, (j + 1) * select_len) if r <= p <= t
+          p for m in chosen for p in range(r + m * select_len, r + (m + 1) * select_len) if p <= t
         ]
         win = [p for p in range(lk) if max(t - window, r - 1) < p <= t]
         for g in range(g_):
@@ -335,47 +339,173 @@ def test_packed_reference_matches_numpy_oracle(lq):
   testutil.assert_close(out, e_out, jnp.float32, "out", "packed out")
 
 
-def test_packed_xla_matches_reference():
-  arrays = make_inputs(2, 80, 80, 4, 2, 8, 8, geo=PACKED_GEO, seed=6)
+@pytest.mark.parametrize("lq", [80, 23])  # 23: the compressed branch's rows get a pad
+def test_packed_xla_matches_reference(lq):
+  arrays = make_inputs(2, lq, 80, 4, 2, 8, 8, geo=PACKED_GEO, seed=6)
   seg = packed_ids(80, *PACKED_ROWS)
-  assert_xla_matches_reference(arrays, PACKED_GEO, "packed", segment_ids=seg)
+  assert_xla_matches_reference(arrays, PACKED_GEO, f"packed lq={lq}", segment_ids=seg)
 
 
-def test_packed_equals_separate_segments():
-  """Segments starting on both block grids (multiples of select_len and stride) behave
-  exactly like separate sequences (k_cmp / v_cmp by compress_mean of each)."""
-  geo, n = PACKED_GEO, 40  # 5 selection blocks per segment: a real top-n choice
-  seg = packed_ids(3 * n, [(0, n), (1, n), (0, n)])  # the first id comes back
-  q, k, v, _, _, gates = make_inputs(1, 3 * n, 3 * n, 4, 2, 8, 8, geo=geo, seed=7)
-  cmp = lambda x: nsa.compress_mean(x, block_len=geo["block_len"], stride=geo["stride"])
-  apart = lambda x: x.reshape(3, n, *x.shape[2:])  # [1, 3n, ...] -> [3, n, ...]
-  # The reference (the other implementations are checked against it above).
-  packed = nsa.nsa_attention(
-    q, k, v, cmp(k), cmp(v), gates, segment_ids=seg, implementation="reference", **geo
+def oracle_slots(segment_ids, lk, block_len, stride):
+  """(start, run_start, valid) int/int/bool [B, Nc] from the definition: each run's
+  complete blocks [r + j*stride, r + j*stride + block_len) in slots r // stride + j."""
+  nc = nsa.num_compressed_blocks(lk, block_len, stride)
+  starts = run_starts(segment_ids, len(segment_ids), lk)
+  start = np.tile(np.arange(nc) * stride, (len(segment_ids), 1))
+  run, valid = start.copy(), np.zeros(start.shape, bool)
+  for b in range(len(segment_ids)):
+    for r in sorted(set(starts[b])):
+      end = r + int(np.sum(starts[b] == r))  # the run is [r, end)
+      for j in range((end - r - block_len) // stride + 1 if end - r >= block_len else 0):
+        c = r // stride + j
+        assert not valid[b, c], "two blocks in one slot"
+        start[b, c], run[b, c], valid[b, c] = r + j * stride, r, True
+  return start, run, valid
+
+
+@pytest.mark.parametrize(
+  "lk, block_len, stride, runs",
+  [
+    (80, 8, 4, PACKED_ROWS),
+    (61, 7, 3, ([(0, 3), (1, 11), (2, 9), (3, 38)], [(4, 61)], [(1, 2), (2, 1), (1, 58)])),
+    (40, 5, 5, ([(0, 4), (1, 36)], [(0, 5), (1, 6), (2, 29)])),
+  ],
+)
+def test_compressed_slots_and_compress_mean(lk, block_len, stride, runs):
+  """compressed_slots and compress_mean with segment_ids against their definition."""
+  seg = packed_ids(lk, *runs)
+  geo = dict(block_len=block_len, stride=stride)
+  slots = nsa.compressed_slots(lk, segment_ids=seg, **geo)
+  for got, expected in zip(slots, oracle_slots(seg, lk, **geo), strict=True):
+    np.testing.assert_array_equal(got, np.where(slots.valid, expected, got))
+  np.testing.assert_array_equal(slots.valid, oracle_slots(seg, lk, **geo)[2])
+  k = testutil.qkv(len(runs), lk, lk, 1, 2, 4)[1]
+  got = nsa.compress_mean(k, segment_ids=seg, **geo)
+  kn, start = np.asarray(k, np.float64), np.asarray(slots.start)
+  expected = np.zeros(got.shape)
+  for b, c in zip(*np.nonzero(np.asarray(slots.valid)), strict=True):
+    expected[b, c] = kn[b, start[b, c] : start[b, c] + block_len].mean(axis=0)
+  testutil.assert_close(got, expected, jnp.float32, "out")
+  plain = nsa.compressed_slots(lk, **geo)  # no segments: the global grid
+  np.testing.assert_array_equal(plain.start[0], np.arange(slots.start.shape[1]) * stride)
+  assert bool(jnp.all(plain.valid)) and not bool(jnp.any(plain.run_start))
+
+
+# A 40-token sequence packed at several offsets (of which 3 and 17 are multiples of
+# neither the stride 4 nor select_len 8; 40 of both), between other segments: row b
+# holds (segment id, length) runs, the sequence being the run of id 9. Row 2 reuses id 1
+# on both sides of another run (two segments).
+ALONE_LEN, ALONE_ROWS = (
+  40,
+  (
+    [(9, 40), (1, 56)],
+    [(1, 3), (9, 40), (2, 20), (3, 33)],
+    [(1, 10), (2, 7), (9, 40), (1, 39)],
+    [(1, 25), (2, 15), (9, 40), (3, 16)],
+  ),
+)
+ALONE_OFFSETS = (0, 3, 17, 40)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _helper_loss_grads(implementation, geo_items, interpret, q, k, v, gates, ct, segment_ids):
+  """Output and gradients of sum(out * ct) in (q, k, v, gates) with k_cmp / v_cmp from
+  compress_mean(segment_ids) (so dk, dv include the compressed path) and in additive
+  zero deltas on k_cmp, v_cmp (the gradients of the compressed keys / values)."""
+  geo = dict(geo_items)
+  cmp = functools.partial(
+    nsa.compress_mean, block_len=geo["block_len"], stride=geo["stride"], segment_ids=segment_ids
   )
-  k_s, v_s = apart(k), apart(v)
-  alone = nsa.nsa_attention(
-    apart(q), k_s, v_s, cmp(k_s), cmp(v_s), apart(gates), implementation="reference", **geo
-  )
-  testutil.assert_close(apart(packed), alone, jnp.float32, "out", "packed vs alone")
+
+  def loss(q, k, v, gates, dkc, dvc):
+    out = nsa.nsa_attention(
+      q, k, v, cmp(k) + dkc, cmp(v) + dvc, gates, segment_ids=segment_ids,
+      implementation=implementation, interpret=interpret, **geo,
+    )  # fmt: skip
+    return jnp.sum(out * ct), out
+
+  kc, vc = jax.eval_shape(cmp, k), jax.eval_shape(cmp, v)
+  zeros = jnp.zeros(kc.shape, kc.dtype), jnp.zeros(vc.shape, vc.dtype)
+  grads, out = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(q, k, v, gates, *zeros)
+  return out, grads
+
+
+@pytest.mark.parametrize(
+  "implementation",
+  [
+    "reference",
+    "xla",
+    pytest.param("pallas_triton", marks=pytest.mark.slow),
+    pytest.param("pallas_tpu", marks=pytest.mark.slow),
+  ],
+)
+def test_packed_segment_equals_alone(implementation):
+  """A segment packed at any offset, between other segments, gives the outputs and the
+  gradients (q, k, v, gates; k_cmp / v_cmp by compress_mean with segment_ids) of the
+  same sequence alone: both block grids restart at the segment start."""
+  geo, n, lk = PACKED_GEO, ALONE_LEN, 96  # 5 selection blocks: a real top-n choice
+  interpret = implementation.startswith("pallas")
+  seg = packed_ids(lk, *ALONE_ROWS)
+  b = len(ALONE_ROWS)
+  # The sequence (row 0 of `alone`) inside random packed rows.
+  q, k, v, _, _, gates = make_inputs(b, lk, lk, 4, 2, 8, 8, geo=geo, seed=11)
+  alone = make_inputs(1, n, n, 4, 2, 8, 8, geo=geo, seed=12)
+  ct = jax.random.normal(jax.random.PRNGKey(13), (b, lk, 4, 8))
+  ct_alone = jax.random.normal(jax.random.PRNGKey(14), (1, n, 4, 8))
+  for row, o in enumerate(ALONE_OFFSETS):
+    q, k, v, gates, ct = (
+      x.at[row, o : o + n].set(x1[0])
+      for x, x1 in ((q, alone[0]), (k, alone[1]), (v, alone[2]), (gates, alone[5]), (ct, ct_alone))
+    )
+  geo_items = tuple(sorted(geo.items()))
+  out, grads = _helper_loss_grads(implementation, geo_items, interpret, q, k, v, gates, ct, seg)
+  a_in = (alone[0], alone[1], alone[2], alone[5], ct_alone, None)
+  a_out, a_grads = _helper_loss_grads(implementation, geo_items, interpret, *a_in)
+  names = ("dq", "dk", "dv", "dgates", "dk_cmp", "dv_cmp")
+  nc = nsa.num_compressed_blocks(n, geo["block_len"], geo["stride"])
+  for row, o in enumerate(ALONE_OFFSETS):
+    what = f"{implementation} offset {o}"
+    testutil.assert_close(out[row, o : o + n], a_out[0], jnp.float32, "out", what)
+    for name, g, a in zip(names, grads, a_grads, strict=True):
+      if name in ("dk_cmp", "dv_cmp"):  # the sequence's blocks: slots o // stride + j
+        got = g[row, o // geo["stride"] : o // geo["stride"] + nc]
+      else:
+        got = g[row, o : o + n]
+      testutil.assert_close(got, a[0], jnp.float32, "grad", f"{what} {name}")
+  if implementation == "reference":  # the selection too (relative block ids)
+    sel = {x: geo[x] for x in ("block_len", "stride", "select_len", "num_select")}
+    cmp = lambda x, s: nsa.compress_mean(x, block_len=8, stride=4, segment_ids=s)
+    ids, valid = nsa.nsa_selection(q, cmp(k, seg), lk=lk, segment_ids=seg, **sel)
+    a_ids, a_valid = nsa.nsa_selection(alone[0], cmp(alone[1], None), lk=n, **sel)
+    for row, o in enumerate(ALONE_OFFSETS):
+      np.testing.assert_array_equal(valid[row, :, o : o + n], a_valid[0])
+      np.testing.assert_array_equal(ids[row, :, o : o + n], a_ids[0])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _dense_packed_masks(plan, ids, valid, q_heads, rs):
   """bool (selection [B, Hq, Lq, Lk], window [B, Hq, Lq, Lk], compressed [B, Hq, Lq, Nc])
-  as the kernels see them with segments: tiles, element masks and routes."""
+  as the kernels see them with segments: tiles, element masks and routes (the
+  compressed branch's rows moved back to their queries; rows that see nothing: False)."""
+  cfg = plan.cfg
   mask, routes = nsa._selection_mask(plan, ids, valid, q_heads, rs)
-  win_routes, cmp_routes = nsa._segment_routes(plan.cfg, rs)
   selection = mask.to_dense() & checks.routes_to_dense(routes, q_heads)
-  window = nsa._window_mask(plan).to_dense() & checks.routes_to_dense(win_routes, q_heads)
-  compressed = nsa._compressed_mask(plan).to_dense() & checks.routes_to_dense(cmp_routes, q_heads)
+  window = nsa._window_mask(plan).to_dense() & checks.routes_to_dense(
+    nsa._window_routes(cfg, rs), q_heads
+  )
+  row, sees, cmp_routes = nsa._packed_compressed(cfg, rs)
+  cmp_mask = nsa._compressed_mask(plan, nsa._compressed_pad(cfg))
+  rows = cmp_mask.to_dense() & checks.routes_to_dense(cmp_routes, q_heads)  # [B, Hq, Lq+pad, Nc]
+  at = jnp.minimum(row, rows.shape[2] - 1)[:, None, :, None]
+  compressed = jnp.take_along_axis(rows, at, axis=2) & sees[:, None, :, None]
   return selection, window, compressed
 
 
-def test_pallas_packed_masks_are_exact():
+@pytest.mark.parametrize("lq", [70, 80])
+def test_pallas_packed_masks_are_exact(lq):
   """With segments, the kernels' masks and routes give exactly the packed branches'
-  visible pairs (no kernel runs)."""
-  geo, (b, lq, lk, hq, hkv) = PACKED_GEO, (2, 70, 80, 4, 2)
+  visible pairs (no kernel runs); lq < lk moves the compressed rows into a pad."""
+  geo, (b, lk, hq, hkv) = PACKED_GEO, (2, 80, 4, 2)
   q, k, v, k_cmp, v_cmp, gates = make_inputs(b, lq, lk, hq, hkv, 8, 8, geo=geo, seed=8)
   seg = packed_ids(lk, *PACKED_ROWS)
   cfg = nsa._check_inputs(q, k, v, k_cmp, v_cmp, gates, *(geo[x] for x in GEO_NAMES), None)
@@ -387,10 +517,12 @@ def test_pallas_packed_masks_are_exact():
   hot = ids[..., None] == np.arange(-(-lk // geo["select_len"]))  # [B, Hkv, Lq, n, Ns]
   kept = np.any(hot & valid[..., None], axis=-2)  # [B, Hkv, Lq, Ns]
   own_run = (key <= t) & (key >= r)  # [B, Lq, Lk]
-  selection = kept[..., key[0] // geo["select_len"]] & own_run[:, None]
+  block = np.clip((key - r) // geo["select_len"], 0, kept.shape[-1] - 1)  # [B, Lq, Lk]
+  selection = np.take_along_axis(kept, block[:, None], axis=-1) & own_run[:, None]
   window = own_run & (key > t - geo["window"])
-  start = np.arange(k_cmp.shape[1])[None, :] * geo["stride"]
-  compressed = (start + geo["block_len"] - 1 <= t) & (start >= r)
+  start, _, ok = oracle_slots(seg, lk, geo["block_len"], geo["stride"])  # [B, Nc]
+  start, ok = start[:, None], ok[:, None]
+  compressed = ok & (start + geo["block_len"] - 1 <= t) & (start >= r)  # [B, Lq, Nc]
   for kernel in ("pallas_triton", "pallas_tpu"):
     plan = nsa._kernel_plan(cfg, kernel, True)
     got = _dense_packed_masks(plan, jnp.asarray(ids), jnp.asarray(valid), hq, nsa._run_starts(seg))
