@@ -4,8 +4,8 @@ XLA path of `sparse_attention.ops.kmeans`.
 `gpu.py` (Triton), `mosaic_gpu.py` (Mosaic GPU, Hopper) and `tpu.py` (Mosaic TPU) each
 compute, for every point, the index of its nearest centroid: a program holds a tile of
 points and walks the centroids tile by tile, keeping a running minimum distance and its
-index (an online argmin, as flash attention keeps a running max). The centroid update (segment sums) is not a kernel: see
-`ops/kmeans.py`.
+index (an online argmin, as flash attention keeps a running max). The centroid update
+(segment sums) is not a kernel: see `ops/kmeans.py`.
 
 One distance, everywhere (reference, xla, every kernel), in float32:
 
