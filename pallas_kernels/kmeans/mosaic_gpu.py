@@ -19,11 +19,12 @@ always f32, also for bf16 points). So the wrapper splits the operands into bf16 
 that sum to them exactly (`split_bf16`): centroids (f32) into 3 parts (hi, mid, lo: 3 x
 8 bits cover f32's 24), float32 points into 3, float16 points into 2, bfloat16 points
 are 1. x.c is the sum of the part products x_i . c_j with i + j <= 2 (the dropped ones
-are below 2**-25 of |x||c|), smallest first, each product exact in the f32 accumulator:
-f32-accurate like the Triton kernel's ieee dot (the same numbers up to summation order),
-at 3 wgmmas per tile for bf16 points and 6 for f32 ones (tensor-core bf16 is ~16x the
-CUDA cores' f32 FMA rate). Parts of values below ~2**-110 underflow (bf16 has f32's
-exponent range): an absolute error far below any distance the expansion resolves.
+add up to at most ~2**-23 of |x||c|: f32's own rounding), smallest first, each product
+exact in the f32 accumulator: f32-accurate like the Triton kernel's ieee dot (the same
+numbers up to rounding in the summation), at 3 wgmmas per tile for bf16 points, 5 for
+f16 and 6 for f32 ones (Hopper's bf16 tensor cores run ~15x its f32 FMA rate). Parts
+of values below ~2**-110 underflow (bf16 has f32's exponent range): an absolute error
+far below any distance the expansion resolves.
 
 Padding: the wrapper pads the points to a multiple of block_n (results cut off), the
 centroids to a multiple of block_k with ||c||^2 = +inf (never nearest) and d to a
@@ -31,9 +32,10 @@ multiple of 64 with zeros (wgmma's K granule for 128-byte swizzled bf16 rows).
 
 Policy (`check_supported`, shapes and dtypes only): block_n 64 or 128, block_k a
 multiple of 8 up to 256 (wgmma's N), the SMEM of the point parts and the centroid ring
-within SMEM_BUDGET (this bounds d: ~450 for f32 points, ~1000 for bf16), batch <=
-65535 (the grid's second dim). Mosaic GPU's interpreter (jax >= 0.11.2) runs the kernel
-on CPU (`interpret=True`); it takes wgmma operands from SMEM, as this kernel does anyway.
+within SMEM_BUDGET (this bounds d: 384 for f32 points, 576 for f16, 896 for bf16),
+batch <= 65535 (the grid's second dim). Mosaic GPU's interpreter (jax >= 0.11.2) runs
+the kernel on CPU (`interpret=True`); it takes wgmma operands from SMEM, as this kernel
+does anyway.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def _assign_kernel(x_ref, xx_ref, c_ref, cc_ref, arg_ref, scratch, barriers, *, 
   wg, wgs = lax.axis_index("wg"), x_smem.shape[0]
 
   @pl.when(wg == wgs)
-  def _():
+  def _producer_warpgroup():
     _producer(c_ref, cc_ref, c_smem, cc_smem, c_bar, consumed, block_k=block_k)
 
   @pl.when(wg < wgs)
