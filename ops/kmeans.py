@@ -33,16 +33,20 @@ Implementations:
                    tiles of block_k (lax.scan) with an online argmin: at most
                    batch x block_n x block_k distances exist at a time. The update is
                    `jax.ops.segment_sum` (a scatter-add over the points, no one-hot).
-  "pallas_triton", "pallas_tpu"
-                   the assignment as a fused Pallas kernel (`pallas_kernels/kmeans`),
-                   the same segment_sum update as "xla". The update stays in XLA: it
+  "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu"
+                   the assignment as a fused Pallas kernel (`pallas_kernels/kmeans`):
+                   Mosaic GPU (Hopper: wgmma on exact bf16 splits of the operands, so
+                   still f32-accurate), Triton (any GPU), Mosaic TPU; the same
+                   segment_sum update as "xla". The update stays in XLA: it
                    reads x once and does O(n d) adds against the assignment's O(n k d)
                    multiply-adds, so it is memory-bound and a kernel would save nothing
                    but the launch; a Pallas version would need atomic adds on GPU
                    (non-deterministic summation order) or a sort by cluster.
-  "pallas"         the platform's kernel (off GPU/TPU only with interpret=True: Triton).
-  None             the platform's kernel if it takes the call, else "xla" (always "xla"
-                   on CPU).
+  "pallas"         the platform's kernel, best first as `ops/dispatch.py` orders them
+                   (Hopper: Mosaic GPU, then Triton; other GPUs: Triton; TPU: Mosaic
+                   TPU); off GPU/TPU only with interpret=True: Triton.
+  None             the platform's first kernel that takes the call, else "xla" (always
+                   "xla" on CPU).
 
 Not differentiable in a useful sense (assignments are piecewise constant); the kernels'
 inputs are wrapped in `stop_gradient`. The kernels run on the whole batch (no shard_map
@@ -64,11 +68,14 @@ import numpy as np
 
 from sparse_attention.ops import checks, dispatch
 from sparse_attention.pallas_kernels import kmeans as common
-from sparse_attention.pallas_kernels.kmeans import gpu, tpu
+from sparse_attention.pallas_kernels.kmeans import gpu, mosaic_gpu, tpu
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_triton", "pallas_tpu")
+IMPLEMENTATIONS = (
+  "reference", "xla", "pallas", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu"
+)  # fmt: skip
 
 _KERNELS = {
+  "pallas_mosaic_gpu": (mosaic_gpu.check_supported, mosaic_gpu.assign_mosaic_gpu),
   "pallas_triton": (gpu.check_supported, gpu.assign_triton),
   "pallas_tpu": (tpu.check_supported, tpu.assign_tpu),
 }
@@ -144,10 +151,11 @@ def kmeans(
     init: initial centroids [batch, k, d] (e.g. `kmeans_plusplus_init`); k may exceed n.
     iterations: Lloyd steps (assignment + update), a Python int >= 0 (static under jit):
       scikit-learn's max_iter with tol=0.
-    implementation: None, "reference", "xla", "pallas", "pallas_triton" or "pallas_tpu"
-      (module docstring).
+    implementation: None, "reference", "xla", "pallas", "pallas_mosaic_gpu",
+      "pallas_triton" or "pallas_tpu" (module docstring).
     interpret: run a Pallas kernel in the interpreter (the TPU kernel in the TPU
-      interpreter) instead of compiling it: for tests on CPU.
+      interpreter, the Mosaic GPU one in Mosaic GPU's) instead of compiling it: for
+      tests on CPU.
     block_n, block_k: points per chunk / program and centroids per tile of the "xla"
       path and the kernels (None: each one's default; kernels refuse sizes their
       hardware cannot tile). Ignored by "reference".
@@ -166,7 +174,9 @@ def kmeans(
   k = init.shape[1]
 
   def check(kernel: str) -> None:
-    _KERNELS[kernel][0](tuple(x.shape), k, block_n=block_n, block_k=block_k)
+    # Mosaic GPU's SMEM holds bf16 parts of the points: how many depends on the dtype.
+    dtype = {"dtype": x.dtype} if kernel == "pallas_mosaic_gpu" else {}
+    _KERNELS[kernel][0](tuple(x.shape), k, block_n=block_n, block_k=block_k, **dtype)
 
   impl = dispatch.resolve(
     implementation, interpret=interpret, op=op, implementations=IMPLEMENTATIONS, check=check

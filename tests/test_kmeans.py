@@ -1,13 +1,16 @@
-"""ops.kmeans: every implementation (reference, xla, the Triton and Mosaic TPU kernels
-interpreted on CPU) against scikit-learn's Lloyd KMeans from the same init, the reference
-against a NumPy brute force, and the edge semantics (ties, empty clusters, iterations=0,
-bfloat16, jit, argument errors, kernel refusals, lowering for CUDA and TPU)."""
+"""ops.kmeans: every implementation (reference, xla, the Triton, Mosaic GPU and Mosaic TPU
+kernels interpreted on CPU) against scikit-learn's Lloyd KMeans from the same init, the
+reference against a NumPy brute force, and the edge semantics (ties, empty clusters,
+iterations=0, bfloat16, jit, argument errors, kernel refusals, dispatch, lowering for CUDA
+and TPU)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ from sklearn.cluster import KMeans
 
 from sparse_attention import ops
 from sparse_attention.pallas_kernels import kmeans as common
-from sparse_attention.pallas_kernels.kmeans import gpu, tpu
+from sparse_attention.pallas_kernels.kmeans import gpu, mosaic_gpu, tpu
 
 # (implementation, extra kwargs): the xla path at its default tiles and at small ragged
 # ones (several chunks and centroid tiles, none full), the kernels likewise.
@@ -27,8 +30,12 @@ IMPLS = {
   "xla": ("xla", {}),
   "xla_small_tiles": ("xla", dict(block_n=96, block_k=7)),
   "triton": ("pallas_triton", dict(interpret=True, block_n=64, block_k=16)),
+  "mosaic_gpu": ("pallas_mosaic_gpu", dict(interpret=True, block_n=128, block_k=8)),
   "tpu": ("pallas_tpu", dict(interpret=True, block_n=128, block_k=8)),
 }
+# Mosaic GPU's interpreter takes ~0.1 s per CTA and call: the full-size op tests leave it
+# out, and `test_mosaic_gpu_*` run it on smaller data.
+FULL_SIZE = [name for name in IMPLS if name != "mosaic_gpu"]
 BATCH, N, D, K, ITERATIONS = 2, 700, 24, 20, 6
 
 
@@ -114,7 +121,7 @@ def test_reference_matches_numpy_brute_force(iterations):
     np.testing.assert_array_equal(np.asarray(c), init)
 
 
-@pytest.mark.parametrize("name", list(IMPLS))
+@pytest.mark.parametrize("name", FULL_SIZE)
 def test_matches_sklearn_lloyd(name):
   """sklearn's max_iter=T with tol=0 is our iterations=T: it stops early only at a
   fixed point, and re-assigns to the final centers as we do."""
@@ -183,7 +190,7 @@ def test_empty_cluster_keeps_its_centroid(name):
   np.testing.assert_array_equal(np.asarray(a), want_a)
 
 
-@pytest.mark.parametrize("name", list(IMPLS))
+@pytest.mark.parametrize("name", FULL_SIZE)
 def test_bfloat16(name):
   """bf16 points: centroids come back in bf16; accumulation is f32, so up to the final
   rounding they are sklearn's on the same (upcast) values."""
@@ -331,6 +338,140 @@ def test_lowers_for_cuda_and_tpu():
   assert "xla.gpu.triton" in testutil.lower_for_cuda(run("pallas_triton"), x, init)
   lowered = jax.jit(run("pallas_tpu")).trace(x, init).lower(lowering_platforms=("tpu",))
   assert "tpu_custom_call" in lowered.as_text()
+
+
+# ---------------------------------------------------------------------------
+# The Mosaic GPU kernel (Hopper), interpreted on CPU and lowered for CUDA.
+# ---------------------------------------------------------------------------
+
+
+def _assign_reference(x, c) -> np.ndarray:
+  """The reference assignment of points x [B, n, d] to centroids c [B, k, d]."""
+  _, a = ops.kmeans(x, c, iterations=0, implementation="reference")
+  return np.asarray(a)
+
+
+def _assign_mosaic(x, c, **kwargs) -> np.ndarray:
+  xx, cc = common.squared_norms(x), common.squared_norms(c)
+  return np.asarray(mosaic_gpu.assign_mosaic_gpu(x, xx, c, cc, interpret=True, **kwargs))
+
+
+@pytest.mark.parametrize(
+  "batch, n, k, d, dtype, block_n, block_k",
+  [
+    (2, 130, 37, 24, jnp.float32, 64, 8),  # ragged n and k: 3 x 5 tiles, none full
+    (1, 200, 70, 100, jnp.bfloat16, 128, 16),  # 2 consumer warpgroups, d padded to 128
+    (1, 100, 20, 64, jnp.float16, None, None),  # the default tiles
+  ],
+)
+def test_mosaic_gpu_kernel_matches_reference(batch, n, k, d, dtype, block_n, block_k):
+  rng = np.random.default_rng(n + k)
+  x = jnp.asarray(rng.normal(size=(batch, n, d)), dtype)
+  c = jnp.asarray(rng.normal(size=(batch, k, d)), jnp.float32)
+  a = _assign_mosaic(x, c, block_n=block_n, block_k=block_k)
+  assert a.shape == (batch, n) and a.dtype == np.int32
+  np.testing.assert_array_equal(a, _assign_reference(x, c))
+
+
+def test_mosaic_gpu_split_is_exact_and_f32_accurate():
+  """The bf16 parts sum to the operands exactly; so points between pairs of centroids
+  1e-3 apart (distance gaps ~1e-3 of |x||c|) get the reference's assignments, where one
+  bf16 (or TF32) product, 2**-9 (2**-11) relative, would flip about half of them."""
+  rng = np.random.default_rng(7)
+  for dtype, parts in ((jnp.float32, 3), (jnp.float16, 2), (jnp.bfloat16, 1)):
+    a = jnp.asarray(rng.normal(size=(1000,)) * 10.0 ** rng.integers(-4, 4, 1000), dtype)
+    split = np.asarray(mosaic_gpu.split_bf16(a, parts), np.float64)
+    np.testing.assert_array_equal(split.sum(0), np.asarray(a, np.float64))
+  base = rng.normal(size=(1, 8, 64))
+  c = np.concatenate([base, base + 1e-3 * rng.normal(size=base.shape)], axis=1)
+  x = np.repeat(c[:, :8], 16, axis=1) + rng.normal(size=(1, 128, 64))
+  x, c = jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32)
+  want = _assign_reference(x, c)
+  np.testing.assert_array_equal(_assign_mosaic(x, c), want)
+  coarse = _assign_reference(x.astype(jnp.bfloat16), c.astype(jnp.bfloat16).astype(jnp.float32))
+  assert (coarse != want).sum() > 16  # the test can fail
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mosaic_gpu_op_matches_sklearn(dtype):
+  """The op with the interpreted kernel (default tiles: 2 x 2 CTAs per call) is
+  scikit-learn's Lloyd, on a smaller problem than `test_matches_sklearn_lloyd`'s."""
+  x = _blobs(2, 256, 16, 8, seed=8)
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # exact in dtype
+  rng = np.random.default_rng(9)
+  init = np.stack([x[b, rng.choice(256, 8, replace=False)] for b in range(2)])
+  want_c, want_a, want_inertia = _sklearn(x, init, 3)
+  c, a = ops.kmeans(jnp.asarray(x, dtype), jnp.asarray(init), iterations=3,
+                    implementation="pallas_mosaic_gpu", interpret=True)  # fmt: skip
+  assert c.dtype == dtype and a.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(a), want_a)
+  rtol = 1e-4 if dtype == jnp.float32 else 2**-8
+  err = np.abs(np.asarray(c.astype(jnp.float32)) - want_c).max()
+  assert err <= rtol * np.abs(want_c).max(), f"centroids off by {err}"
+  inertia = ops.kmeans_inertia(jnp.asarray(x, dtype), c, a)
+  np.testing.assert_allclose(np.asarray(inertia), want_inertia, rtol=1e-3)
+
+
+def test_mosaic_gpu_refusals():
+  """Shapes and dtypes alone: Unsupported from the kernel, a ValueError when asked for by
+  name. The SMEM bound on d depends on the dtype (bf16 points take one part, f32 three)."""
+  check = mosaic_gpu.check_supported
+  with pytest.raises(common.Unsupported, match=r"block_n in \(64, 128\)"):
+    check((1, 100, 32), 8, block_n=32)
+  with pytest.raises(common.Unsupported, match="multiple of 8"):
+    check((1, 100, 32), 8, block_k=12)
+  with pytest.raises(common.Unsupported, match="multiple of 8"):
+    check((1, 100, 32), 8, block_k=264)
+  with pytest.raises(common.Unsupported, match="SMEM"):
+    check((1, 100, 600), 8)
+  with pytest.raises(common.Unsupported, match="SMEM"):
+    check((1, 100, 64), 300, block_n=128, block_k=256)
+  with pytest.raises(common.Unsupported, match="batch <= 65535"):
+    check((70000, 100, 32), 8)
+  with pytest.raises(common.Unsupported, match="float32, bfloat16 or float16"):
+    check((1, 100, 32), 8, dtype=jnp.int32)
+  check((1, 100, 600), 8, dtype=jnp.bfloat16)
+  check((1, 100, 256), 1000)
+  assert mosaic_gpu.default_blocks(10**6, 1000, 32) == (128, 128)
+  x, init = jnp.ones((1, 20, 16)), jnp.ones((1, 2, 16))
+  with pytest.raises(ValueError, match="implementation='pallas_mosaic_gpu'.*block_n"):
+    ops.kmeans(x, init, iterations=1, implementation="pallas_mosaic_gpu", interpret=True,
+               block_n=32)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "capability, d, dtype, block_n, expected",
+  [
+    ("9.0", 24, jnp.float32, None, "pallas_mosaic_gpu"),  # Hopper: Mosaic GPU first
+    ("9.0", 24, jnp.float32, 32, "pallas_triton"),  # Mosaic GPU refuses block_n=32
+    ("9.0", 600, jnp.bfloat16, None, "pallas_mosaic_gpu"),  # bf16 points: one part fits
+    ("9.0", 600, jnp.float32, None, "xla"),  # both refuse d=600 (SMEM; d > 256)
+    ("8.0", 24, jnp.float32, None, "pallas_triton"),  # not Hopper
+  ],
+)
+def test_none_picks_mosaic_gpu_then_triton_on_hopper(
+  monkeypatch, capability, d, dtype, block_n, expected
+):
+  km = importlib.import_module("sparse_attention.ops.kmeans")
+  picked = []
+  monkeypatch.setattr(km, "_kmeans", lambda x, init, iterations, impl, *_: picked.append(impl))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(
+    jax, "devices", lambda: [types.SimpleNamespace(compute_capability=capability)]
+  )
+  ops.kmeans(jnp.ones((1, 100, d), dtype), jnp.ones((1, 8, d)), iterations=1, block_n=block_n)
+  assert picked == [expected]
+
+
+def test_mosaic_gpu_lowers_for_cuda():
+  """The op with the Mosaic GPU kernel lowers to Mosaic GPU custom calls (wgmma and TMA
+  built on this CPU host): bf16 points at d=96 (padded to 128), f32 points at d=256
+  (default tiles 64 x 24)."""
+  run = lambda x, init: ops.kmeans(x, init, iterations=2, implementation="pallas_mosaic_gpu")
+  for (b, n, k, d), dtype in (((2, 1000, 100, 96), jnp.bfloat16), ((1, 300, 50, 256), jnp.float32)):
+    x = jax.ShapeDtypeStruct((b, n, d), dtype)
+    init = jax.ShapeDtypeStruct((b, k, d), jnp.float32)
+    assert "custom_call @mosaic_gpu" in testutil.lower_for_cuda(run, x, init)
 
 
 _MOSAIC_COMPILE = """

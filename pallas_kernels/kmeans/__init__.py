@@ -1,19 +1,20 @@
 """K-means assignment kernels (Lloyd's E-step), and the tile math they share with the
 XLA path of `sparse_attention.ops.kmeans`.
 
-`gpu.py` (Triton) and `tpu.py` (Mosaic TPU) each compute, for every point, the index of
-its nearest centroid: a program holds a tile of points and walks the centroids tile by
-tile, keeping a running minimum distance and its index (an online argmin, as flash
-attention keeps a running max). The centroid update (segment sums) is not a kernel: see
-`ops/kmeans.py`.
+`gpu.py` (Triton), `mosaic_gpu.py` (Mosaic GPU, Hopper) and `tpu.py` (Mosaic TPU) each
+compute, for every point, the index of its nearest centroid: a program holds a tile of
+points and walks the centroids tile by tile, keeping a running minimum distance and its
+index (an online argmin, as flash attention keeps a running max). The centroid update
+(segment sums) is not a kernel: see `ops/kmeans.py`.
 
-One distance, everywhere (reference, xla, both kernels), in float32:
+One distance, everywhere (reference, xla, every kernel), in float32:
 
   dist(x, c) = (||x||^2 - 2 x.c) + ||c||^2
 
 evaluated in that order, with ||x||^2 and ||c||^2 computed once per call by
 `squared_norms` (plain jnp, outside the kernels) and x.c a float32 matmul at full
-precision (`Precision.HIGHEST`: no bf16 passes on TPU, no TF32 on GPU). The
+precision (`Precision.HIGHEST`: no bf16 passes on TPU, no TF32 on GPU; Mosaic GPU's
+wgmma sums exact products of bf16 parts that add up to the operands). The
 implementations then differ only in the summation order of x.c (the matmul's), so exact
 ties stay ties where the inputs are exact (small integers, as in the tests). Ties go to
 the lower centroid index: inside a tile by taking the smallest index attaining the
