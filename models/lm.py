@@ -592,8 +592,9 @@ class Attention(nnx.Module):
         mask = masks.sliding_window(l, l, window=c.window, causal=True, **blocks)
       routes = None
       if segment_ids is not None:  # a query sees the keys of its own segment only
-        seg = segment_ids.astype(jnp.int32)
-        routes = TokenRoutes(query=seg[:, None, :, None], key=seg)
+        # Routed by each token's segment start, so a reused id is a new segment.
+        run = jnp.arange(l, dtype=jnp.int32) - segment_positions(segment_ids, l)  # [B, L]
+        routes = TokenRoutes(query=run[:, None, :, None], key=run)
       o = block_sparse_attention(
         q, k, v, mask, routes=routes, implementation=c.implementation, **self._score_mod()
       )

@@ -194,11 +194,12 @@ def test_sampling_keeps_the_top_k():
 def test_packed_segments_are_independent_sequences(kind, overrides):
   """Each packed segment gives the logits it gives alone. Starts 13 and 40 lie on no
   block grid (MoBA chunks 8; NSA stride 4, selection blocks 8): the grids restart at
-  each segment start. The 27-token segment has 4 NSA selection blocks (a real top-3)."""
+  each segment start. The 27-token segment has 4 NSA selection blocks (a real top-3).
+  The last segment reuses the first one's id: a segment is a maximal run of equal ids."""
   graphdef, state = nnx.split(_model(attention=kind, depth=1, max_len=64, **overrides))
   lengths = (13, 27, 20)
   tokens = jax.random.randint(jax.random.key(4), (1, sum(lengths)), 0, SMALL.vocab_size)
-  segments = jnp.asarray([np.repeat([3, 5, 7], lengths)], jnp.int32)
+  segments = jnp.asarray([np.repeat([3, 5, 3], lengths)], jnp.int32)
   packed = _forward_segments(graphdef, state, tokens, segments)
   for start, n in zip(np.cumsum((0,) + lengths[:-1]), lengths, strict=True):
     alone = _forward(graphdef, state, tokens[:, start : start + n])  # [1, n, V]
