@@ -11,7 +11,7 @@ import testutil
 
 from sparse_attention.ops import element_masks, masks
 
-SETTINGS = hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+SETTINGS = hypothesis.settings(max_examples=15, deadline=None, derandomize=True)
 lengths = st.integers(1, 200)
 blocks = st.sampled_from([1, 7, 16, 32, 48, 64])
 
@@ -103,7 +103,7 @@ def test_chunked(q_len, kv_len, block_q, block_kv, chunk, causal):
   assert not (full & ~visited).any()
 
 
-@hypothesis.settings(SETTINGS, max_examples=15)
+@hypothesis.settings(SETTINGS, max_examples=10)
 @hypothesis.given(
   q_len=lengths,
   kv_len=lengths,
@@ -202,7 +202,7 @@ def brute_topk(scores, k, q_len, kv_len, block_q, block_kv, keep_diagonal, causa
   return dense
 
 
-@hypothesis.settings(SETTINGS, max_examples=12)
+@hypothesis.settings(SETTINGS, max_examples=6)
 @hypothesis.given(
   q_len=lengths,
   kv_len=lengths,
@@ -267,7 +267,7 @@ def brute_topp(scores, p, q_len, kv_len, block_q, block_kv, min_blocks, cap, kee
   return dense
 
 
-@hypothesis.settings(SETTINGS, max_examples=12)
+@hypothesis.settings(SETTINGS, max_examples=6)
 @hypothesis.given(
   q_len=lengths,
   kv_len=lengths,
@@ -330,7 +330,7 @@ def test_topk_drops_minus_inf_and_nan():
   np.testing.assert_array_equal(np.asarray(m.kv_index[0, 0, 0, :2]), [0, 3])
 
 
-@hypothesis.settings(SETTINGS, max_examples=8)
+@hypothesis.settings(SETTINGS, max_examples=6)
 @hypothesis.given(
   q_len=lengths,
   kv_len=lengths,

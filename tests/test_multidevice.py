@@ -15,6 +15,7 @@ def single_device_losses():
   return testutil.run_worker(WORKER, "1,1,1", str(STEPS), devices=1)["losses"]
 
 
+@pytest.mark.xdist_group("single_device_losses")  # one worker builds the module fixture
 @pytest.mark.parametrize(
   "mesh, shards_params", [("8,1,1", False), ("2,4,1", True), ("4,1,2", True)]
 )

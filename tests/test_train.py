@@ -106,15 +106,17 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
 
 
 def test_imagenet_config_trains_on_a_folder_of_mixed_images(tmp_path, caplog):
-  """configs/litv2_imagenet.py (LITv2-S, its augmentation, schedule and loss) end to end
-  on small generated folders of JPEG / PNG / WebP files (RGB, gray, RGBA, palette,
-  16-bit; odd sizes) with a stray text file, at 32x32, decoded in a worker process."""
+  """configs/litv2_imagenet.py (its augmentation, schedule and loss; LITv2-tiny in place
+  of LITv2-S to keep the compile short) end to end on small generated folders of JPEG /
+  PNG / WebP files (RGB, gray, RGBA, palette, 16-bit; odd sizes) with a stray text file,
+  at 32x32, decoded in a worker process."""
   testutil.write_image_folder(tmp_path / "train", per_class=8)
   testutil.write_image_folder(tmp_path / "val", per_class=2, seed=1, stray=False)
   config = testutil.load_config(
     "litv2_imagenet",
     f"--config.data.path={tmp_path / 'train'}",
     f"--config.data.eval_path={tmp_path / 'val'}",
+    "--config.model.name=litv2_tiny",
     "--config.data.image_size=32",
     "--config.data.worker_count=1",
     "--config.batch_size=4",
@@ -248,6 +250,7 @@ def _assert_same_run(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.xdist_group("reference_run")  # one worker builds the module fixture
 def test_killed_job_resumes_bitwise(tmp_path, reference_run):
   killed = tmp_path / "killed"
   proc = _run(killed)
@@ -266,6 +269,7 @@ def test_killed_job_resumes_bitwise(tmp_path, reference_run):
   _assert_same_run(reference_run, killed)
 
 
+@pytest.mark.xdist_group("reference_run")
 def test_ctrl_c_saves_says_one_line_and_resumes_bitwise(tmp_path, reference_run):
   workdir = tmp_path / "interrupted"
   proc = _run(workdir)
