@@ -16,13 +16,13 @@ def single_device_losses():
 
 
 @pytest.mark.xdist_group("single_device_losses")  # one worker builds the module fixture
-@pytest.mark.parametrize(
-  "mesh, shards_params", [("8,1,1", False), ("2,4,1", True), ("4,1,2", True)]
-)
-def test_sharded_training_matches_one_device(single_device_losses, mesh, shards_params):
-  """data parallel (8), FSDP (data 2 x fsdp 4), data 4 x model 2: same losses."""
+@pytest.mark.parametrize("mesh", ["2,4,1", "4,1,2"])
+def test_sharded_training_matches_one_device(single_device_losses, mesh):
+  """FSDP (data 2 x fsdp 4), data 4 x model 2: the same losses as one device. Both
+  meshes are data parallel too (pure data parallelism across two processes:
+  test_multihost)."""
   result = testutil.run_worker(WORKER, mesh, str(STEPS), devices=8)
-  assert (result["sharded_tensors"] > 0) == shards_params, result
+  assert result["sharded_tensors"] > 0, result
   losses = result["losses"]
   assert len(losses) == len(single_device_losses) == STEPS
   np.testing.assert_allclose(losses, single_device_losses, rtol=2e-4, atol=2e-5)
