@@ -15,7 +15,6 @@ def single_device_losses():
   return testutil.run_worker(WORKER, "1,1,1", str(STEPS), devices=1)["losses"]
 
 
-@pytest.mark.xdist_group("single_device_losses")  # one worker builds the module fixture
 @pytest.mark.parametrize("mesh", ["2,4,1", "4,1,2"])
 def test_sharded_training_matches_one_device(single_device_losses, mesh):
   """FSDP (data 2 x fsdp 4), data 4 x model 2: the same losses as one device. Both

@@ -3,6 +3,7 @@
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,7 +16,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("wheel")
-  subprocess.run(
+  # Built from a copy: setuptools writes build/ and *.egg-info into the source tree, and
+  # two builds there at once (xdist workers) collide on them.
+  source = tmp_path_factory.mktemp("source") / "sparse_attention"
+  ignore = shutil.ignore_patterns(".*", "build", "*.egg-info", "workdirs", "__pycache__")
+  shutil.copytree(ROOT, source, ignore=ignore)
+  build = subprocess.run(
     [
       sys.executable,
       "-m",
@@ -26,11 +32,12 @@ def wheel(tmp_path_factory) -> pathlib.Path:
       "-q",
       "-w",
       str(out),
-      str(ROOT),
+      str(source),
     ],
-    check=True,
     capture_output=True,
+    text=True,
   )
+  assert build.returncode == 0, build.stdout + build.stderr
   (path,) = out.glob("sparse_attention-*.whl")
   return path
 

@@ -250,7 +250,6 @@ def _assert_same_run(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.xdist_group("reference_run")  # one worker builds the module fixture
 def test_killed_job_resumes_bitwise(tmp_path, reference_run):
   killed = tmp_path / "killed"
   proc = _run(killed)
@@ -269,7 +268,6 @@ def test_killed_job_resumes_bitwise(tmp_path, reference_run):
   _assert_same_run(reference_run, killed)
 
 
-@pytest.mark.xdist_group("reference_run")
 def test_ctrl_c_saves_says_one_line_and_resumes_bitwise(tmp_path, reference_run):
   workdir = tmp_path / "interrupted"
   proc = _run(workdir)
