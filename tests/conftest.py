@@ -19,6 +19,13 @@ import tempfile
 
 import jax
 
+# No GPU / TPU device files: CPU only, for this process and the jobs tests start (they
+# inherit the environment). Otherwise an installed libtpu (the TPU compile tests need it)
+# probes for a TPU at every jax start and prints errors into the jobs' output.
+_ACCELERATORS = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")
+if not any(os.path.exists(path) for path in _ACCELERATORS):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
